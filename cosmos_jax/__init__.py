@@ -1,0 +1,1 @@
+"""cosmos-jax: NVIDIA Cosmos 3 in JAX/Flax."""

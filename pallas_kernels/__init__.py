@@ -1,0 +1,1 @@
+"""Pallas kernels for Cosmos 3 (joint MoT attention)."""

@@ -1,0 +1,10 @@
+"""Test session setup: 8 fake CPU devices for mesh tests; deterministic hypothesis profile."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True)
+settings.load_profile("ci")
