@@ -1,0 +1,191 @@
+"""Backward Pallas kernels: dQ (one cell per query block, walking the key blocks of every source) and dK/dV
+(one cell per kv head and key block, walking the query blocks of every query head in its GQA group).
+
+Both recompute the probabilities from the saved base-2 log-sum-exp, p = exp2(q·k·scale·log2e − lse), and use
+delta = rowsum(dO ∘ O). Padded query rows arrive with dO = 0, so they contribute nothing; masked-out key blocks
+are outside the loop bounds exactly as in the forward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.blocks import BlockSizes, Platform, compiler_params, lengths_spec
+from pallas_kernels.forward import LOG2_E, attention_cost, block_mask, cdiv, key_block_range, scaled_logits
+
+_TRANSPOSED_LHS = (((0,), (0,)), ((), ()))
+
+
+def _probabilities(
+    q: jax.Array, k: jax.Array, lse: jax.Array, mask: jax.Array | None, scale_log2: float
+) -> jax.Array:
+    """p [bq, bk] f32 from the saved lse [bq, 1]; zero where masked."""
+    p = jnp.exp2(scaled_logits(q, k, scale_log2) - lse)
+    return p if mask is None else jnp.where(mask, p, 0.0)
+
+
+def _logit_grad(p: jax.Array, do: jax.Array, v: jax.Array, delta: jax.Array) -> jax.Array:
+    """dS = p ∘ (dO·Vᵀ − delta), [bq, bk] f32 (without the softmax scale)."""
+    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return p * (dp - delta)
+
+
+def _dq_source(
+    dq: jax.Array, q: jax.Array, do: jax.Array, lse: jax.Array, delta: jax.Array, q_start: jax.Array,
+    q_len: jax.Array, k_ref, v_ref, k_len: jax.Array, causal: bool, blocks: BlockSizes, scale_log2: float,
+) -> jax.Array:
+    """Accumulate dQ [bq, D] (unscaled) over the non-empty key blocks of one source."""
+    bq, bk = blocks.block_q, blocks.block_k
+    full, end = key_block_range(q_start, q_len, k_len, causal, bq, bk)
+
+    def body(j, dq, masked):
+        k_start = pl.multiple_of(j * bk, bk)
+        k = k_ref[pl.ds(k_start, bk), :]
+        v = v_ref[pl.ds(k_start, bk), :]
+        mask = block_mask(q_start, k_start, k_len, causal, bq, bk) if masked else None
+        ds = _logit_grad(_probabilities(q, k, lse, mask, scale_log2), do, v, delta)
+        return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    dq = jax.lax.fori_loop(0, full, functools.partial(body, masked=False), dq)
+    return jax.lax.fori_loop(full, end, functools.partial(body, masked=True), dq)
+
+
+def _dq_kernel(
+    lens_ref, q_ref, do_ref, lse_ref, delta_ref, *refs, causal: Sequence[bool], blocks: BlockSizes, scale: float
+) -> None:
+    """refs = (k, v) per source, then dq."""
+    num_sources = len(causal)
+    kv_refs, dq_ref = refs[: 2 * num_sources], refs[2 * num_sources]
+    batch, q_block = pl.program_id(0), pl.program_id(2)
+    q_start = q_block * blocks.block_q
+    q_len = lens_ref[0, batch]
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
+    dq = jnp.zeros(q.shape, jnp.float32)
+    for source, is_causal in enumerate(causal):
+        k_len = lens_ref[source + 1, batch]
+        dq = _dq_source(
+            dq, q, do, lse, delta, q_start, q_len, kv_refs[2 * source], kv_refs[2 * source + 1], k_len,
+            is_causal, blocks, scale * LOG2_E,
+        )
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def query_block_range(
+    k_start: jax.Array, q_len: jax.Array, k_len: jax.Array, causal: bool, block_q: int, block_k: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Query blocks a key block must visit: [lo, mid) need a mask, [mid, end) need none; the rest are empty."""
+    end = cdiv(q_len, block_q)
+    lo = k_start // block_q if causal else 0
+    mid = cdiv(k_start + block_k - 1, block_q) if causal else 0
+    mid = jnp.where(k_start + block_k <= k_len, mid, end)
+    lo = jnp.where(k_start < k_len, jnp.minimum(lo, end), end)
+    return lo, jnp.clip(mid, lo, end), end
+
+
+def _dkv_kernel(
+    lens_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, *, causal: bool,
+    blocks: BlockSizes, scale: float,
+) -> None:
+    """q/do [G, Lq, D] and lse/delta [G, Lq] of one GQA group; k/v/dk/dv [bk, D] of one kv head."""
+    bq, bk = blocks.block_q, blocks.block_k
+    batch, k_block = pl.program_id(0), pl.program_id(2)
+    k_start = k_block * bk
+    q_len, k_len = lens_ref[0, batch], lens_ref[1, batch]
+    k, v = k_ref[...], v_ref[...]
+    scale_log2 = scale * LOG2_E
+    lo, mid, end = query_block_range(k_start, q_len, k_len, causal, bq, bk)
+
+    def body(i, grads, head, masked):
+        dk, dv = grads
+        q_start = pl.multiple_of(i * bq, bq)
+        rows = pl.ds(q_start, bq)
+        q, do = q_ref[head, rows, :], do_ref[head, rows, :]
+        lse, delta = lse_ref[head, rows][:, None], delta_ref[head, rows][:, None]
+        mask = block_mask(q_start, k_start, k_len, causal, bq, bk) if masked else None
+        p = _probabilities(q, k, lse, mask, scale_log2)
+        dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, _TRANSPOSED_LHS, preferred_element_type=jnp.float32)
+        ds = _logit_grad(p, do, v, delta)
+        dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, _TRANSPOSED_LHS, preferred_element_type=jnp.float32)
+        return dk, dv
+
+    def per_head(head, grads):
+        grads = jax.lax.fori_loop(lo, mid, functools.partial(body, head=head, masked=True), grads)
+        return jax.lax.fori_loop(mid, end, functools.partial(body, head=head, masked=False), grads)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, q_ref.shape[0], per_head, (zeros, zeros))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def dq_call(
+    lens: jax.Array, q: jax.Array, do: jax.Array, lse: jax.Array, delta: jax.Array,
+    kvs: Sequence[tuple[jax.Array, jax.Array]], *, causal: Sequence[bool], blocks: BlockSizes, scale: float,
+    platform: Platform,
+) -> jax.Array:
+    """dQ [B,H,Lq,D] for q/do [B,H,Lq,D], lse/delta [B,H,Lq] f32 and per-source k/v [B,K,Lk,D] (all padded)."""
+    batch, heads, q_len, head_dim = q.shape
+    group = heads // kvs[0][0].shape[1]
+    grid = (batch, heads, q_len // blocks.block_q)
+    q_spec = pl.BlockSpec((None, None, blocks.block_q, head_dim), lambda b, h, i: (b, h, i, 0))
+    row_spec = pl.BlockSpec((None, None, blocks.block_q), lambda b, h, i: (b, h, i))
+    in_specs = [lengths_spec(platform, lens.shape), q_spec, q_spec, row_spec, row_spec]
+    operands = [lens, q, do, lse, delta]
+    for k, v in kvs:
+        kv_spec = pl.BlockSpec((None, None, k.shape[2], head_dim), lambda b, h, i: (b, h // group, 0, 0))
+        in_specs += [kv_spec, kv_spec]
+        operands += [k, v]
+    io_bytes = sum(x.size * x.dtype.itemsize for x in operands) + q.size * q.dtype.itemsize
+    cost = attention_cost(
+        batch, heads, q_len, [k.shape[2] for k, _ in kvs], causal, head_dim, passes=3, bytes_accessed=io_bytes
+    )
+    kernel = functools.partial(_dq_kernel, causal=tuple(causal), blocks=blocks, scale=scale)
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=q_spec,
+        compiler_params=compiler_params(platform, len(grid), blocks.block_q),
+        cost_estimate=cost,
+        interpret=platform == "interpret",
+        name="joint_attention_dq",
+    )(*operands)
+
+
+def dkv_call(
+    lens: jax.Array, q: jax.Array, do: jax.Array, lse: jax.Array, delta: jax.Array, k: jax.Array, v: jax.Array,
+    *, causal: bool, blocks: BlockSizes, scale: float, platform: Platform,
+) -> tuple[jax.Array, jax.Array]:
+    """(dK, dV) [B,K,Lk,D] of one key source; lens [2, B] = (query length, key length) per row."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    grid = (batch, kv_heads, k_len // blocks.block_k)
+    group_spec = pl.BlockSpec((None, group, q_len, head_dim), lambda b, g, j: (b, g, 0, 0))
+    group_row_spec = pl.BlockSpec((None, group, q_len), lambda b, g, j: (b, g, 0))
+    kv_spec = pl.BlockSpec((None, None, blocks.block_k, head_dim), lambda b, g, j: (b, g, j, 0))
+    operands = [lens, q, do, lse, delta, k, v]
+    io_bytes = sum(x.size * x.dtype.itemsize for x in operands) + 2 * k.size * k.dtype.itemsize
+    cost = attention_cost(batch, heads, q_len, [k_len], [causal], head_dim, passes=4, bytes_accessed=io_bytes)
+    kernel = functools.partial(_dkv_kernel, causal=causal, blocks=blocks, scale=scale)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        grid=grid,
+        in_specs=[
+            lengths_spec(platform, lens.shape), group_spec, group_spec, group_row_spec, group_row_spec, kv_spec,
+            kv_spec,
+        ],
+        out_specs=(kv_spec, kv_spec),
+        compiler_params=compiler_params(platform, len(grid), blocks.block_q),
+        cost_estimate=cost,
+        interpret=platform == "interpret",
+        name="joint_attention_dkv",
+    )(*operands)

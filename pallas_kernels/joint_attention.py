@@ -1,0 +1,180 @@
+"""Cosmos 3 joint attention as Pallas kernels: public API, backend dispatch and the custom VJP.
+
+    reasoner_attention   q_und [B,Lu,H,D] attends causally to k_und/v_und [B,Lu,K,D]           -> [B,Lu,H,D]
+    generator_attention  q_gen [B,Lg,H,D] attends to every valid reasoner key (k_und_for_gen, v_und) and every
+                         valid generator key (k_gen, v_gen [B,Lg,K,D]), no causal mask             -> [B,Lg,H,D]
+
+Semantics match `pallas_kernels.reference` (right padding by und_len/gen_len, zero rows for padded queries,
+GQA head h reads kv head h // (H // K)). The backend is picked when lowering: Mosaic on TPU, Triton on
+CUDA/ROCm, the Pallas interpreter elsewhere (CPU) unless `interpret` says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import blocks as blk
+from pallas_kernels.backward import dkv_call, dq_call
+from pallas_kernels.forward import forward_call
+
+KeyValues = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static part of one call: which sources are causal, the scale and the caller's block/backend choices."""
+
+    causal: tuple[bool, ...]
+    scale: float
+    block_q: int | None
+    block_k: int | None
+    interpret: bool | None
+
+
+def _on_platform(config: _Config, fn: Callable[..., object], *args: object) -> object:
+    """Run `fn(platform, *args)` with the platform chosen at lowering time (or the interpreter if asked)."""
+    if config.interpret:
+        return fn("interpret", *args)
+    default = "interpret" if config.interpret is None else "gpu"
+    return jax.lax.platform_dependent(
+        *args,
+        tpu=functools.partial(fn, "tpu"),
+        cuda=functools.partial(fn, "gpu"),
+        rocm=functools.partial(fn, "gpu"),
+        default=functools.partial(fn, default),
+    )
+
+
+def _blocks(config: _Config, platform: blk.Platform, q: jax.Array, kvs: KeyValues) -> blk.BlockSizes:
+    longest_key = max(k.shape[1] for k, _ in kvs)
+    return blk.choose_blocks(platform, q.shape[-1], q.shape[1], longest_key, config.block_q, config.block_k)
+
+
+def _pad_kvs(kvs: KeyValues, block_k: int) -> list[tuple[jax.Array, jax.Array]]:
+    """Per-source k/v [B,Lk,K,D] -> [B,K,Lk_pad,D]."""
+    return [
+        (blk.to_heads_major(k, blk.padded_length(k.shape[1], block_k)),
+         blk.to_heads_major(v, blk.padded_length(v.shape[1], block_k)))
+        for k, v in kvs
+    ]
+
+
+def _forward_on(
+    config: _Config, platform: blk.Platform, q: jax.Array, kvs: KeyValues, lens: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(o [B,Lq,H,D], lse [B,H,Lq] f32) on one backend."""
+    sizes = _blocks(config, platform, q, kvs)
+    q_len = q.shape[1]
+    q_p = blk.to_heads_major(q, blk.padded_length(q_len, sizes.block_q))
+    o, lse = forward_call(
+        lens, q_p, _pad_kvs(kvs, sizes.block_k), causal=config.causal, blocks=sizes, scale=config.scale,
+        platform=platform,
+    )
+    return blk.from_heads_major(o, q_len), lse[:, :, :q_len]
+
+
+def _backward_on(
+    config: _Config, platform: blk.Platform, q: jax.Array, kvs: KeyValues, lens: jax.Array, do: jax.Array,
+    lse: jax.Array, delta: jax.Array,
+) -> tuple[jax.Array, KeyValues]:
+    """(dq [B,Lq,H,D], ((dk, dv) [B,Lk,K,D] per source)) on one backend."""
+    sizes = _blocks(config, platform, q, kvs)
+    q_len = q.shape[1]
+    q_pad = blk.padded_length(q_len, sizes.block_q)
+    q_p, do_p = blk.to_heads_major(q, q_pad), blk.to_heads_major(do, q_pad)
+    lse_p, delta_p = blk.pad_sequence(lse, q_pad, axis=2), blk.pad_sequence(delta, q_pad, axis=2)
+    kvs_p = _pad_kvs(kvs, sizes.block_k)
+    common = dict(blocks=sizes, scale=config.scale, platform=platform)
+    dq = dq_call(lens, q_p, do_p, lse_p, delta_p, kvs_p, causal=config.causal, **common)
+    grads = []
+    for source, ((k, _), (k_p, v_p)) in enumerate(zip(kvs, kvs_p)):
+        pair_lens = lens[jnp.array([0, source + 1])]
+        dk, dv = dkv_call(pair_lens, q_p, do_p, lse_p, delta_p, k_p, v_p, causal=config.causal[source], **common)
+        grads.append((blk.from_heads_major(dk, k.shape[1]), blk.from_heads_major(dv, k.shape[1])))
+    return blk.from_heads_major(dq, q_len), tuple(grads)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _joint_attention(config: _Config, q: jax.Array, kvs: KeyValues, lens: jax.Array) -> jax.Array:
+    """q [B,Lq,H,D], kvs ((k, v) [B,Lk,K,D] per source), lens [1+S, B] int32 -> [B,Lq,H,D]."""
+    return _on_platform(config, functools.partial(_forward_on, config), q, kvs, lens)[0]
+
+
+def _joint_attention_fwd(config: _Config, q: jax.Array, kvs: KeyValues, lens: jax.Array):
+    o, lse = _on_platform(config, functools.partial(_forward_on, config), q, kvs, lens)
+    return o, (q, kvs, lens, o, lse)
+
+
+def _joint_attention_bwd(config: _Config, residuals, do: jax.Array):
+    q, kvs, lens, o, lse = residuals
+    query_valid = jnp.arange(q.shape[1])[None, :] < lens[0][:, None]
+    do = jnp.where(query_valid[:, :, None, None], do, 0).astype(q.dtype)
+    delta = jnp.einsum("blhd,blhd->bhl", do.astype(jnp.float32), o.astype(jnp.float32))
+    dq, dkvs = _on_platform(config, functools.partial(_backward_on, config), q, kvs, lens, do, lse, delta)
+    return dq, dkvs, None
+
+
+_joint_attention.defvjp(_joint_attention_fwd, _joint_attention_bwd)
+
+
+def _length_table(lengths: Sequence[tuple[jax.Array, int]]) -> jax.Array:
+    """[len(lengths), B] int32, each row clipped to its stream's padded length."""
+    return jnp.stack([jnp.clip(x.astype(jnp.int32), 0, limit) for x, limit in lengths])
+
+
+def reasoner_attention(
+    q_und: jax.Array,
+    k_und: jax.Array,
+    v_und: jax.Array,
+    und_len: jax.Array,
+    scale: float | None = None,
+    *,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Causal attention among reasoner tokens: q [B,Lu,H,D], k/v [B,Lu,K,D], und_len [B] -> [B,Lu,H,D]."""
+    blk.validate_reasoner(q_und, k_und, v_und, und_len)
+    config = _Config((True,), blk.resolve_scale(scale, q_und.shape[-1]), block_q, block_k, interpret)
+    _check_config(config)
+    lu = q_und.shape[1]
+    lens = _length_table([(und_len, lu), (und_len, lu)])
+    return _joint_attention(config, q_und, ((k_und, v_und),), lens)
+
+
+def generator_attention(
+    q_gen: jax.Array,
+    k_und_for_gen: jax.Array,
+    v_und: jax.Array,
+    k_gen: jax.Array,
+    v_gen: jax.Array,
+    und_len: jax.Array,
+    gen_len: jax.Array,
+    scale: float | None = None,
+    *,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Generator queries [B,Lg,H,D] over valid reasoner keys [B,Lu,K,D] and generator keys [B,Lg,K,D]."""
+    blk.validate_generator(q_gen, k_und_for_gen, v_und, k_gen, v_gen, und_len, gen_len)
+    config = _Config((False, False), blk.resolve_scale(scale, q_gen.shape[-1]), block_q, block_k, interpret)
+    _check_config(config)
+    lu, lg = k_und_for_gen.shape[1], q_gen.shape[1]
+    lens = _length_table([(gen_len, lg), (und_len, lu), (gen_len, lg)])
+    return _joint_attention(config, q_gen, ((k_und_for_gen, v_und), (k_gen, v_gen)), lens)
+
+
+def _check_config(config: _Config) -> None:
+    """Validate the caller's block sizes and interpret flag before tracing any kernel."""
+    if config.block_q is not None:
+        blk.check_block("block_q", config.block_q)
+    if config.block_k is not None:
+        blk.check_block("block_k", config.block_k)
+    if config.interpret is not None and not isinstance(config.interpret, bool):
+        raise ValueError(f"interpret must be True, False or None, got {config.interpret!r}")
