@@ -297,12 +297,13 @@ class CheckpointIndex:
                     raise CheckpointError(
                         f"{index_path}: tensor {key!r} is stored in two shards: {tensors[key].file.name} and {shard}"
                     )
-                if weight_map.get(key) != shard:
-                    raise CheckpointError(
-                        f"{index_path}: shard {shard} holds tensor {key!r} but the index maps it to "
-                        f"{weight_map.get(key)!r}"
-                    )
                 tensors[key] = info
+        for key, info in tensors.items():
+            if weight_map.get(key) != info.file.name:
+                raise CheckpointError(
+                    f"{index_path}: shard {info.file.name} holds tensor {key!r} but the index maps it to "
+                    f"{weight_map.get(key)!r}"
+                )
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise CheckpointError(
@@ -377,7 +378,11 @@ class CheckpointIndex:
         _check_index(key, info.shape, index)
         if not info.shape:
             return self.read(key)
-        return self._handle(info.file).get_slice(key)[index]
+        concrete = _normalize(index, info.shape)
+        sizes = [len(range(s.start, s.stop, s.step)) for s in concrete]
+        if 0 in sizes:
+            return np.empty(sizes, info.dtype)
+        return self._handle(info.file).get_slice(key)[concrete]
 
 
 def read_stacked(
