@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.blocks import BlockSizes, Platform, compiler_params, lengths_spec
-from pallas_kernels.forward import LOG2_E, attention_cost, block_mask, cdiv, key_block_range, scaled_logits
+from pallas_kernels.forward import LOG2_E, attention_cost, block_mask, cdiv, div, key_block_range, scaled_logits
 
 _TRANSPOSED_LHS = (((0,), (0,)), ((), ()))
 
@@ -65,7 +65,7 @@ def _dq_kernel(
     q_start = q_block * blocks.block_q
     q_len = lens_ref[0, batch]
     q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
+    lse, delta = lse_ref[...], delta_ref[...]
     dq = jnp.zeros(q.shape, jnp.float32)
     for source, is_causal in enumerate(causal):
         k_len = lens_ref[source + 1, batch]
@@ -81,7 +81,7 @@ def query_block_range(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Query blocks a key block must visit: [lo, mid) need a mask, [mid, end) need none; the rest are empty."""
     end = cdiv(q_len, block_q)
-    lo = k_start // block_q if causal else 0
+    lo = div(k_start, block_q) if causal else 0
     mid = cdiv(k_start + block_k - 1, block_q) if causal else 0
     mid = jnp.where(k_start + block_k <= k_len, mid, end)
     lo = jnp.where(k_start < k_len, jnp.minimum(lo, end), end)
@@ -92,7 +92,7 @@ def _dkv_kernel(
     lens_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, *, causal: bool,
     blocks: BlockSizes, scale: float,
 ) -> None:
-    """q/do [G, Lq, D] and lse/delta [G, Lq] of one GQA group; k/v/dk/dv [bk, D] of one kv head."""
+    """q/do [G, Lq, D] and lse/delta [G, Lq, 1] of one GQA group; k/v/dk/dv [bk, D] of one kv head."""
     bq, bk = blocks.block_q, blocks.block_k
     batch, k_block = pl.program_id(0), pl.program_id(2)
     k_start = k_block * bk
@@ -106,7 +106,7 @@ def _dkv_kernel(
         q_start = pl.multiple_of(i * bq, bq)
         rows = pl.ds(q_start, bq)
         q, do = q_ref[head, rows, :], do_ref[head, rows, :]
-        lse, delta = lse_ref[head, rows][:, None], delta_ref[head, rows][:, None]
+        lse, delta = lse_ref[head, rows, :], delta_ref[head, rows, :]
         mask = block_mask(q_start, k_start, k_len, causal, bq, bk) if masked else None
         p = _probabilities(q, k, lse, mask, scale_log2)
         dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, _TRANSPOSED_LHS, preferred_element_type=jnp.float32)
@@ -129,16 +129,16 @@ def dq_call(
     kvs: Sequence[tuple[jax.Array, jax.Array]], *, causal: Sequence[bool], blocks: BlockSizes, scale: float,
     platform: Platform,
 ) -> jax.Array:
-    """dQ [B,H,Lq,D] for q/do [B,H,Lq,D], lse/delta [B,H,Lq] f32 and per-source k/v [B,K,Lk,D] (all padded)."""
+    """dQ [B,H,Lq,D] for q/do [B,H,Lq,D], lse/delta [B,H,Lq,1] f32 and per-source k/v [B,K,Lk,D] (all padded)."""
     batch, heads, q_len, head_dim = q.shape
     group = heads // kvs[0][0].shape[1]
     grid = (batch, heads, q_len // blocks.block_q)
     q_spec = pl.BlockSpec((None, None, blocks.block_q, head_dim), lambda b, h, i: (b, h, i, 0))
-    row_spec = pl.BlockSpec((None, None, blocks.block_q), lambda b, h, i: (b, h, i))
+    row_spec = pl.BlockSpec((None, None, blocks.block_q, 1), lambda b, h, i: (b, h, i, 0))
     in_specs = [lengths_spec(platform, lens.shape), q_spec, q_spec, row_spec, row_spec]
     operands = [lens, q, do, lse, delta]
     for k, v in kvs:
-        kv_spec = pl.BlockSpec((None, None, k.shape[2], head_dim), lambda b, h, i: (b, h // group, 0, 0))
+        kv_spec = pl.BlockSpec((None, None, k.shape[2], head_dim), lambda b, h, i: (b, div(h, group), 0, 0))
         in_specs += [kv_spec, kv_spec]
         operands += [k, v]
     io_bytes = sum(x.size * x.dtype.itemsize for x in operands) + q.size * q.dtype.itemsize
@@ -169,7 +169,7 @@ def dkv_call(
     group = heads // kv_heads
     grid = (batch, kv_heads, k_len // blocks.block_k)
     group_spec = pl.BlockSpec((None, group, q_len, head_dim), lambda b, g, j: (b, g, 0, 0))
-    group_row_spec = pl.BlockSpec((None, group, q_len), lambda b, g, j: (b, g, 0))
+    group_row_spec = pl.BlockSpec((None, group, q_len, 1), lambda b, g, j: (b, g, 0, 0))
     kv_spec = pl.BlockSpec((None, None, blocks.block_k, head_dim), lambda b, g, j: (b, g, j, 0))
     operands = [lens, q, do, lse, delta, k, v]
     io_bytes = sum(x.size * x.dtype.itemsize for x in operands) + 2 * k.size * k.dtype.itemsize

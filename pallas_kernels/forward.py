@@ -23,9 +23,14 @@ LOG2_E = math.log2(math.e)
 MASK_VALUE = -1e30
 
 
-def cdiv(a: jax.Array | int, b: int) -> jax.Array | int:
-    """Ceiling division for non-negative ints (traced or static)."""
-    return (a + b - 1) // b
+def div(a: jax.Array, b: int) -> jax.Array:
+    """Division of a non-negative traced int by a positive constant (truncating, so no sign op for Mosaic)."""
+    return jax.lax.div(a, jnp.int32(b))
+
+
+def cdiv(a: jax.Array, b: int) -> jax.Array:
+    """Ceiling division of a non-negative traced int by a positive constant."""
+    return div(a + (b - 1), b)
 
 
 def key_block_range(
@@ -33,10 +38,10 @@ def key_block_range(
 ) -> tuple[jax.Array, jax.Array]:
     """Key blocks a query block must visit: [0, full) need no mask, [full, end) need one; the rest are empty."""
     end = cdiv(k_len, block_k)
-    full = k_len // block_k
+    full = div(k_len, block_k)
     if causal:
         end = jnp.minimum(end, cdiv(q_start + block_q, block_k))
-        full = jnp.minimum(full, (q_start + 1) // block_k)
+        full = jnp.minimum(full, div(q_start + 1, block_k))
     end = jnp.where(q_start < q_len, end, 0)
     return jnp.minimum(full, end), end
 
@@ -124,7 +129,7 @@ def _forward_kernel(
     out = acc / jnp.where(has_keys, l, 1.0)
     q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     o_ref[...] = jnp.where(q_pos < q_len, out, 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, l, 1.0)), 0.0)[:, 0]
+    lse_ref[...] = jnp.where(has_keys, m + jnp.log2(jnp.where(has_keys, l, 1.0)), 0.0)
 
 
 def attention_cost(
@@ -141,7 +146,7 @@ def forward_call(
     lens: jax.Array, q: jax.Array, kvs: Sequence[tuple[jax.Array, jax.Array]], *, causal: Sequence[bool],
     blocks: BlockSizes, scale: float, platform: Platform,
 ) -> tuple[jax.Array, jax.Array]:
-    """q [B,H,Lq,D] and per-source k/v [B,K,Lk,D] (padded to the blocks) -> (o [B,H,Lq,D], lse [B,H,Lq] f32)."""
+    """q [B,H,Lq,D] and per-source k/v [B,K,Lk,D] (padded to the blocks) -> (o [B,H,Lq,D], lse [B,H,Lq,1] f32)."""
     batch, heads, q_len, head_dim = q.shape
     group = heads // kvs[0][0].shape[1]
     grid = (batch, heads, q_len // blocks.block_q)
@@ -149,14 +154,14 @@ def forward_call(
     in_specs = [lengths_spec(platform, lens.shape), q_spec]
     operands = [lens, q]
     for k, v in kvs:
-        kv_spec = pl.BlockSpec((None, None, k.shape[2], head_dim), lambda b, h, i: (b, h // group, 0, 0))
+        kv_spec = pl.BlockSpec((None, None, k.shape[2], head_dim), lambda b, h, i: (b, div(h, group), 0, 0))
         in_specs += [kv_spec, kv_spec]
         operands += [k, v]
     out_shape = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32),
+        jax.ShapeDtypeStruct((batch, heads, q_len, 1), jnp.float32),
     )
-    out_specs = (q_spec, pl.BlockSpec((None, None, blocks.block_q), lambda b, h, i: (b, h, i)))
+    out_specs = (q_spec, pl.BlockSpec((None, None, blocks.block_q, 1), lambda b, h, i: (b, h, i, 0)))
     io_bytes = sum(x.size * x.dtype.itemsize for x in operands) + q.size * q.dtype.itemsize + batch * heads * q_len * 4
     cost = attention_cost(
         batch, heads, q_len, [k.shape[2] for k, _ in kvs], causal, head_dim, passes=2, bytes_accessed=io_bytes

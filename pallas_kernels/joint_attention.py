@@ -67,7 +67,7 @@ def _pad_kvs(kvs: KeyValues, block_k: int) -> list[tuple[jax.Array, jax.Array]]:
 def _forward_on(
     config: _Config, platform: blk.Platform, q: jax.Array, kvs: KeyValues, lens: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """(o [B,Lq,H,D], lse [B,H,Lq] f32) on one backend."""
+    """(o [B,Lq,H,D], lse [B,H,Lq,1] f32) on one backend."""
     sizes = _blocks(config, platform, q, kvs)
     q_len = q.shape[1]
     q_p = blk.to_heads_major(q, blk.padded_length(q_len, sizes.block_q))
@@ -114,7 +114,7 @@ def _joint_attention_bwd(config: _Config, residuals, do: jax.Array):
     q, kvs, lens, o, lse = residuals
     query_valid = jnp.arange(q.shape[1])[None, :] < lens[0][:, None]
     do = jnp.where(query_valid[:, :, None, None], do, 0).astype(q.dtype)
-    delta = jnp.einsum("blhd,blhd->bhl", do.astype(jnp.float32), o.astype(jnp.float32))
+    delta = jnp.einsum("blhd,blhd->bhl", do.astype(jnp.float32), o.astype(jnp.float32))[..., None]
     dq, dkvs = _on_platform(config, functools.partial(_backward_on, config), q, kvs, lens, do, lse, delta)
     return dq, dkvs, None
 
