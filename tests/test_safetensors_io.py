@@ -393,8 +393,12 @@ def test_read_stacked_fills_the_given_buffer_once_per_layer(tmp_path: Path) -> N
     assert got is out
     _assert_identical(out, np.stack([w.T for w in layers.values()]))
     _assert_identical(read_stacked(index, list(layers)), np.stack(list(layers.values())))
-    with pytest.raises(CheckpointError, match=r"'layers.2.w' gives bfloat16\[3, 5\] for layer 0, expected bfloat16\[5, 3\]"):
+    with pytest.raises(CheckpointError, match=r"'layers.2.w' is bfloat16\[3, 5\] but out holds bfloat16\[5, 3\]"):
         read_stacked(index, ["layers.2.w"], out=np.zeros((1, 5, 3), BF16))
+    with pytest.raises(CheckpointError, match=r"'layers.0.w' gives bfloat16\[5, 3\] for layer 0, expected float32\[5, 3\] per layer"):
+        read_stacked(index, ["layers.0.w", "layers.1.w"], out=np.zeros((2, 5, 3), np.float32), transform=np.transpose)
+    with pytest.raises(KeyError, match="no tensor 'layers.9.w'"):
+        read_stacked(index, ["layers.0.w", "layers.9.w"])
 
 
 # ---------------------------------------------------------------------------------------------- sharded loads

@@ -21,6 +21,7 @@ import secrets
 import shutil
 import struct
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,8 +399,14 @@ def read_stacked(
     """
     if not keys:
         raise ValueError("read_stacked needs at least one key")
+    stored_shape, stored_dtype = _layer_spec(index, keys)
     if out is not None and out.shape[:1] != (len(keys),):
         raise ValueError(f"out has shape {out.shape}, expected a leading axis of {len(keys)} layers")
+    if out is not None and transform is None and (out.shape[1:], out.dtype) != (stored_shape, stored_dtype):
+        raise CheckpointError(
+            f"{index.info(keys[0]).file}: tensor {keys[0]!r} is {stored_dtype}{list(stored_shape)} but out holds "
+            f"{out.dtype}{list(out.shape[1:])} per layer"
+        )
     for i, key in enumerate(keys):
         layer = index.read(key)
         if transform is not None:
@@ -409,7 +416,7 @@ def read_stacked(
         if layer.shape != out.shape[1:] or layer.dtype != out.dtype:
             raise CheckpointError(
                 f"{index.info(key).file}: tensor {key!r} gives {layer.dtype}{list(layer.shape)} for layer {i}, "
-                f"expected {out.dtype}{list(out.shape[1:])} like the other layers"
+                f"expected {out.dtype}{list(out.shape[1:])} per layer of the stack"
             )
         out[i] = layer
     return out
@@ -468,20 +475,31 @@ def make_sharded_array(
             return transform(index.read_slice(key, transform.source_index(layer_index)))
         return np.asarray(transform(index.read(key)))[layer_index]
 
+    def slice_key(device_index: Index | None) -> tuple[tuple[int, int, int], ...]:
+        return tuple((s.start, s.stop, s.step) for s in _normalize(device_index or (), global_shape))
+
+    # Devices wanting the same slice share one read; a slice is dropped once its last device has it.
+    waiting = Counter(slice_key(i) for i in sharding.addressable_devices_indices_map(global_shape).values())
     cache: dict[tuple[tuple[int, int, int], ...], np.ndarray] = {}
 
-    def callback(device_index: Index) -> np.ndarray:
-        concrete = _normalize(device_index, global_shape)
-        cache_key = tuple((s.start, s.stop, s.step) for s in concrete)
-        if cache_key not in cache:
-            if not stacked:
-                cache[cache_key] = read_layer(keys[0], concrete)
-            else:
-                block = np.empty([len(range(s.start, s.stop, s.step)) for s in concrete], dtype)
-                for j, layer in enumerate(range(concrete[0].start, concrete[0].stop, concrete[0].step)):
-                    block[j] = read_layer(keys[layer], concrete[1:])
-                cache[cache_key] = block
-        return cache[cache_key]
+    def read_block(bounds: tuple[tuple[int, int, int], ...]) -> np.ndarray:
+        concrete = tuple(slice(*b) for b in bounds)
+        if not stacked:
+            return read_layer(keys[0], concrete)
+        block = np.empty([len(range(*b)) for b in bounds], dtype)
+        for j, layer in enumerate(range(*bounds[0])):
+            block[j] = read_layer(keys[layer], concrete[1:])
+        return block
+
+    def callback(device_index: Index | None) -> np.ndarray:
+        bounds = slice_key(device_index)
+        block = cache.pop(bounds, None)
+        if block is None:
+            block = read_block(bounds)
+        waiting[bounds] -= 1
+        if waiting[bounds] > 0:
+            cache[bounds] = block
+        return block
 
     return jax.make_array_from_callback(global_shape, sharding, callback, dtype=dtype)
 
