@@ -7,6 +7,7 @@ import os
 import pathlib
 import pickle
 import struct
+import weakref
 from pathlib import Path
 
 import jax
@@ -120,7 +121,8 @@ def test_reads_torch_saved_shards_with_a_hand_written_index(tmp_path: Path) -> N
     keys = list(tensors)
     split = {"model-00001-of-00002.safetensors": keys[:3], "model-00002-of-00002.safetensors": keys[3:]}
     for shard, shard_keys in split.items():
-        torch_save_file({k: _torch_of(tensors[k]) for k in shard_keys}, str(tmp_path / shard), metadata={"format": "pt"})
+        shard_tensors = {k: _torch_of(tensors[k]) for k in shard_keys}
+        torch_save_file(shard_tensors, str(tmp_path / shard), metadata={"format": "pt"})
     weight_map = {k: shard for shard, shard_keys in split.items() for k in shard_keys}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     _assert_reads(tmp_path, tensors)
@@ -160,6 +162,10 @@ def test_diffusers_save_pretrained_folder_reads_and_rewrites_byte_identically(tm
 # ---------------------------------------------------------------------------------------------- bad input
 
 
+def _entry(dtype: str, shape: list[int], begin: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
 def _write_raw(path: Path, header: dict, data: bytes, header_len: int | None = None) -> Path:
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw) if header_len is None else header_len) + raw + data)
@@ -191,23 +197,23 @@ def _corrupt_json(tmp: Path) -> tuple[Path, str]:
 
 
 def _header_past_end(tmp: Path) -> tuple[Path, str]:
-    path = _write_raw(tmp / "x.safetensors", {"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, 10**6)
+    path = _write_raw(tmp / "x.safetensors", {"w": _entry("F32", [1], 0, 4)}, b"\0" * 4, header_len=10**6)
     return path, "header length 1000000 runs past the end of the file"
 
 
 def _offsets_outside(tmp: Path) -> tuple[Path, str]:
-    header = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}, "v": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    header = {"w": _entry("F32", [2], 4, 12), "v": _entry("F32", [1], 0, 4)}
     return _write_raw(tmp / "x.safetensors", header, b"\0" * 8), "'w' data_offsets [4, 12] lie outside"
 
 
 def _offsets_overlap(tmp: Path) -> tuple[Path, str]:
-    header = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "v": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}
+    header = {"w": _entry("F32", [2], 0, 8), "v": _entry("F32", [1], 4, 8)}
     return _write_raw(tmp / "x.safetensors", header, b"\0" * 8), "tensor 'v' starts at byte 4"
 
 
 def _size_mismatch(tmp: Path) -> tuple[Path, str]:
-    header = {"w": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 4]}}
-    return _write_raw(tmp / "x.safetensors", header, b"\0" * 4), "'w': data_offsets [0, 4] span 4 bytes but BF16[3] needs 6"
+    path = _write_raw(tmp / "x.safetensors", {"w": _entry("BF16", [3], 0, 4)}, b"\0" * 4)
+    return path, "'w': data_offsets [0, 4] span 4 bytes but BF16[3] needs 6"
 
 
 def _duplicate_header_key(tmp: Path) -> tuple[Path, str]:
@@ -395,7 +401,8 @@ def test_read_stacked_fills_the_given_buffer_once_per_layer(tmp_path: Path) -> N
     _assert_identical(read_stacked(index, list(layers)), np.stack(list(layers.values())))
     with pytest.raises(CheckpointError, match=r"'layers.2.w' is bfloat16\[3, 5\] but out holds bfloat16\[5, 3\]"):
         read_stacked(index, ["layers.2.w"], out=np.zeros((1, 5, 3), BF16))
-    with pytest.raises(CheckpointError, match=r"'layers.0.w' gives bfloat16\[5, 3\] for layer 0, expected float32\[5, 3\] per layer"):
+    mismatch = r"'layers.0.w' gives bfloat16\[5, 3\] for layer 0, expected float32\[5, 3\] per layer"
+    with pytest.raises(CheckpointError, match=mismatch):
         read_stacked(index, ["layers.0.w", "layers.1.w"], out=np.zeros((2, 5, 3), np.float32), transform=np.transpose)
     with pytest.raises(KeyError, match="no tensor 'layers.9.w'"):
         read_stacked(index, ["layers.0.w", "layers.9.w"])
@@ -494,6 +501,26 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_checkpoint(tmp_path / "dst", _failing_stream(5), max_shard_bytes=20)  # two shards written before
     assert os.listdir(tmp_path) == []
+
+
+def test_streaming_write_holds_at_most_one_shard(tmp_path: Path) -> None:
+    alive: list[weakref.ref] = []
+    peak = 0
+
+    def stream():
+        nonlocal peak
+        for i in range(20):
+            peak = max(peak, sum(ref().nbytes for ref in alive if ref() is not None))
+            array = np.full((25,), i, np.float32)  # 100 bytes
+            alive.append(weakref.ref(array))
+            yield f"t{i}", array
+            del array
+
+    names = write_checkpoint(tmp_path / "dst", stream(), max_shard_bytes=300)
+    assert peak == 300  # three tensors pending, never the 2000 bytes of the whole stream
+    assert len(names) == 8 and names[0] == "diffusion_pytorch_model-00001-of-00007.safetensors"
+    with CheckpointIndex.open(tmp_path / "dst") as index:
+        _assert_identical(index.read("t19"), np.full((25,), 19, np.float32))
 
 
 def test_existing_destination_is_refused_unless_overwrite(tmp_path: Path) -> None:

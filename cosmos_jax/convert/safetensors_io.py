@@ -216,7 +216,8 @@ def _is_pickle(path: Path) -> bool:
 def _read_index(index_path: Path) -> dict[str, str]:
     """The weight_map of a `*.safetensors.index.json`, each shard checked to be a file beside it."""
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys(str(index_path)))
+        text = index_path.read_text(encoding="utf-8")
+        index = json.loads(text, object_pairs_hook=_no_duplicate_keys(str(index_path)))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{index_path}: corrupt index JSON ({e})") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -263,7 +264,9 @@ def _locate(path: Path) -> tuple[Path | None, list[Path]]:
 
 def _check_index(key: str, shape: tuple[int, ...], index: Index) -> None:
     if not isinstance(index, tuple) or len(index) > len(shape) or not all(isinstance(s, slice) for s in index):
-        raise ValueError(f"tensor {key!r} of shape {shape}: index must be a tuple of at most {len(shape)} slices, got {index!r}")
+        raise ValueError(
+            f"tensor {key!r} of shape {shape}: index must be a tuple of at most {len(shape)} slices, got {index!r}"
+        )
     if any(s.step is not None and s.step <= 0 for s in index):
         raise ValueError(f"tensor {key!r}: slice steps must be positive, got {index!r}")
 
