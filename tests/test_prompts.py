@@ -51,7 +51,9 @@ def ours(tokenizer_dir) -> ChatTokenizer:
 def pipeline(hf_tokenizer) -> Cosmos3OmniPipeline:
     """The reference pipeline with the tiny tokenizer; a small VAE only because the constructor reads its config."""
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
     return Cosmos3OmniPipeline(
         transformer=None,
         text_tokenizer=hf_tokenizer,
@@ -101,8 +103,12 @@ PROMPT_CASES = {
     "video": dict(prompt="A robot arm stacks cups.", num_frames=121, height=480, width=832, fps=24.0),
     "video_trailing_dots": dict(prompt="Waves at dusk...", num_frames=93, height=256, width=320, fps=29.97),
     "image": dict(prompt="A red cube on a table.", num_frames=1, height=720, width=1280, fps=24.0),
-    "negative": dict(prompt="A car.", negative_prompt="blurry, low quality.", num_frames=189, height=720, width=1280, fps=24.0),
-    "image_negative": dict(prompt="A cat", negative_prompt="text, watermark", num_frames=1, height=64, width=96, fps=16.0),
+    "negative": dict(
+        prompt="A car.", negative_prompt="blurry, low quality.", num_frames=189, height=720, width=1280, fps=24.0
+    ),
+    "image_negative": dict(
+        prompt="A cat", negative_prompt="text, watermark", num_frames=1, height=64, width=96, fps=16.0
+    ),
     "no_system_prompt": dict(prompt="A cat.", num_frames=17, height=64, width=96, fps=16.0, use_system_prompt=False),
     "templates_off": dict(
         prompt="A cat.", negative_prompt="ugly", num_frames=17, height=64, width=96, fps=16.0,
@@ -170,7 +176,8 @@ def test_tables_equal_reference() -> None:
     assert dict(EMBODIMENT_DOMAINS) == reference._EMBODIMENT_TO_DOMAIN_ID
     assert dict(RAW_ACTION_DIM) == reference._EMBODIMENT_TO_RAW_ACTION_DIM
     assert dict(VIEWPOINT_SENTENCES) == reference._ACTION_VIEWPOINT_TEMPLATES
-    assert (SYSTEM_PROMPT_IMAGE, SYSTEM_PROMPT_VIDEO) == (reference._SYSTEM_PROMPT_IMAGE, reference._SYSTEM_PROMPT_VIDEO)
+    assert SYSTEM_PROMPT_IMAGE == reference._SYSTEM_PROMPT_IMAGE
+    assert SYSTEM_PROMPT_VIDEO == reference._SYSTEM_PROMPT_VIDEO
     assert sorted(ACTION_RESOLUTION_BINS) == sorted(int(k) for k in reference._ACTION_RESOLUTION_BINS)
     for tier, bins in ACTION_RESOLUTION_BINS.items():
         ref_bins = reference._ACTION_RESOLUTION_BINS[str(tier)]
@@ -194,7 +201,10 @@ def test_bin_classification_equals_reference() -> None:
 def test_chat_template_jinja_file_takes_priority(tokenizer_dir, tmp_path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / name).write_bytes((tokenizer_dir / name).read_bytes())
-    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}>{% endif %}"
+    )
     (tmp_path / "chat_template.jinja").write_text(template)
     hf = AutoTokenizer.from_pretrained(tmp_path)
     messages = [{"role": "user", "content": "hi"}]

@@ -33,7 +33,12 @@ CONVERTER = dict(
 )
 SHIFT10 = dict(use_karras_sigmas=False, flow_shift=10.0)
 # name -> (diffusers overrides on the converter config, native flow schedule)
-SETUPS = {"karras": ({}, False), "shift10": (SHIFT10, False), "native_shift10": (SHIFT10, True), "native_karras": ({}, True)}
+SETUPS = {
+    "karras": ({}, False),
+    "shift10": (SHIFT10, False),
+    "native_shift10": (SHIFT10, True),
+    "native_karras": ({}, True),
+}
 SAMPLE_SHAPE = (1, 1, 4, 3, 5, 6)  # the pipeline's 6-D vision sample [1, 1, C, T, H, W]
 ATOL = 1e-5
 
@@ -96,7 +101,9 @@ def test_spec_quoted_schedules() -> None:
     karras35 = _ours("karras", 35)
     np.testing.assert_array_equal(karras35.timesteps[:3], [995, 994, 993])
     np.testing.assert_array_equal(karras35.timesteps[-3:], [229, 174, 128])
-    np.testing.assert_allclose(karras35.sigmas[[0, 1, 2, -4, -3, -2]], [0.99502, 0.99432, 0.99349, 0.22942, 0.17428, 0.12816], atol=5e-6)
+    np.testing.assert_allclose(
+        karras35.sigmas[[0, 1, 2, -4, -3, -2]], [0.99502, 0.99432, 0.99349, 0.22942, 0.17428, 0.12816], atol=5e-6
+    )
     shift35 = _ours("shift10", 35)
     np.testing.assert_array_equal(shift35.timesteps[:3], [999, 997, 993])
     np.testing.assert_array_equal(shift35.timesteps[-2:], [381, 233])
@@ -141,10 +148,12 @@ def test_single_step_lands_on_x0() -> None:
     """σ_next = 0 ⇒ λ = +∞, expm1(−∞) = −1: the (first-order) last step returns x0 = x − σ·v."""
     x, velocities = _inputs(1, seed=3)
     schedule = _ours("karras", 1)
-    got, state = jax.jit(step)(schedule.coefficients, init_state(SAMPLE_SHAPE), jnp.asarray(velocities[0]), jnp.asarray(x))
+    state = init_state(SAMPLE_SHAPE)
+    got, state = jax.jit(step)(schedule.coefficients, state, jnp.asarray(velocities[0]), jnp.asarray(x))
     x0 = x - schedule.sigmas[0] * velocities[0]
     np.testing.assert_allclose(np.asarray(got), x0, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(got), _reference_loop(_reference("karras", 1), x, velocities), rtol=0, atol=1e-6)
+    expected = _reference_loop(_reference("karras", 1), x, velocities)
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=1e-6)
     assert np.isfinite(np.asarray(got)).all() and int(state.step_index) == 1
 
 
@@ -155,7 +164,8 @@ def test_conditioning_timestep_is_truncated_integer_times_scale() -> None:
         got = conditioning_timestep(schedule, i)
         assert got.dtype == jnp.float32 and np.float32(got) == expected
     assert np.float32(conditioning_timestep(schedule, 0)) == np.float32(0.995000064)
-    assert float(schedule.sigmas[0]) != float(conditioning_timestep(schedule, 0))  # σ itself is not what the model sees
+    # σ itself is not what the model sees
+    assert float(schedule.sigmas[0]) != float(conditioning_timestep(schedule, 0))
     traced = jax.jit(lambda i: conditioning_timestep(schedule, i))(jnp.int32(34))
     assert np.float32(traced) == np.float32(128) * np.float32(0.001)
 
@@ -165,7 +175,8 @@ def test_corrector_solve_matches_torch_linalg_solve() -> None:
     for _ in range(300):
         rk = np.float32(-rng.uniform(0.2, 3.0))
         b1, b2 = np.float32(rng.uniform(0.3, 0.9)), np.float32(rng.uniform(0.2, 0.8))
-        expected = torch.linalg.solve(torch.tensor([[1.0, 1.0], [float(rk), 1.0]]), torch.tensor([float(b1), float(b2)]))
+        matrix = torch.tensor([[1.0, 1.0], [float(rk), 1.0]])
+        expected = torch.linalg.solve(matrix, torch.tensor([float(b1), float(b2)]))
         np.testing.assert_allclose(_solve_2x2_f32(rk, b1, b2), expected.numpy(), rtol=2e-7, atol=0)
 
 

@@ -42,7 +42,9 @@ ACTION_MODES: tuple[str, ...] = ("policy", "forward_dynamics", "inverse_dynamics
 # Framing sentence of the action caption's `cinematography.framing`, per camera viewpoint.
 VIEWPOINT_SENTENCES: Mapping[str, str] = {
     "ego_view": "This video is captured from a first-person perspective looking at the scene.",
-    "third_person_view": "This video is captured from a third-person perspective looking towards the agent from the front.",
+    "third_person_view": (
+        "This video is captured from a third-person perspective looking towards the agent from the front."
+    ),
     "wrist_view": "This video is captured from a wrist-mounted camera.",
     "concat_view": "This video contains concatenated views from multiple camera perspectives.",
 }
@@ -103,7 +105,9 @@ _CAPTION_ASPECT_RATIOS = ("1,1", "4,3", "3,4", "16,9", "9,16")
 def classify_resolution_bin(height: int, width: int, tier: int) -> tuple[int, int]:
     """The (H, W) canvas of `tier` whose H/W ratio is closest to `height/width`."""
     if tier not in ACTION_RESOLUTION_BINS:
-        raise ValueError(f"unsupported action resolution tier {tier!r}; expected one of {sorted(ACTION_RESOLUTION_BINS)}")
+        raise ValueError(
+            f"unsupported action resolution tier {tier!r}; expected one of {sorted(ACTION_RESOLUTION_BINS)}"
+        )
     if height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive, got {height}x{width}")
     ratio = height / width
@@ -222,7 +226,9 @@ def _sandboxed_template(source: str) -> jinja2.Template:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+    ) -> str:
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env.filters["tojson"] = tojson
@@ -263,7 +269,9 @@ class ChatTokenizer:
             with open(template_file, encoding="utf-8") as f:
                 template = f.read()
         if not isinstance(template, str):
-            raise ValueError(f"tokenizer folder {path!r} has no chat template (chat_template.jinja or tokenizer_config.json)")
+            raise ValueError(
+                f"tokenizer folder {path!r} has no chat template (chat_template.jinja or tokenizer_config.json)"
+            )
         special = {k: _token_content(config[k]) for k in _SPECIAL_TOKEN_KEYS if _token_content(config.get(k))}
         return cls(Tokenizer.from_file(tokenizer_file), template, special)
 
@@ -280,7 +288,9 @@ class ChatTokenizer:
             raise ValueError("the tokenizer config defines no eos_token")
         return self.token_id(self.special_tokens["eos_token"])
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         """The chat template applied to `messages` (special tokens and kwargs visible to the template)."""
         return _sandboxed_template(self.chat_template).render(
             messages=[dict(m) for m in messages],

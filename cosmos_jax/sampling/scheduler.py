@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 _CLASS_NAME = "UniPCMultistepScheduler"
 _DIFFUSERS_VERSION = "0.42.1"
@@ -179,23 +180,22 @@ class StepCoefficients(NamedTuple):
     """Per-step float32/bool scalars of the UniPC update, each of shape [N] (N = number of steps).
 
     Step i: `x0 = x − sigma·v`; corrector (UniC, when `corr_apply`) from the last sample towards σ_i;
-    predictor (UniP) from σ_i to σ_{i+1}. Each update is `ratio·x − alpha_phi·m0 − alpha_bh·(...)`.
+    predictor (UniP) from σ_i to σ_{i+1}. Each update is `ratio·x − alpha_phi·m0 − alpha_phi·(higher-order
+    terms)`: with bh2, B(h) = expm1(−h) = h·φ1(h), so one scalar `alpha_phi = α_target·expm1(−h)` serves both.
     """
 
-    sigma: np.ndarray
-    corr_apply: np.ndarray
-    corr_second_order: np.ndarray
-    corr_ratio: np.ndarray
-    corr_alpha_phi: np.ndarray
-    corr_alpha_bh: np.ndarray
-    corr_rk: np.ndarray
-    corr_rho_prev: np.ndarray
-    corr_rho_this: np.ndarray
-    pred_second_order: np.ndarray
-    pred_ratio: np.ndarray
-    pred_alpha_phi: np.ndarray
-    pred_alpha_bh: np.ndarray
-    pred_rk: np.ndarray
+    sigma: ArrayLike
+    corr_apply: ArrayLike
+    corr_second_order: ArrayLike
+    corr_ratio: ArrayLike
+    corr_alpha_phi: ArrayLike
+    corr_rk: ArrayLike
+    corr_rho_prev: ArrayLike
+    corr_rho_this: ArrayLike
+    pred_second_order: ArrayLike
+    pred_ratio: ArrayLike
+    pred_alpha_phi: ArrayLike
+    pred_rk: ArrayLike
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,7 +287,6 @@ def _step_coefficients(sigmas: np.ndarray) -> StepCoefficients:
         coeffs["pred_second_order"].append(second)
         coeffs["pred_ratio"].append(ratio)
         coeffs["pred_alpha_phi"].append(alpha_phi)
-        coeffs["pred_alpha_bh"].append(alpha_phi)
         coeffs["pred_rk"].append(rk)
 
         apply = i > 0
@@ -309,7 +308,6 @@ def _step_coefficients(sigmas: np.ndarray) -> StepCoefficients:
         coeffs["corr_second_order"].append(second)
         coeffs["corr_ratio"].append(ratio)
         coeffs["corr_alpha_phi"].append(alpha_phi)
-        coeffs["corr_alpha_bh"].append(alpha_phi)
         coeffs["corr_rk"].append(rk)
         coeffs["corr_rho_prev"].append(rho_prev)
         coeffs["corr_rho_this"].append(rho_this)
@@ -388,12 +386,12 @@ def step(
     first_order_res = scalar(c.corr_rho_this) * d1_this
     second_order_res = scalar(c.corr_rho_prev) * ((m1 - m0) / scalar(c.corr_rk)) + first_order_res
     correction = jnp.where(c.corr_second_order, second_order_res, first_order_res)
-    corrected = corrected_base - scalar(c.corr_alpha_bh) * correction
+    corrected = corrected_base - scalar(c.corr_alpha_phi) * correction
     x = jnp.where(c.corr_apply, corrected, x)
 
     predicted_base = scalar(c.pred_ratio) * x - scalar(c.pred_alpha_phi) * model_t
     pred_res = jnp.asarray(0.5, dtype) * ((m0 - model_t) / scalar(c.pred_rk))
-    predicted = jnp.where(c.pred_second_order, predicted_base - scalar(c.pred_alpha_bh) * pred_res, predicted_base)
+    predicted = jnp.where(c.pred_second_order, predicted_base - scalar(c.pred_alpha_phi) * pred_res, predicted_base)
 
     new_state = SchedulerState(
         model_output_last=model_t,
