@@ -561,7 +561,10 @@ class AudioTokenizer:
         return AudioEncoder(self.config, **kw), AudioDecoder(self.config, **kw)
 
     def init(self, rng: Array) -> Params:
-        """Fresh parameters (weight-norm g = ||v||, Snake α = β = 0, norms 1, biases 0)."""
+        """Fresh parameters (weight-norm g = ||v||, Snake α = β = 0, norms 1, biases 0), built under jit."""
+        return jax.jit(self._init)(rng)
+
+    def _init(self, rng: Array) -> Params:
         encoder, decoder = self._modules()
         dec_rng, enc_rng = jax.random.split(rng)
         latents = jnp.zeros((1, 1, self.config.latent_channels), self.dtype)
@@ -624,4 +627,4 @@ def latent_frames(num_samples: int, config: AudioTokenizerConfig) -> int:
 
 def parameter_shapes(config: AudioTokenizerConfig) -> Params:
     """The parameter tree's shapes and dtypes (float32) without allocating it."""
-    return jax.eval_shape(AudioTokenizer(config).init, jax.random.key(0))
+    return jax.eval_shape(AudioTokenizer(config)._init, jax.random.key(0))
