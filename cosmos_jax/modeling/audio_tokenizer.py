@@ -163,7 +163,7 @@ def _validate_supported_variant(c: AudioTokenizerConfig) -> None:
     bad = [name for name, is_bad in unsupported.items() if is_bad]
     if bad:
         raise NotImplementedError(
-            f"only the shipped Cosmos 3 AVAE sound tokenizer is supported; unsupported settings: "
+            "only the shipped Cosmos 3 AVAE sound tokenizer is supported; unsupported settings: "
             + ", ".join(f"{name}={getattr(c, name)!r}" for name in bad)
         )
     if c.padding_mode not in _PADDING_MODES:
@@ -195,11 +195,14 @@ def _validate_sizes(c: AudioTokenizerConfig) -> None:
         raise ValueError(f"enc_n_fft must be even and >= enc_hop_length, got {c.enc_n_fft}, {c.enc_hop_length}.")
     if c.enc_latent_dim != 2 * c.vocoder_input_dim:
         raise ValueError(
-            f"enc_latent_dim ({c.enc_latent_dim}) must be 2 * vocoder_input_dim ({c.vocoder_input_dim}): mean ‖ scale."
+            f"enc_latent_dim ({c.enc_latent_dim}) must be 2 * vocoder_input_dim ({c.vocoder_input_dim}): "
+            "mean ‖ scale."
         )
     encoder_hop = c.enc_hop_length * math.prod(c.enc_strides)
     if encoder_hop != c.hop_length:
-        raise ValueError(f"encoder compression enc_hop_length·prod(enc_strides) = {encoder_hop} != hop {c.hop_length}.")
+        raise ValueError(
+            f"encoder compression enc_hop_length·prod(enc_strides) = {encoder_hop} != hop {c.hop_length}."
+        )
 
 
 def decoder_block_dims(config: AudioTokenizerConfig) -> tuple[tuple[int, int, int], ...]:
@@ -259,7 +262,10 @@ def conv1d(
 def conv_transpose1d(
     x: Array, kernel: Array, *, stride: int, padding: int, output_padding: int, precision: PrecisionLike = None
 ) -> Array:
-    """Like torch ConvTranspose1d. x [B, L, I], kernel [K, I, O] -> [B, (L-1)·stride - 2·padding + K + output_padding, O]."""
+    """Like torch ConvTranspose1d. x [B, L, I], kernel [K, I, O] -> [B, L', O],
+
+    L' = (L - 1)·stride - 2·padding + K + output_padding.
+    """
     k = kernel.shape[0]
     return jax.lax.conv_general_dilated(
         x,
@@ -316,8 +322,9 @@ class SnakeBeta(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        alpha = jnp.exp(self.param("alpha", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype))
-        beta = jnp.exp(self.param("beta", nn.initializers.zeros, (self.features,), self.param_dtype).astype(self.dtype))
+        shape = (self.features,)
+        alpha = jnp.exp(self.param("alpha", nn.initializers.zeros, shape, self.param_dtype).astype(self.dtype))
+        beta = jnp.exp(self.param("beta", nn.initializers.zeros, shape, self.param_dtype).astype(self.dtype))
         x = x.astype(self.dtype)
         return x + jnp.reciprocal(beta + _SNAKE_EPS) * jnp.square(jnp.sin(alpha * x))
 
@@ -527,21 +534,36 @@ def _check_floating(name: str, x: Array) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "param_dtype", "precision"))
-def _decode_jit(params: Params, latents: Array, config, dtype, param_dtype, precision) -> Array:
+def _decode_jit(
+    params: Params,
+    latents: Array,
+    config: AudioTokenizerConfig,
+    dtype: Any,
+    param_dtype: Any,
+    precision: PrecisionLike,
+) -> Array:
     decoder = AudioDecoder(config, dtype=dtype, param_dtype=param_dtype, precision=precision)
     waveform = decoder.apply({"params": params}, jnp.swapaxes(latents, 1, 2).astype(dtype))
     return jnp.clip(jnp.swapaxes(waveform, 1, 2), -1.0, 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "param_dtype", "precision"))
-def _encode_jit(params: Params, waveform: Array, config, dtype, param_dtype, precision) -> tuple[Array, Array]:
+def _encode_jit(
+    params: Params,
+    waveform: Array,
+    config: AudioTokenizerConfig,
+    dtype: Any,
+    param_dtype: Any,
+    precision: PrecisionLike,
+) -> tuple[Array, Array]:
     if config.normalize_volume:
         waveform = waveform / (jnp.max(jnp.abs(waveform)) + _PEAK_EPS) * _PEAK_TARGET
     pad = -waveform.shape[-1] % config.hop_length
     waveform = jnp.pad(waveform, ((0, 0), (0, 0), (0, pad))).astype(dtype)
     encoder = AudioEncoder(config, dtype=dtype, param_dtype=param_dtype, precision=precision)
     moments = jnp.swapaxes(encoder.apply({"params": params}, jnp.swapaxes(waveform, 1, 2)), 1, 2)
-    return jnp.split(moments, 2, axis=1)
+    mean, scale = jnp.split(moments, 2, axis=1)
+    return mean, scale
 
 
 @dataclasses.dataclass(frozen=True)

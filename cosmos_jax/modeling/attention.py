@@ -1,0 +1,43 @@
+"""The one attention dispatch point of the model (DESIGN.md "Attention").
+
+Implementations, all with the signatures of `pallas_kernels.reference`:
+  "xla"     plain einsum/softmax reference (materialises the logits; the test oracle),
+  "blocked" XLA with key blocks and an online softmax (the fast CPU path),
+  "pallas"  the Pallas kernel (GPU/TPU; interpret mode on CPU, for tests),
+  "auto"    pallas on GPU/TPU, blocked on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import jax
+
+AttentionImpl = Literal["auto", "xla", "blocked", "pallas"]
+IMPLEMENTATIONS = ("auto", "xla", "blocked", "pallas")
+
+
+def resolve(impl: str, backend: str | None = None) -> str:
+    """The concrete implementation `impl` stands for on `backend` (default: jax's default backend)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    return "pallas" if backend in ("gpu", "cuda", "rocm", "tpu") else "blocked"
+
+
+def attention_functions(impl: str) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]]:
+    """(reasoner_attention, generator_attention) for an implementation name."""
+    impl = resolve(impl)
+    if impl == "xla":
+        from pallas_kernels import reference
+
+        return reference.reasoner_attention_reference, reference.generator_attention_reference
+    if impl == "blocked":
+        from pallas_kernels import blocked_xla
+
+        return blocked_xla.reasoner_attention, blocked_xla.generator_attention
+    from pallas_kernels import joint_attention
+
+    return joint_attention.reasoner_attention, joint_attention.generator_attention

@@ -1,0 +1,377 @@
+"""The Wan 2.2 VAE (diffusers `AutoencoderKLWan`, residual layout) as used by Cosmos 3.
+
+Public entry points work on the reference's channels-first layout:
+
+    encode(params, video [B,3,F,H,W] in [-1,1], config) -> posterior mean [B,z,T,H/16,W/16],  F = 1 + 4(T-1)
+    decode(params, z [B,z,T,h,w], config)               -> video [B,3,1+4(T-1),16h,16w] clamped to [-1,1]
+
+Both reproduce the reference's chunked causal streaming: the encoder sees frame 0 alone, then chunks of 4 frames;
+the decoder sees one latent frame at a time. The chunks after the first run in one `jax.lax.scan` that carries the
+per-layer time caches, so memory stays flat in the frame count (beyond the input and output buffers) and the chunk
+step compiles once. Spatial tiling is not implemented (the reference leaves it off by default).
+
+`params` is this model's own tree (`{"encoder", "quant_conv", "post_quant_conv", "decoder"}`); see
+`cosmos_jax.convert.keymap_vae` for loading diffusers weights into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cosmos_jax.modeling.wan_vae_blocks import Decoder, Encoder, PointwiseConv, round_to
+
+RGB_CHANNELS = 3
+ENCODER_CHUNK_FRAMES = 4  # the reference's hard-coded encoder chunk; also the temporal compression
+
+# The published Cosmos 3 / Wan 2.2 TI2V-5B latent statistics (48 channels).
+COSMOS3_LATENTS_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.157, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.123, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.052, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)  # fmt: skip
+COSMOS3_LATENTS_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.499, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.06, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)  # fmt: skip
+
+_TUPLE_KEYS = ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std")
+
+
+@dataclasses.dataclass(frozen=True)
+class WanVAEConfig:
+    """`vae/config.json` of a diffusers `AutoencoderKLWan`, keys spelled as diffusers spells them.
+
+    Defaults are the Cosmos 3 VAE. Keys this class does not model (`_class_name`, `clip_output`, ...) are kept in
+    `extra` and written back unchanged; they do not take part in equality or hashing.
+    """
+
+    base_dim: int = 160
+    decoder_base_dim: int | None = 256
+    z_dim: int = 48
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_scales: tuple[float, ...] = ()
+    temperal_downsample: tuple[bool, ...] = (False, True, True)
+    dropout: float = 0.0
+    latents_mean: tuple[float, ...] = COSMOS3_LATENTS_MEAN
+    latents_std: tuple[float, ...] = COSMOS3_LATENTS_STD
+    is_residual: bool = True
+    in_channels: int = 12
+    out_channels: int = 12
+    patch_size: int | None = 2
+    scale_factor_temporal: int | None = 4
+    scale_factor_spatial: int | None = 16
+    extra: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: types.MappingProxyType({}), compare=False, hash=False
+    )
+
+    def __post_init__(self) -> None:
+        for key in _TUPLE_KEYS:
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+        object.__setattr__(self, "extra", types.MappingProxyType(dict(self.extra)))
+        problems = _config_problems(self)
+        if problems:
+            raise ValueError("invalid WanVAEConfig: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> WanVAEConfig:
+        """Build from a parsed `vae/config.json`; every modelled key must be present."""
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ValueError(f"VAE config lacks keys {missing}")
+        extra = {k: v for k, v in data.items() if k not in names}
+        return cls(**{n: data[n] for n in names}, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `config.json` dict: modelled keys (tuples as lists) plus the unmodelled ones as read."""
+        out: dict[str, Any] = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name != "extra":
+                value = getattr(self, f.name)
+                out[f.name] = list(value) if f.name in _TUPLE_KEYS else value
+        return out
+
+    @property
+    def patch(self) -> int:
+        return self.patch_size or 1
+
+    @property
+    def encoder_dims(self) -> tuple[int, ...]:
+        return tuple(self.base_dim * m for m in (1, *self.dim_mult))
+
+    @property
+    def decoder_dims(self) -> tuple[int, ...]:
+        dim = self.decoder_base_dim or self.base_dim
+        return tuple(dim * m for m in (self.dim_mult[-1], *self.dim_mult[::-1]))
+
+    @property
+    def temporal_upsample(self) -> tuple[bool, ...]:
+        return self.temperal_downsample[::-1]
+
+    @property
+    def spatial_compression(self) -> int:
+        """Pixels per latent along H and W (patchify times the 2x spatial stages)."""
+        return self.patch * 2 ** (len(self.dim_mult) - 1)
+
+
+def _config_problems(c: WanVAEConfig) -> list[str]:
+    """Every reason `c` is not a Wan 2.2-layout VAE this module can run (empty when valid)."""
+    problems = []
+    positive = {"base_dim": c.base_dim, "z_dim": c.z_dim, "num_res_blocks": c.num_res_blocks}
+    if c.decoder_base_dim is not None:
+        positive["decoder_base_dim"] = c.decoder_base_dim
+    problems += [f"{k} must be a positive int, got {v!r}" for k, v in positive.items()
+                 if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
+    if problems:
+        return problems
+    if not c.dim_mult or any(not isinstance(m, int) or m <= 0 for m in c.dim_mult):
+        return problems + [f"dim_mult must be non-empty positive ints, got {c.dim_mult}"]
+    if len(c.temperal_downsample) != len(c.dim_mult) - 1:
+        problems.append(f"temperal_downsample needs {len(c.dim_mult) - 1} entries, got {c.temperal_downsample}")
+    elif sum(bool(t) for t in c.temperal_downsample) != 2:
+        problems.append(f"temperal_downsample must downsample time exactly twice (4x), got {c.temperal_downsample}")
+    if not c.is_residual:
+        problems.append("is_residual=False (the Wan 2.1 layout) is not supported; Cosmos 3 uses is_residual=True")
+    if c.patch_size is not None and (not isinstance(c.patch_size, int) or c.patch_size <= 0):
+        problems.append(f"patch_size must be a positive int or None, got {c.patch_size!r}")
+    elif c.in_channels != RGB_CHANNELS * c.patch**2 or c.out_channels != RGB_CHANNELS * c.patch**2:
+        problems.append(f"in/out_channels must be 3·patch_size² = {RGB_CHANNELS * c.patch**2}, "
+                        f"got {c.in_channels}/{c.out_channels}")
+    for key in ("latents_mean", "latents_std"):
+        values = np.asarray(getattr(c, key), np.float64)
+        if values.shape != (c.z_dim,) or not np.isfinite(values).all():
+            problems.append(f"{key} must hold {c.z_dim} finite numbers, got {values.shape[0]}")
+    if np.any(np.asarray(c.latents_std, np.float64) <= 0):
+        problems.append("latents_std must be positive")
+    if not 0.0 <= c.dropout < 1.0:
+        problems.append(f"dropout must be in [0, 1), got {c.dropout}")
+    if c.scale_factor_temporal not in (None, ENCODER_CHUNK_FRAMES):
+        problems.append(f"scale_factor_temporal must be {ENCODER_CHUNK_FRAMES}, got {c.scale_factor_temporal}")
+    if not problems and c.scale_factor_spatial not in (None, c.spatial_compression):
+        problems.append(f"scale_factor_spatial {c.scale_factor_spatial} disagrees with the layout "
+                        f"(patch {c.patch} x 2^{len(c.dim_mult) - 1} = {c.spatial_compression})")
+    if not problems:
+        problems += _shortcut_problems(c)
+    return problems
+
+
+def _shortcut_problems(c: WanVAEConfig) -> list[str]:
+    """The parameter-free AvgDown3D/DupUp3D shortcuts need whole channel groups."""
+    problems = []
+    enc, dec, stages = c.encoder_dims, c.decoder_dims, len(c.dim_mult) - 1
+    for i in range(stages):
+        factor = (2 if c.temperal_downsample[i] else 1) * 4
+        if enc[i] * factor % enc[i + 1]:
+            problems.append(f"encoder stage {i}: {enc[i]}·{factor} channels do not group into {enc[i + 1]}")
+        factor = (2 if c.temporal_upsample[i] else 1) * 4
+        if dec[i + 1] * factor % dec[i]:
+            problems.append(f"decoder stage {i}: {dec[i + 1]}·{factor} channels are not a multiple of {dec[i]}")
+    return problems
+
+
+class WanVAEModel(nn.Module):
+    """The parameter tree and the two chunk steps. Channels-last, patchified; see `encode`/`decode` for use."""
+
+    config: WanVAEConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.encoder = Encoder(c.encoder_dims, 2 * c.z_dim, c.num_res_blocks, c.temperal_downsample, **kw)
+        self.quant_conv = PointwiseConv(2 * c.z_dim, **kw)
+        self.post_quant_conv = PointwiseConv(c.z_dim, **kw)
+        self.decoder = Decoder(c.decoder_dims, c.out_channels, c.num_res_blocks, c.temporal_upsample, **kw)
+
+    def encode_chunk(self, x: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        """`[B,T,H,W,in]` (T=1 first, else 4) -> (posterior mean `[B,1,H/8,W/8,z]`, cache)."""
+        h, cache = self.encoder(x, cache)
+        return self.quant_conv(h)[..., : self.config.z_dim], cache
+
+    def decode_chunk(self, z: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+        """`[B,1,h,w,z]` -> (`[B,T,8h,8w,out]` with T=1 first, else 4, cache)."""
+        return self.decoder(self.post_quant_conv(z), cache)
+
+    def initialize(self, video: jax.Array, latents: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Run a first and a second chunk of each path so that every parameter is created."""
+        mean, cache = self.encode_chunk(video[:, :1], None)
+        mean, _ = self.encode_chunk(video[:, 1:], cache)
+        frames, cache = self.decode_chunk(latents, None)
+        frames, _ = self.decode_chunk(latents, cache)
+        return mean, frames
+
+
+def patchify(x: jax.Array, patch: int) -> jax.Array:
+    """`[B,F,H,W,C] -> [B,F,H/p,W/p,C·p·p]`, channel index `c·p² + pw·p + ph` (reference order)."""
+    b, f, h, w, c = x.shape
+    x = x.reshape(b, f, h // patch, patch, w // patch, patch, c)
+    return x.transpose(0, 1, 2, 4, 6, 5, 3).reshape(b, f, h // patch, w // patch, c * patch * patch)
+
+
+def unpatchify(x: jax.Array, patch: int) -> jax.Array:
+    """Inverse of `patchify`: `[B,F,h,w,C·p·p] -> [B,F,h·p,w·p,C]`."""
+    b, f, h, w, cp = x.shape
+    c = cp // (patch * patch)
+    x = x.reshape(b, f, h, w, c, patch, patch)  # [..., c, pw, ph]
+    return x.transpose(0, 1, 2, 6, 3, 5, 4).reshape(b, f, h * patch, w * patch, c)
+
+
+def _scan_chunks(step: Any, cache: Any, chunks: jax.Array) -> jax.Array:
+    """Run `step(chunk, cache) -> (out, cache)` over the leading axis of `chunks`; returns stacked outputs."""
+
+    def body(carry: Any, chunk: jax.Array) -> tuple[Any, jax.Array]:
+        out, carry = step(chunk, carry)
+        return carry, out
+
+    return jax.lax.scan(body, cache, chunks)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _encode(params: Any, video: jax.Array, config: WanVAEConfig, dtype: Any) -> jax.Array:
+    model = WanVAEModel(config, dtype=dtype)
+    step = functools.partial(model.apply, {"params": params}, method=WanVAEModel.encode_chunk)
+    x = patchify(jnp.transpose(video, (0, 2, 3, 4, 1)).astype(dtype), config.patch)  # [B,F,h,w,in]
+    mean, cache = step(x[:, :1], None)
+    rest = x[:, 1:]
+    if rest.shape[1]:
+        b, f, h, w, c = rest.shape
+        chunks = rest.reshape(b, f // ENCODER_CHUNK_FRAMES, ENCODER_CHUNK_FRAMES, h, w, c).swapaxes(0, 1)
+        outs = _scan_chunks(step, cache, chunks)  # [K,B,1,h',w',z]
+        mean = jnp.concatenate([mean, jnp.moveaxis(outs[:, :, 0], 0, 1)], axis=1)
+    return jnp.transpose(mean, (0, 4, 1, 2, 3))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _decode(params: Any, z: jax.Array, config: WanVAEConfig, dtype: Any) -> jax.Array:
+    model = WanVAEModel(config, dtype=dtype)
+    step = functools.partial(model.apply, {"params": params}, method=WanVAEModel.decode_chunk)
+    z = jnp.transpose(z, (0, 2, 3, 4, 1)).astype(dtype)  # [B,T,h,w,z]
+    frames, cache = step(z[:, :1], None)
+    if z.shape[1] > 1:
+        outs = _scan_chunks(step, cache, z[:, 1:, None].swapaxes(0, 1))  # [T-1,B,4,H,W,out]
+        outs = jnp.moveaxis(outs, 0, 1)
+        b, t, f, h, w, c = outs.shape
+        frames = jnp.concatenate([frames, outs.reshape(b, t * f, h, w, c)], axis=1)
+    video = jnp.clip(unpatchify(frames, config.patch), -1.0, 1.0)
+    return jnp.transpose(video, (0, 4, 1, 2, 3))
+
+
+def _check_finite(x: Any, what: str) -> None:
+    if isinstance(x, jax.core.Tracer):
+        return
+    if not bool(jnp.all(jnp.isfinite(jnp.asarray(x)))):
+        raise ValueError(f"{what} contains NaN or Inf values")
+
+
+def validate_video(video: Any, config: WanVAEConfig) -> None:
+    """Raise ValueError unless `video` is `[B,3,1+4k,H,W]`, H and W multiples of 16, all finite."""
+    shape = tuple(video.shape)
+    if len(shape) != 5:
+        raise ValueError(f"video must be [B,3,F,H,W], got shape {shape}")
+    _, channels, frames, height, width = shape
+    if channels != RGB_CHANNELS:
+        raise ValueError(f"video must have {RGB_CHANNELS} channels (dim 1), got {channels} (shape {shape})")
+    if frames < 1 or (frames - 1) % ENCODER_CHUNK_FRAMES:
+        raise ValueError(f"video frame count must be 1 + 4k, got {frames}")
+    s = config.spatial_compression
+    if height % s or width % s or height == 0 or width == 0:
+        raise ValueError(f"video height and width must be positive multiples of {s}, got {height}x{width}")
+    _check_finite(video, "video")
+
+
+def validate_latents(z: Any, config: WanVAEConfig) -> None:
+    """Raise ValueError unless `z` is `[B,z_dim,T,h,w]` with T, h, w ≥ 1, all finite."""
+    shape = tuple(z.shape)
+    if len(shape) != 5:
+        raise ValueError(f"latents must be [B,{config.z_dim},T,h,w], got shape {shape}")
+    if shape[1] != config.z_dim:
+        raise ValueError(f"latents must have {config.z_dim} channels (dim 1), got {shape[1]} (shape {shape})")
+    if min(shape[2:]) < 1:
+        raise ValueError(f"latents need at least one frame and pixel, got shape {shape}")
+    _check_finite(z, "latents")
+
+
+def encode(params: Any, video: Any, config: WanVAEConfig, dtype: Any = jnp.float32) -> jax.Array:
+    """Posterior mean: video `[B,3,F,H,W]` in [-1,1], F = 1+4k -> `[B,z_dim,1+k,H/16,W/16]` in `dtype`."""
+    validate_video(video, config)
+    return _encode(params, video, config, jnp.dtype(dtype))
+
+
+def decode(params: Any, z: Any, config: WanVAEConfig, dtype: Any = jnp.float32) -> jax.Array:
+    """Latents `[B,z_dim,T,h,w]` -> video `[B,3,1+4(T-1),16h,16w]` clamped to [-1,1], in `dtype`."""
+    validate_latents(z, config)
+    return _decode(params, z, config, jnp.dtype(dtype))
+
+
+def init_params(config: WanVAEConfig, rng: jax.Array, param_dtype: Any = jnp.float32) -> Any:
+    """Random parameters with the tree `encode`/`decode` expect."""
+    s, p = config.spatial_compression, config.patch
+    video = jnp.zeros((1, 1 + ENCODER_CHUNK_FRAMES, s // p, s // p, config.in_channels), param_dtype)
+    latents = jnp.zeros((1, 1, 1, 1, config.z_dim), param_dtype)
+    model = WanVAEModel(config, dtype=param_dtype, param_dtype=param_dtype)
+    return model.init(rng, video, latents, method=WanVAEModel.initialize)["params"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WanVAE:
+    """A config and a compute dtype bundled: `vae.encode(params, video)`, `vae.decode(params, z)`."""
+
+    config: WanVAEConfig = WanVAEConfig()
+    dtype: Any = jnp.float32
+
+    def encode(self, params: Any, video: Any) -> jax.Array:
+        return encode(params, video, self.config, self.dtype)
+
+    def decode(self, params: Any, z: Any) -> jax.Array:
+        return decode(params, z, self.config, self.dtype)
+
+    def normalize(self, mu: jax.Array) -> jax.Array:
+        return normalize_latents(mu, self.config.latents_mean, self.config.latents_std, self.dtype)
+
+    def denormalize(self, z: jax.Array) -> jax.Array:
+        return denormalize_latents(z, self.config.latents_mean, self.config.latents_std, self.dtype)
+
+
+def _latent_stats(latents_mean: Sequence[float], latents_std: Sequence[float],
+                  dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """(mean, 1/std) materialised in `dtype` like the pipeline, returned as f32 `[1,C,1,1,1]`."""
+    dtype = jnp.dtype(dtype)
+    mean = np.asarray(latents_mean, np.float32).astype(dtype)
+    std = np.asarray(latents_std, np.float32).astype(dtype)
+    inv_std = round_to(1.0 / jnp.asarray(std, jnp.float32), dtype)
+    shape = (1, -1, 1, 1, 1)
+    return jnp.asarray(mean, jnp.float32).reshape(shape), inv_std.reshape(shape)
+
+
+def normalize_latents(mu: jax.Array, latents_mean: Sequence[float], latents_std: Sequence[float],
+                      dtype: Any) -> jax.Array:
+    """`(mu − mean)·inv_std` in `dtype` (each op rounded to it), `[B,C,T,h,w] -> same`, returned in `dtype`."""
+    mean, inv_std = _latent_stats(latents_mean, latents_std, dtype)
+    centred = round_to(jnp.asarray(mu).astype(dtype).astype(jnp.float32) - mean, dtype)
+    return round_to(centred * inv_std, dtype).astype(dtype)
+
+
+def denormalize_latents(z: jax.Array, latents_mean: Sequence[float], latents_std: Sequence[float],
+                        dtype: Any) -> jax.Array:
+    """`z.astype(dtype) / inv_std + mean` in `dtype` (each op rounded to it), `[B,C,T,h,w] -> same`."""
+    mean, inv_std = _latent_stats(latents_mean, latents_std, dtype)
+    scaled = round_to(jnp.asarray(z).astype(dtype).astype(jnp.float32) / inv_std, dtype)
+    return round_to(scaled + mean, dtype).astype(dtype)
+
+
+def latent_frames(num_frames: int) -> int:
+    """Latent frames for a 1+4k-frame video."""
+    return 1 + (num_frames - 1) // ENCODER_CHUNK_FRAMES
