@@ -80,6 +80,22 @@ def test_decode_matches_reference_fp32(reference, config, params):
     np.testing.assert_allclose(unbatched, got[1], rtol=0, atol=1e-6)
 
 
+def test_decode_bf16_error_is_the_reference_bf16_error(config, params):
+    """bf16 weights and activations: our error vs fp32 torch stays within the reference's own bf16 spread."""
+    reference = _perturbed_reference(0, **TINY)
+    latents = np.random.default_rng(0).standard_normal((1, 64, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference.decode(torch.from_numpy(latents)).numpy()
+        reference_bf16 = reference.to(torch.bfloat16).decode(torch.from_numpy(latents).bfloat16()).float().numpy()
+    params_bf16 = jax.tree.map(lambda a: a.astype(ml_dtypes.bfloat16), params)
+    tokenizer = AudioTokenizer(config, dtype=jax.numpy.bfloat16, param_dtype=jax.numpy.bfloat16)
+    got = tokenizer.decode(params_bf16, latents)
+    assert got.dtype == jax.numpy.bfloat16
+    reference_spread = np.abs(reference_bf16 - expected).max()
+    assert 1e-3 < reference_spread < 0.1  # measured 0.018
+    assert np.abs(np.asarray(got, np.float32) - expected).max() < 1.5 * reference_spread  # measured 0.018
+
+
 def test_encode_matches_reference_fp32(reference, config, params):
     """Odd length (right padding) and items with different peaks (one batch-wide peak normalisation)."""
     rng = np.random.default_rng(1)

@@ -87,7 +87,9 @@ def _decoder_rows(config: AudioTokenizerConfig) -> Iterator[KeyRow]:
         t, f = f"decoder.block.{i}", (*root, f"block_{i}")
         yield from _snake_rows(f"{t}.snake1", (*f, "snake"), in_dim)
         yield KeyRow(f"{t}.conv_t1.weight_g", (*f, "upsample", "kernel_g"), "weight_g", (in_dim, 1, 1))
-        yield KeyRow(f"{t}.conv_t1.weight_v", (*f, "upsample", "kernel_v"), "conv_transpose", (in_dim, out_dim, 2 * stride))
+        yield KeyRow(
+            f"{t}.conv_t1.weight_v", (*f, "upsample", "kernel_v"), "conv_transpose", (in_dim, out_dim, 2 * stride)
+        )
         yield KeyRow(f"{t}.conv_t1.bias", (*f, "upsample", "bias"), "vector", (out_dim,))
         for r in range(3):
             tr, fr = f"{t}.res_unit{r + 1}", (*f, f"res_unit_{r}")
