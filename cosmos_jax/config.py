@@ -19,7 +19,7 @@ class ConfigError(ValueError):
     """A config value is missing, malformed or inconsistent."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Cosmos3Config:
     """Architecture of the two-tower Cosmos 3 transformer. Field names are the diffusers config keys."""
 
@@ -54,6 +54,7 @@ class Cosmos3Config:
     sound_dim: int | None = None
     sound_latent_fps: float = 25.0
     extra_json: str = "{}"
+    source_keys: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rope_axes_dim", tuple(int(a) for a in self.rope_axes_dim))
@@ -63,6 +64,10 @@ class Cosmos3Config:
 
     def __hash__(self) -> int:
         return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when the architecture and the written config.json content are equal."""
+        return isinstance(other, Cosmos3Config) and self.to_dict() == other.to_dict()
 
     def validate(self) -> None:
         """Raise ConfigError naming every inconsistent key."""
@@ -129,34 +134,35 @@ class Cosmos3Config:
         class_name = raw.get("_class_name", _CLASS_NAME)
         if class_name != _CLASS_NAME:
             raise ConfigError(f"expected _class_name {_CLASS_NAME!r}, got {class_name!r}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra_json"}
+        known = _config_keys()
         kwargs = {k: v for k, v in raw.items() if k in known}
-        extra = {k: v for k, v in raw.items() if k not in known}
+        extra = {k: v for k, v in raw.items() if k not in known and k != "_class_name"}
         if kwargs.get("rope_axes_dim") is None:
             kwargs.pop("rope_axes_dim", None)
             scaling = raw.get("rope_scaling") or {}
             if "mrope_section" in scaling:
                 kwargs["rope_axes_dim"] = tuple(scaling["mrope_section"])
-            extra["_rope_axes_dim_derived"] = True
-        return cls(**kwargs, extra_json=json.dumps(extra, sort_keys=True))
+        source_keys = tuple(sorted(k for k in raw if k in known))
+        return cls(**kwargs, extra_json=json.dumps(extra, sort_keys=True), source_keys=source_keys)
 
     def to_dict(self) -> dict[str, Any]:
-        """The config.json content, with the keys it was read from (and unknown ones) unchanged."""
+        """The config.json content: the keys it was read from plus any changed from the default (all keys for a
+        config built in Python), values as held, and the unknown keys unchanged."""
         out: dict[str, Any] = {"_class_name": _CLASS_NAME}
-        extra = self.extra
-        derived = extra.pop("_rope_axes_dim_derived", False)
-        for f in dataclasses.fields(self):
-            if f.name == "extra_json":
-                continue
-            value = getattr(self, f.name)
-            if f.name == "rope_axes_dim":
-                if derived:
-                    continue
+        if self.source_keys is None:
+            keys = _config_keys()
+        else:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = {k for k in _config_keys() if getattr(self, k) != defaults[k] and k != "rope_axes_dim"}
+            keys = set(self.source_keys) | changed
+        for name in sorted(keys):
+            value = getattr(self, name)
+            if name == "rope_axes_dim":
                 value = list(value)
             if isinstance(value, _FrozenDict):
                 value = dict(value)
-            out[f.name] = value
-        out.update(extra)
+            out[name] = value
+        out.update(self.extra)
         return out
 
     @classmethod
@@ -179,6 +185,10 @@ class Cosmos3Config:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
             f.write("\n")
         os.replace(tmp, path)
+
+
+def _config_keys() -> set[str]:
+    return {f.name for f in dataclasses.fields(Cosmos3Config)} - {"extra_json", "source_keys"}
 
 
 class _FrozenDict(dict):

@@ -37,6 +37,9 @@ from cosmos_jax.modeling.towers import GeneratorIO, ReasonerIO
 
 Params = dict[str, Any]
 
+_UND = ("batch", "seq", "act_embed")  # logical axes of the reasoner hidden states (cosmos_jax.sharding)
+_GEN = ("batch", "gen_seq", "act_embed")  # logical axes of the generator hidden states
+
 
 @dataclasses.dataclass(frozen=True)
 class Cosmos3Transformer:
@@ -45,6 +48,8 @@ class Cosmos3Transformer:
     dtype: activation/compute dtype; param_dtype: storage dtype of the weights (defaults to dtype; the time
     embedder is always f32). attention: 'auto' | 'xla' | 'blocked' | 'pallas' (see modeling/attention.py).
     remat: rematerialise each scanned layer in the backward pass (training).
+    sharding: None (no constraints) or a `cosmos_jax.sharding.ActivationSharding`: the hidden states are
+    constrained by logical axis names, and the generator attention runs context-parallel on a `context` axis.
     """
 
     config: Cosmos3Config
@@ -52,6 +57,7 @@ class Cosmos3Transformer:
     param_dtype: Any = None
     attention: str = "auto"
     remat: bool = False
+    sharding: Any = None
 
     @property
     def _param_dtype(self) -> Any:
@@ -103,6 +109,15 @@ class Cosmos3Transformer:
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
         return Rotary(cos, sin)
 
+    def _constrain(self, x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+        return x if self.sharding is None else self.sharding.constrain(x, names)
+
+    def _attention_functions(self):
+        reasoner_attention, generator_attention = attention_functions(self.attention)
+        if self.sharding is not None:
+            generator_attention = self.sharding.generator_attention(generator_attention)
+        return reasoner_attention, generator_attention
+
     def _maybe_remat(self, fn):
         return jax.checkpoint(fn) if self.remat else fn
 
@@ -114,12 +129,13 @@ class Cosmos3Transformer:
     def encode_reasoner(self, params: Params, text: TextInputs) -> tuple[ReasonerCache, jax.Array]:
         """Run the reasoner tower over the prompt. Returns the K/V cache and the final hidden states
         [B, Lu, D] (before the final norm)."""
-        reasoner_attention, _ = attention_functions(self.attention)
+        reasoner_attention, _ = self._attention_functions()
         rope = self._rotary(text.position_ids)
         r_layer, g_layer = self.reasoner_layer, self.generator_layer
 
         def body(und, layer_params):
             r_params, g_params = layer_params
+            und = self._constrain(und, _UND)
             und, kv = reasoner_step(r_layer, g_layer, r_params, g_params, und, rope, text.und_len, reasoner_attention)
             return und, kv
 
@@ -132,7 +148,7 @@ class Cosmos3Transformer:
 
     def generate(self, params: Params, cache: ReasonerCache, gen: GeneratorInputs) -> GeneratorOutputs:
         """Run only the generator tower against a reasoner cache (one denoising step)."""
-        _, generator_attention = attention_functions(self.attention)
+        _, generator_attention = self._attention_functions()
         g_io = self.generator_io
         g_io_params = {"params": _io(params["generator"])}
         hidden = g_io.apply(g_io_params, gen, method=GeneratorIO.embed)
@@ -143,6 +159,7 @@ class Cosmos3Transformer:
         def body(hidden, layer_inputs):
             g_params, k, v = layer_inputs
             kv = ReasonerKV(k, v)
+            hidden = self._constrain(hidden, _GEN)
             return generator_step(g_layer, g_params, hidden, rope, kv, cache.und_len, gen_len, generator_attention), None
 
         hidden, _ = jax.lax.scan(self._maybe_remat(body), hidden, (params["generator"]["layers"], cache.k, cache.v))
@@ -150,7 +167,11 @@ class Cosmos3Transformer:
 
     def __call__(self, params: Params, text: TextInputs, gen: GeneratorInputs) -> GeneratorOutputs:
         """The joint forward: layer i of both towers, then layer i+1, as the reference runs it."""
-        reasoner_attention, generator_attention = attention_functions(self.attention)
+        return self.joint(params, text, gen)[0]
+
+    def joint(self, params: Params, text: TextInputs, gen: GeneratorInputs) -> tuple[GeneratorOutputs, jax.Array]:
+        """The joint forward, also returning the reasoner's final hidden states [B, Lu, D] (before its norm)."""
+        reasoner_attention, generator_attention = self._attention_functions()
         g_io = self.generator_io
         g_io_params = {"params": _io(params["generator"])}
         gen_hidden = g_io.apply(g_io_params, gen, method=GeneratorIO.embed)
@@ -161,16 +182,17 @@ class Cosmos3Transformer:
         def body(carry, layer_params):
             und, hidden = carry
             r_params, g_params = layer_params
+            und, hidden = self._constrain(und, _UND), self._constrain(hidden, _GEN)
             und, kv = reasoner_step(r_layer, g_layer, r_params, g_params, und, und_rope, text.und_len, reasoner_attention)
             hidden = generator_step(g_layer, g_params, hidden, gen_rope, kv, text.und_len, gen_len, generator_attention)
             return (und, hidden), None
 
-        (_, gen_hidden), _ = jax.lax.scan(
+        (und_hidden, gen_hidden), _ = jax.lax.scan(
             self._maybe_remat(body),
             (self._reasoner_embed(params, text), gen_hidden),
             (params["reasoner"]["layers"], params["generator"]["layers"]),
         )
-        return g_io.apply(g_io_params, gen_hidden, gen, method=GeneratorIO.head)
+        return g_io.apply(g_io_params, gen_hidden, gen, method=GeneratorIO.head), und_hidden
 
     def reasoner_logits(self, params: Params, text: TextInputs) -> jax.Array:
         """Next-token logits [B, Lu, V] of the reasoner language model over text."""
