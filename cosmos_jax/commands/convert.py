@@ -1,0 +1,183 @@
+"""`cosmos-jax convert SRC DST`: a Hub-layout (safetensors) folder -> a converted (orbax) folder.
+
+The transformer is streamed one stacked parameter at a time (read, transposed, cast, written, released);
+the VAE and sound tokenizer are small and converted whole. Nothing appears at DST unless everything
+succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cosmos_jax.config import Cosmos3Config
+from cosmos_jax.convert import orbax_io
+from cosmos_jax.convert.keymap_audio import audio_params_from_torch_state
+from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
+from cosmos_jax.convert.safetensors_io import CheckpointIndex
+from cosmos_jax.load import (
+    TRANSFORMER_TREES,
+    Progress,
+    iter_transformer_leaves,
+    locate,
+    params_from_state,
+    read_sound_config,
+    read_state,
+    read_vae_config,
+)
+
+DTYPES: dict[str, Any] = {"bf16": jnp.bfloat16, "fp32": np.float32, "keep": None}
+_COMPONENT_DIRS = ("transformer", "vae", "sound_tokenizer", "scheduler", "text_tokenizer", orbax_io.ORBAX_DIR)
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".bin.index.json")
+
+
+@dataclasses.dataclass
+class ConvertSummary:
+    """Per-tree statistics, bytes read from SRC and wall time of one conversion."""
+
+    trees: dict[str, orbax_io.TreeStats]
+    bytes_read: int
+    tensors_read: int
+    seconds: float
+
+
+def _copy_paths(root: Path, transformer_dir: Path) -> list[str]:
+    """Config and tokenizer files carried over verbatim (weights and the transformer folder excluded)."""
+    if transformer_dir == root:
+        return []
+    paths = [
+        p.name for p in sorted(root.iterdir())
+        if (p.is_file() and not p.name.endswith(_WEIGHT_SUFFIXES) and p.name != orbax_io.MARKER)
+        or (p.is_dir() and p.name not in _COMPONENT_DIRS and not p.name.startswith("."))
+    ]
+    for name, file in (("vae", "config.json"), ("sound_tokenizer", "config.json")):
+        if (root / name / file).is_file():
+            paths.append(f"{name}/{file}")
+    paths += [name for name in ("scheduler", "text_tokenizer") if (root / name).is_dir()]
+    return paths
+
+
+def _flat(tree: Any) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    for keys, leaf in flat:
+        yield tuple(str(k.key) for k in keys), np.asarray(leaf)
+
+
+def _component_leaves(folder: Path, config_reader: Callable[[Path], Any], from_state: Callable[..., Any],
+                      progress: Progress | None) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    config = config_reader(folder / "config.json")
+    yield from _flat(params_from_state(folder, read_state(folder, progress), config, from_state))
+
+
+def planned_bytes(src: str | os.PathLike[str]) -> tuple[int, int]:
+    """(tensor count, bytes) that `convert` will read from `src`, from headers only."""
+    layout = locate(src)
+    folders = [layout.transformer_dir] + [f for f in (layout.component("vae"), layout.component("sound_tokenizer"))
+                                          if f is not None]
+    count = size = 0
+    for folder in folders:
+        with CheckpointIndex.open(folder) as index:
+            count += len(index)
+            size += sum(index.nbytes(k) for k in index.keys())
+    return count, size
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    dtype: Any = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> ConvertSummary:
+    """Convert the Hub-layout folder `src` into a converted folder `dst` (see cosmos_jax.convert.orbax_io).
+
+    dtype: transformer weight dtype (time embedder always f32); None (default) keeps the stored dtypes,
+    so `export` gives back byte-identical tensors.
+    """
+    start = time.perf_counter()
+    layout = locate(src)
+    if layout.converted:
+        raise ValueError(f"{src} is already a converted folder")
+    if Path(dst).exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    config = Cosmos3Config.from_json(layout.transformer_dir / "config.json")
+    read = {"bytes": 0, "tensors": 0}
+
+    def counted(key: str, nbytes: int) -> None:
+        read["bytes"] += nbytes
+        read["tensors"] += 1
+        if progress is not None:
+            progress(key, nbytes)
+
+    with CheckpointIndex.open(layout.transformer_dir) as index:
+        trees: dict[str, Any] = {
+            tree: ((path, array) for _, path, array in iter_transformer_leaves(index, config, dtype, counted, (tree,)))
+            for tree in TRANSFORMER_TREES
+        }
+        for name, reader, from_state in (("vae", read_vae_config, vae_params_from_torch_state),
+                                         ("sound_tokenizer", read_sound_config, audio_params_from_torch_state)):
+            folder = layout.component(name)
+            if folder is not None:
+                trees[name] = _component_leaves(folder, reader, from_state, counted)
+        stats = orbax_io.write_converted(
+            dst, trees, transformer_config=config, source=layout.root,
+            copy_paths=_copy_paths(layout.root, layout.transformer_dir), overwrite=overwrite,
+        )
+    return ConvertSummary(stats, read["bytes"], read["tensors"], time.perf_counter() - start)
+
+
+def format_summary(summary: ConvertSummary) -> str:
+    """A plain-text table: parameters, dtypes and size per tree, then totals and throughput."""
+    lines = [f"{'tree':<16} {'parameters':>14} {'size':>12}  dtypes"]
+    for name, s in summary.trees.items():
+        dtypes = ", ".join(f"{d}: {n:,}" for d, n in sorted(s.dtypes.items()))
+        lines.append(f"{name:<16} {s.parameters:>14,} {s.nbytes / 2**20:>9.1f} MiB  {dtypes}")
+    total = sum(s.parameters for s in summary.trees.values())
+    size = sum(s.nbytes for s in summary.trees.values())
+    rate = summary.bytes_read / 2**20 / max(summary.seconds, 1e-9)
+    lines.append(f"{'total':<16} {total:>14,} {size / 2**20:>9.1f} MiB")
+    lines.append(f"read {summary.tensors_read} tensors, {summary.bytes_read / 2**20:.1f} MiB in "
+                 f"{summary.seconds:.1f} s ({rate:.1f} MiB/s)")
+    return "\n".join(lines)
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", type=Path, help="Hub-layout folder (model_index.json, transformer/, vae/, ...)")
+    parser.add_argument("dst", type=Path, help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST (only once the conversion succeeded)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
+                        help="transformer weight dtype in DST (time embedder stays fp32); default: keep as stored")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    try:
+        count, size = planned_bytes(args.src)
+        with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc="convert") as bar:
+            done = {"tensors": 0}
+
+            def progress(key: str, nbytes: int) -> None:
+                done["tensors"] += 1
+                bar.set_postfix(tensors=f"{done['tensors']}/{count}", refresh=False)
+                bar.update(nbytes)
+
+            summary = convert(args.src, args.dst, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+                              progress=progress)
+    except (ValueError, OSError) as e:
+        print(f"cosmos-jax convert: error: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    print(f"wrote {args.dst}")
+    return 0

@@ -1,0 +1,209 @@
+"""The converted checkpoint folder: one orbax checkpoint per parameter tree, plus the configs, written atomically.
+
+Layout written by `write_converted` (configs keep the Hub's paths, so the same readers serve both layouts):
+
+    DST/cosmos_jax.json                  marker: format, version, per-tree statistics
+    DST/orbax/{reasoner,generator,vae,sound_tokenizer}/   one orbax (OCDBT) checkpoint per tree present
+    DST/transformer/config.json          Cosmos3Config.to_json (the reference's keys)
+    DST/model_index.json, vae/config.json, sound_tokenizer/config.json, scheduler/scheduler_config.json,
+    DST/text_tokenizer/, root config.json and other root files: copied verbatim from the source
+
+Trees are written leaf group by leaf group (orbax partial saves, finalized once), so a writer fed from an
+iterator holds only the current group in memory: one stacked layer parameter, or small leaves up to
+`group_bytes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+
+from cosmos_jax.config import Cosmos3Config
+from cosmos_jax.convert.safetensors_io import atomic_output_dir
+
+MARKER = "cosmos_jax.json"
+FORMAT = "cosmos-jax-converted"
+VERSION = 1
+ORBAX_DIR = "orbax"
+TREES = ("reasoner", "generator", "vae", "sound_tokenizer")
+DEFAULT_GROUP_BYTES = 64 * 2**20
+
+Path_ = tuple[str, ...]
+Leaf = tuple[Path_, np.ndarray]
+
+
+class ConvertedCheckpointError(ValueError):
+    """A converted folder is incomplete or does not match its configs; the message names the file."""
+
+
+@dataclasses.dataclass
+class TreeStats:
+    """What was written for one tree: parameter count, bytes and parameters per dtype name."""
+
+    parameters: int = 0
+    nbytes: int = 0
+    dtypes: Counter = dataclasses.field(default_factory=Counter)
+
+    def add(self, array: np.ndarray) -> None:
+        self.parameters += int(array.size)
+        self.nbytes += int(array.nbytes)
+        self.dtypes[str(array.dtype)] += int(array.size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"parameters": self.parameters, "bytes": self.nbytes, "dtypes": dict(self.dtypes)}
+
+
+def is_converted(folder: str | os.PathLike[str]) -> bool:
+    """True when `folder` was written by `write_converted`."""
+    return (Path(folder) / MARKER).is_file()
+
+
+def read_marker(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The marker's content, checked for format and version."""
+    path = Path(folder) / MARKER
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConvertedCheckpointError(f"{path}: unreadable converted-checkpoint marker ({e})") from e
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT or marker.get("version") != VERSION:
+        raise ConvertedCheckpointError(
+            f"{path}: not a {FORMAT} version {VERSION} marker (got format={marker.get('format')!r}, "
+            f"version={marker.get('version')!r})" if isinstance(marker, dict) else f"{path}: marker is not an object"
+        )
+    return marker
+
+
+def _nest(leaves: Sequence[Leaf]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in leaves:
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _groups(leaves: Iterable[Leaf], group_bytes: int) -> Iterator[list[Leaf]]:
+    """Consecutive leaves batched up to `group_bytes`; a leaf at least that large goes alone."""
+    group: list[Leaf] = []
+    size = 0
+    for path, value in leaves:
+        if group and size + value.nbytes > group_bytes:
+            yield group
+            group, size = [], 0
+        group.append((path, value))
+        size += value.nbytes
+    if group:
+        yield group
+
+
+def save_tree(
+    folder: Path,
+    leaves: Iterable[Leaf],
+    *,
+    group_bytes: int = DEFAULT_GROUP_BYTES,
+    on_leaf: Callable[[Path_, np.ndarray], None] | None = None,
+) -> TreeStats:
+    """Write (path, numpy array) leaves as one orbax checkpoint at `folder` (which must not exist).
+
+    Leaves are consumed lazily and saved in groups; each group is released once written.
+    """
+    stats = TreeStats()
+    seen: set[Path_] = set()
+    written = False
+
+    def checked(items: Iterable[Leaf]) -> Iterator[Leaf]:
+        for path, value in items:
+            if path in seen:
+                raise ValueError(f"{folder}: leaf {'/'.join(path)} given twice")
+            seen.add(path)
+            value = np.asarray(value)
+            stats.add(value)
+            if on_leaf is not None:
+                on_leaf(path, value)
+            yield path, value
+
+    for group in _groups(checked(leaves), group_bytes):
+        ocp.partial.save(folder, _nest(group))
+        written = True
+    if not written:
+        raise ValueError(f"{folder}: no leaves to write")
+    ocp.partial.finalize(folder)
+    return stats
+
+
+def tree_shapes(folder: Path) -> dict[Path_, tuple[tuple[int, ...], np.dtype]]:
+    """{leaf path: (shape, dtype)} of a saved tree, from its metadata only."""
+    if not folder.is_dir():
+        raise ConvertedCheckpointError(f"{folder}: missing orbax checkpoint")
+    try:
+        metadata = ocp.metadata(folder).metadata
+    except Exception as e:  # orbax raises several types for a damaged checkpoint
+        raise ConvertedCheckpointError(f"{folder}: unreadable orbax checkpoint metadata ({e})") from e
+    flat, _ = jax.tree_util.tree_flatten_with_path(metadata)
+    return {tuple(str(k.key) for k in keys): (tuple(m.shape), np.dtype(m.dtype)) for keys, m in flat}
+
+
+def restore_tree(folder: Path, abstract: Any | None = None) -> Any:
+    """The tree saved at `folder`: numpy arrays as stored, or, given a pytree of `jax.ShapeDtypeStruct`
+    (each with a `sharding`), jax.Arrays cast to those dtypes and placed in those shardings."""
+    if not folder.is_dir():
+        raise ConvertedCheckpointError(f"{folder}: missing orbax checkpoint")
+    return ocp.load(folder, abstract)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copyfile(src, dst)
+
+
+def write_converted(
+    dst: str | os.PathLike[str],
+    trees: Mapping[str, Iterable[Leaf]],
+    *,
+    transformer_config: Cosmos3Config,
+    source: Path,
+    copy_paths: Sequence[str],
+    overwrite: bool = False,
+    group_bytes: int = DEFAULT_GROUP_BYTES,
+    on_leaf: Callable[[str, Path_, np.ndarray], None] | None = None,
+) -> dict[str, TreeStats]:
+    """Write a converted folder at `dst` atomically (nothing at `dst` unless everything succeeded).
+
+    trees: tree name (one of TREES) -> lazily produced (path, array) leaves.
+    copy_paths: files or folders, relative to `source`, copied verbatim (configs, tokenizer, root files).
+    """
+    unknown = sorted(set(trees) - set(TREES))
+    if unknown:
+        raise ValueError(f"unknown tree name(s) {unknown}; expected some of {TREES}")
+    stats: dict[str, TreeStats] = {}
+    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        for rel in copy_paths:
+            _copy(source / rel, tmp / rel)
+        (tmp / "transformer").mkdir(exist_ok=True)
+        transformer_config.to_json(tmp / "transformer" / "config.json")
+        (tmp / ORBAX_DIR).mkdir()
+        for name, leaves in trees.items():
+            callback = None if on_leaf is None else (lambda path, value, name=name: on_leaf(name, path, value))
+            stats[name] = save_tree(tmp / ORBAX_DIR / name, leaves, group_bytes=group_bytes, on_leaf=callback)
+        marker = {
+            "format": FORMAT,
+            "version": VERSION,
+            "source": str(source),
+            "trees": {name: s.to_dict() for name, s in stats.items()},
+        }
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return stats
