@@ -1,0 +1,141 @@
+"""Jitted JAX transformer forward vs diffusers' eager Cosmos3OmniTransformer, same weights, one process.
+
+    python tools/bench_forward.py [--layers 4] [--hidden 512] [--text 256] [--frames 12] [--repeats 3]
+
+Reports seconds per forward, GFLOP/s (dense matmul + unmasked attention FLOPs), the fraction of this machine's
+fp32 matmul ceiling (measured in the same run), the JAX/torch speed ratio, and the cached generator-only step
+(`generate` against a reasoner K/V cache) against the full joint step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cosmos_jax.convert.keymap_transformer import params_from_torch_state  # noqa: E402
+from cosmos_jax.modeling.inputs import GeneratorInputs  # noqa: E402
+from cosmos_jax.modeling.transformer import Cosmos3Transformer  # noqa: E402
+from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence  # noqa: E402
+from torch_reference import (  # noqa: E402
+    build_torch_transformer,
+    jax_config,
+    reference_forward,
+    reference_segments,
+    save_and_read_state,
+)
+
+
+def model_flops(cfg, und_len: int, gen_len: int) -> tuple[float, float]:
+    """(total, reasoner share) of matmul FLOPs for one joint forward, counting only unmasked attention."""
+    d, hd, h, k, inter = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    proj = 2 * d * hd * (2 * h + 2 * k)
+    mlp = 2 * d * inter * (3 if cfg.hidden_act == "silu" else 2)
+    per_token = proj + mlp
+    und_attn = 4 * h * hd * und_len * (und_len + 1) / 2
+    gen_attn = 4 * h * hd * gen_len * (und_len + gen_len)
+    reasoner = cfg.num_hidden_layers * (und_len * per_token + und_attn)
+    generator = cfg.num_hidden_layers * (gen_len * per_token + gen_attn) + 2 * gen_len * 2 * d * cfg.patch_latent_dim
+    return reasoner + generator, reasoner
+
+
+def matmul_ceiling(repeats: int = 5) -> float:
+    """fp32 GFLOP/s of a 2048^3 XLA matmul on this machine (the compute ceiling the forward is judged against)."""
+    a = jnp.ones((2048, 2048), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--text", type=int, default=256, help="reasoner (prompt) tokens")
+    parser.add_argument("--frames", type=int, default=12, help="latent frames of 32x32 latents (256 tokens each)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attention", default="auto", help="JAX attention implementation")
+    args = parser.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    head_dim = 64
+    style = dict(
+        hidden_size=args.hidden, intermediate_size=3 * args.hidden, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=head_dim,
+        rope_axes_dim=[12, 10, 10], vocab_size=1024, hidden_act="silu", qk_norm_for_text=True,
+    )
+    model = build_torch_transformer(style, seed=0)
+    cfg = jax_config(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        state = save_and_read_state(model, tmp)
+    latent = (args.frames, 32, 32)
+    rng = np.random.default_rng(0)
+    input_ids = rng.integers(0, cfg.vocab_size, size=args.text)
+    latents = rng.standard_normal((1, cfg.latent_channel, *latent)).astype(np.float32)
+    segments = reference_segments(model, args.text, latent, 24.0, [0])
+
+    jmodel = Cosmos3Transformer(cfg, dtype=jnp.float32, attention=args.attention)
+    params = jax.tree.map(jnp.asarray, params_from_torch_state(state, cfg, jmodel.abstract_params()))
+    layout = layout_sequence(cfg, args.text, latent, fps=24.0, clean_vision_frames=[0])
+    text = jax.tree.map(jnp.asarray, batch_text([input_ids], [layout]))
+    gen = GeneratorInputs(
+        position_ids=jnp.asarray(batch_generator_positions([layout])), vision=jnp.asarray(latents),
+        vision_noisy=jnp.asarray(layout.vision_noisy)[None], vision_t=jnp.full((1,), 973.0),
+    )
+    full = jax.jit(jmodel.__call__)
+    encode = jax.jit(jmodel.encode_reasoner)
+    step = jax.jit(jmodel.generate)
+
+    compile_start = time.perf_counter()
+    jax_out = full(params, text, gen).vision.block_until_ready()
+    cache, _ = encode(params, text)
+    step(params, cache, gen).vision.block_until_ready()
+    compile_s = time.perf_counter() - compile_start
+
+    torch_out = reference_forward(model, segments, input_ids, latents, 973)[0]
+    err = float(np.abs(np.asarray(jax_out[0]) - torch_out).max() / np.abs(torch_out).max())
+
+    t_torch = min(_timed(lambda: reference_forward(model, segments, input_ids, latents, 973)) for _ in range(args.repeats))
+    t_full = min(_timed(lambda: full(params, text, gen).vision.block_until_ready()) for _ in range(args.repeats))
+    t_step = min(_timed(lambda: step(params, cache, gen).vision.block_until_ready()) for _ in range(args.repeats))
+    ceiling = matmul_ceiling()
+
+    total, reasoner = model_flops(cfg, args.text, layout.num_gen)
+    gflops = lambda seconds, flops=total: flops / seconds / 1e9  # noqa: E731
+    print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
+    print(f"config: {args.layers} layers, hidden {args.hidden}, {args.heads}/{args.kv_heads} heads x {head_dim}, "
+          f"{args.text} text + {layout.num_gen} generator tokens; attention={args.attention}; fp32")
+    print(f"parity (fp32, max abs / scale): {err:.2e}; JAX compile (full + encode + step): {compile_s:.1f} s")
+    print(f"fp32 matmul ceiling (XLA 2048^3): {ceiling:.0f} GFLOP/s\n")
+    print("| forward | seconds | GFLOP/s | of ceiling | speed vs diffusers |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| diffusers eager (torch) | {t_torch:.3f} | {gflops(t_torch):.0f} | {gflops(t_torch) / ceiling:.0%} | 1.00x |")
+    print(f"| JAX jitted joint forward | {t_full:.3f} | {gflops(t_full):.0f} | {gflops(t_full) / ceiling:.0%} | "
+          f"{t_torch / t_full:.2f}x |")
+    gen_flops = total - reasoner
+    print(f"| JAX cached generator step | {t_step:.3f} | {gflops(t_step, gen_flops):.0f} | "
+          f"{gflops(t_step, gen_flops) / ceiling:.0%} | {t_torch / t_step:.2f}x |")
+    print(f"\ncached step / full step time: {t_step / t_full:.3f} (reasoner share of FLOPs: {reasoner / total:.3f}, "
+          f"so the ideal is {1 - reasoner / total:.3f})")
+
+
+if __name__ == "__main__":
+    main()
