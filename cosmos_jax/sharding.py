@@ -1,0 +1,311 @@
+"""Mesh, logical axis names and the rules that map them to mesh axes (DESIGN.md "Scale").
+
+Every parameter and activation dimension has a *logical* name ("embed", "q_heads", "mlp", "batch", "gen_seq",
+...). A rules table (one per preset, configs/mesh/<preset>.json) maps each logical name to zero or more *mesh*
+axes among `data`, `fsdp`, `context`, `tensor`. A partition spec is the rules applied to the names, dropping any
+mesh axis that does not divide its dimension (so a small parameter stays replicated rather than failing) and any
+mesh axis already used by an earlier dimension of the same array.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+MESH_PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mesh")
+
+Rules = tuple[tuple[str, tuple[str, ...]], ...]
+LogicalAxes = tuple[str | None, ...]
+
+# Logical names of activations (used by Cosmos3Transformer's constraints and the context-parallel attention).
+BATCH, SEQ, GEN_SEQ, ACT_EMBED, HEADS, KV_HEADS = "batch", "seq", "gen_seq", "act_embed", "heads", "kv_heads"
+
+
+class MeshSpecError(ValueError):
+    """A mesh spec string is malformed or does not match the available devices."""
+
+
+# ------------------------------------------------------------------------------------------------ mesh
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """'fsdp=8,tensor=4' -> {'data': 1, 'fsdp': 8, 'context': 1, 'tensor': 4} (every mesh axis, in mesh order)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise MeshSpecError(f"a mesh spec is a string like 'fsdp=8,tensor=4', got {spec!r}")
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    seen: set[str] = set()
+    for part in spec.split(","):
+        name, sep, value = part.strip().partition("=")
+        name = name.strip()
+        if not sep:
+            raise MeshSpecError(f"mesh spec {spec!r}: {part.strip()!r} is not of the form axis=size")
+        if name not in MESH_AXES:
+            raise MeshSpecError(f"mesh spec {spec!r}: unknown axis {name!r}; axes are {', '.join(MESH_AXES)}")
+        if name in seen:
+            raise MeshSpecError(f"mesh spec {spec!r}: axis {name!r} given twice")
+        try:
+            size = int(value.strip())
+        except ValueError:
+            raise MeshSpecError(f"mesh spec {spec!r}: size of {name!r} must be a positive integer, got {value!r}") from None
+        if size <= 0:
+            raise MeshSpecError(f"mesh spec {spec!r}: size of {name!r} must be a positive integer, got {size}")
+        seen.add(name)
+        sizes[name] = size
+    return sizes
+
+
+def mesh_size(spec: str) -> int:
+    """The number of devices a mesh spec needs."""
+    return math.prod(parse_mesh_spec(spec).values())
+
+
+def make_mesh(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, fsdp, context, tensor), all Auto, from a spec like 'fsdp=8,tensor=4'.
+
+    Axes not named have size 1. The spec must use exactly the given devices (default: all of jax.devices()).
+    `tensor` is the innermost (fastest-varying) axis, so it lands on the closest devices.
+    """
+    sizes = parse_mesh_spec(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    needed = math.prod(sizes.values())
+    if needed != len(devices):
+        raise MeshSpecError(
+            f"mesh spec {spec!r} needs {needed} devices but {len(devices)} are available; on CPU set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={needed} before importing jax"
+        )
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def abstract_mesh(spec: str) -> AbstractMesh:
+    """A device-free mesh of the spec's shape: enough to compute partition specs for any device count."""
+    sizes = parse_mesh_spec(spec)
+    return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+# ----------------------------------------------------------------------------------------------- rules
+
+
+def rules_from_mapping(raw: Mapping[str, Any]) -> Rules:
+    """{'embed': 'fsdp', 'batch': ['data', 'fsdp'], 'norm': null} -> the hashable rules table."""
+    rules = []
+    for logical, target in raw.items():
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        bad = [a for a in axes if a not in MESH_AXES]
+        if bad:
+            raise ValueError(f"rule {logical!r} -> {list(axes)}: unknown mesh axes {bad}; axes are {list(MESH_AXES)}")
+        rules.append((str(logical), axes))
+    return tuple(rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPreset:
+    """A named sharding preset: its rules table and the reference mesh it is planned and snapshotted on."""
+
+    name: str
+    mesh: str
+    rules: Rules
+
+
+def load_mesh_preset(name_or_path: str | os.PathLike) -> MeshPreset:
+    """configs/mesh/<name>.json (or a path): {"mesh": "fsdp=8,tensor=4", "rules": {logical: mesh axes}}."""
+    path = os.fspath(name_or_path)
+    if not os.path.isfile(path):
+        path = os.path.join(MESH_PRESETS_DIR, f"{os.path.basename(path).removesuffix('.json')}.json")
+    if not os.path.isfile(path):
+        available = sorted(f.removesuffix(".json") for f in os.listdir(MESH_PRESETS_DIR) if f.endswith(".json"))
+        raise ValueError(f"unknown mesh preset {name_or_path!r}; presets: {', '.join(available)}")
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    missing = {"mesh", "rules"} - set(raw)
+    if missing:
+        raise ValueError(f"{path}: mesh preset lacks {sorted(missing)}")
+    parse_mesh_spec(raw["mesh"])
+    return MeshPreset(os.path.basename(path).removesuffix(".json"), raw["mesh"], rules_from_mapping(raw["rules"]))
+
+
+def spec_for(shape: Sequence[int], names: LogicalAxes, rules: Rules, mesh: Mesh | AbstractMesh) -> PartitionSpec:
+    """The partition spec of an array of `shape` whose dimensions have logical `names`.
+
+    Each dimension takes the mesh axes its name maps to, in order, keeping an axis only if it is still unused
+    in this spec and the product of the kept axes' sizes divides the dimension.
+    """
+    if len(shape) != len(names):
+        raise ValueError(f"logical axes {names} do not match an array of rank {len(shape)} (shape {tuple(shape)})")
+    table = dict(rules)
+    used: set[str] = set()
+    out: list[Any] = []
+    for dim, name in zip(shape, names):
+        kept: list[str] = []
+        for axis in table.get(name, ()) if name is not None else ():
+            size = mesh.shape[axis]
+            if axis in used or size == 1 or dim % (math.prod(mesh.shape[a] for a in kept) * size):
+                continue
+            kept.append(axis)
+            used.add(axis)
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    while out and out[-1] is None:
+        out.pop()
+    return PartitionSpec(*out)
+
+
+# ---------------------------------------------------------------------------------------- parameter names
+
+# Keyed by the last path components (module name, parameter name); layer stacks add a leading "layers" axis.
+_LAYER_AXES: dict[tuple[str, str], LogicalAxes] = {
+    ("q_proj", "kernel"): ("embed", "q_heads"),
+    ("k_proj", "kernel"): ("embed", "kv_heads"),
+    ("v_proj", "kernel"): ("embed", "kv_heads"),
+    ("o_proj", "kernel"): ("q_heads", "embed"),
+    ("gate_proj", "kernel"): ("embed", "mlp"),
+    ("up_proj", "kernel"): ("embed", "mlp"),
+    ("down_proj", "kernel"): ("mlp", "embed"),
+    ("input_norm", "scale"): ("norm",),
+    ("post_attention_norm", "scale"): ("norm",),
+    ("q_norm", "scale"): ("head_dim",),
+    ("k_norm", "scale"): ("head_dim",),
+    ("und_k_norm", "scale"): ("head_dim",),
+}
+
+_TOP_AXES: dict[tuple[str, str], LogicalAxes] = {
+    ("embed_tokens", "embedding"): ("vocab", "embed"),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+    ("norm", "scale"): ("norm",),
+    ("proj_in", "kernel"): ("patch", "embed"),
+    ("proj_in", "bias"): ("embed",),
+    ("proj_out", "kernel"): ("embed", "patch"),
+    ("proj_out", "bias"): ("patch",),
+    ("linear_1", "kernel"): ("time_freq", "embed"),
+    ("linear_1", "bias"): ("embed",),
+    ("linear_2", "kernel"): ("embed", "time_hidden"),
+    ("linear_2", "bias"): ("time_hidden",),
+    ("audio_proj_in", "kernel"): ("sound", "embed"),
+    ("audio_proj_in", "bias"): ("embed",),
+    ("audio_proj_out", "kernel"): ("embed", "sound"),
+    ("audio_proj_out", "bias"): ("sound",),
+    ("action_proj_in", "kernel"): ("domain", "action", "embed"),
+    ("action_proj_in", "bias"): ("domain", "embed"),
+    ("action_proj_out", "kernel"): ("domain", "embed", "action"),
+    ("action_proj_out", "bias"): ("domain", "action"),
+    ("generator", "audio_modality_embed"): ("embed",),
+    ("generator", "action_modality_embed"): ("embed",),
+}
+
+
+def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+
+
+def param_logical_axes(path: Sequence[str], ndim: int) -> LogicalAxes:
+    """Logical names of one parameter from its path in the two trees, e.g.
+    ('generator', 'layers', 'q_proj', 'kernel') -> ('layers', 'embed', 'q_heads')."""
+    path = tuple(path)
+    key = path[-2:]
+    if "layers" in path:
+        names = ("layers",) + _LAYER_AXES.get(key, ())
+    else:
+        names = _TOP_AXES.get(key, ())
+    if not names or len(names) != ndim:
+        raise ValueError(f"no logical axes known for parameter {'/'.join(path)} of rank {ndim}")
+    return names
+
+
+def logical_axes(abstract_params: Any) -> Any:
+    """The tree of logical-axis tuples matching a parameter tree (arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: param_logical_axes(_path_names(p), len(x.shape)), abstract_params)
+
+
+def param_specs(abstract_params: Any, mesh: Mesh | AbstractMesh, rules: Rules) -> Any:
+    """The tree of PartitionSpecs for a parameter tree under `rules` on `mesh`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: spec_for(x.shape, param_logical_axes(_path_names(p), len(x.shape)), rules, mesh), abstract_params
+    )
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh, rules: Rules) -> Any:
+    """The tree of NamedShardings for a parameter tree under `rules` on `mesh`."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(abstract_params, mesh, rules),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def specs_snapshot(abstract_params: Any, mesh: Mesh | AbstractMesh, rules: Rules) -> dict[str, list[Any]]:
+    """{'generator/layers/q_proj/kernel': [None, 'fsdp', 'tensor'], ...}: a JSON-able view of param_specs."""
+    flat = jax.tree_util.tree_flatten_with_path(param_specs(abstract_params, mesh, rules),
+                                                is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+    snapshot = {}
+    for path, spec in flat:
+        entries = list(spec) + [None] * (len(_leaf_at(abstract_params, path).shape) - len(spec))
+        snapshot["/".join(_path_names(path))] = [list(e) if isinstance(e, tuple) else e for e in entries]
+    return dict(sorted(snapshot.items()))
+
+
+def _leaf_at(tree: Any, path: tuple[Any, ...]) -> Any:
+    for p in _path_names(path):
+        tree = tree[p]
+    return tree
+
+
+def replicated_fraction(abstract_params: Any, mesh: Mesh | AbstractMesh, rules: Rules) -> float:
+    """Share of parameter bytes that are fully replicated (no dimension sharded) under `rules` on `mesh`."""
+    leaves = jax.tree.leaves(abstract_params)
+    specs = jax.tree.leaves(param_specs(abstract_params, mesh, rules), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    total = sum(_nbytes(x) for x in leaves)
+    replicated = sum(_nbytes(x) for x, s in zip(leaves, specs) if all(e is None for e in s))
+    return replicated / total if total else 0.0
+
+
+def _nbytes(x: Any) -> int:
+    return math.prod(x.shape) * np.dtype(x.dtype).itemsize
+
+
+# ------------------------------------------------------------------------------------------- activations
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationSharding:
+    """Activation constraints by logical name on a mesh (hashable: a field of Cosmos3Transformer).
+
+    With a `context` axis of size > 1 the generator attention runs context-parallel
+    (cosmos_jax.modeling.context_parallel).
+    """
+
+    mesh: Mesh
+    rules: Rules
+
+    def spec(self, shape: Sequence[int], names: LogicalAxes) -> PartitionSpec:
+        return spec_for(shape, names, self.rules, self.mesh)
+
+    def constrain(self, x: jax.Array, names: LogicalAxes) -> jax.Array:
+        """x with a sharding constraint from its logical axis names."""
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(x.shape, names)))
+
+    def generator_attention(self, attention: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+        """The generator attention to use: context-parallel around `attention` when the mesh has context > 1."""
+        if self.mesh.shape["context"] == 1:
+            return attention
+        from cosmos_jax.modeling.context_parallel import context_parallel_generator_attention
+
+        return context_parallel_generator_attention(attention, self)
+
+
+def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:
+    """Place every array of an input pytree (TextInputs, GeneratorInputs, ...) with its leading axis sharded
+    as the logical 'batch' axis (where it divides) and the rest replicated."""
+
+    def place(x: Any) -> Any:
+        if x is None:
+            return None
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        names = ((BATCH,) + (None,) * (x.ndim - 1)) if x.ndim else ()
+        return jax.device_put(x, NamedSharding(mesh, spec_for(x.shape, names, rules, mesh)))
+
+    return jax.tree.map(place, batch)
