@@ -4,7 +4,8 @@ Same semantics and signatures as `pallas_kernels.reference` (and `pallas_kernels
 one GQA group are stacked into the rows of a single matmul ([B, K, G·Lq, D]) so K/V are never repeated; a
 `lax.scan` walks the key blocks of each source carrying the running max, denominator and accumulator. The
 causal reasoner pass is tiled into query blocks (a Python loop), each scanning only the key blocks at or before
-it, so the upper triangle is skipped; the generator pass maps over query tiles with `lax.map`. Differentiable by plain JAX autodiff; each scan step is rematerialised in the
+it, so the upper triangle is skipped; the generator pass maps over query tiles with `lax.map`. All arithmetic is f32 (bf16 inputs are upcast: CPU matmuls are fastest in f32). Differentiable by plain JAX
+autodiff; each scan step is rematerialised in the
 backward pass so the saved state is O(S·D), not O(S²).
 """
 
@@ -41,9 +42,9 @@ def _ungroup_rows(x: jax.Array, length: int, heads: int) -> jax.Array:
 
 
 def _key_blocks(x: jax.Array, num_blocks: int, block_k: int) -> jax.Array:
-    """[B, Lk, K, D] -> [num_blocks, B, K, block_k, D] (zero-padded), the scan's leading axis."""
+    """[B, Lk, K, D] -> [num_blocks, B, K, block_k, D] f32 (zero-padded), the scan's leading axis."""
     batch, _, kv_heads, head_dim = x.shape
-    x = blk.pad_sequence(x[:, : num_blocks * block_k], num_blocks * block_k, axis=1)
+    x = blk.pad_sequence(x[:, : num_blocks * block_k].astype(jnp.float32), num_blocks * block_k, axis=1)
     return x.reshape(batch, num_blocks, block_k, kv_heads, head_dim).transpose(1, 0, 3, 2, 4)
 
 
@@ -61,9 +62,10 @@ def _mask_bias(start: jax.Array, block_k: int, k_len: jax.Array, q_pos: jax.Arra
 
 def _scan_source(
     carry: Carry, q: jax.Array, q_pos: jax.Array | None, k: jax.Array, v: jax.Array, k_len: jax.Array,
-    num_blocks: int, block_k: int, scale_log2: float,
+    num_blocks: int, block_k: int,
 ) -> Carry:
-    """Fold key blocks [0, num_blocks) of one source into the carry; q [B,K,R,D], q_pos [R] if causal."""
+    """Fold key blocks [0, num_blocks) of one source into the carry; q [B,K,R,D] f32 pre-scaled by
+    scale·log2(e), q_pos [R] if causal."""
     k_blocks, v_blocks = _key_blocks(k, num_blocks, block_k), _key_blocks(v, num_blocks, block_k)
     starts = jnp.arange(num_blocks) * block_k
 
@@ -71,12 +73,12 @@ def _scan_source(
     def step(carry: Carry, xs: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[Carry, None]:
         m_prev, l_prev, acc_prev = carry
         k_blk, v_blk, start = xs
-        s = jnp.einsum("bkrd,bksd->bkrs", q, k_blk, preferred_element_type=jnp.float32) * scale_log2
+        s = jnp.einsum("bkrd,bksd->bkrs", q, k_blk)
         s = s + _mask_bias(start, block_k, k_len, q_pos)
         m_new = jax.lax.stop_gradient(jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True)))
         p = jnp.exp2(s - m_new)
         alpha = jnp.exp2(m_prev - m_new)
-        pv = jnp.einsum("bkrs,bksd->bkrd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+        pv = jnp.einsum("bkrs,bksd->bkrd", p, v_blk)
         return (m_new, alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True), alpha * acc_prev + pv), None
 
     carry, _ = jax.lax.scan(step, carry, (k_blocks, v_blocks, starts))
@@ -130,11 +132,11 @@ def reasoner_attention(
     tiles = []
     for start in range(0, length, block_q):
         stop = min(start + block_q, length)
-        q_tile = _group_rows(q_und[:, start:stop], kv_heads)
+        q_tile = _group_rows(q_und[:, start:stop].astype(jnp.float32) * scale_log2, kv_heads)
         q_pos = jnp.tile(jnp.arange(start, stop), heads // kv_heads)
         num_blocks = -(-stop // block_k)
         carry = _scan_source(
-            _init_carry(q_tile), q_tile, q_pos, k_und, v_und, und_len, num_blocks, block_k, scale_log2
+            _init_carry(q_tile), q_tile, q_pos, k_und, v_und, und_len, num_blocks, block_k
         )
         tiles.append(_ungroup_rows(_finish(carry), stop - start, heads))
     out = jnp.concatenate(tiles, axis=1) if len(tiles) > 1 else tiles[0]
@@ -169,10 +171,10 @@ def generator_attention(
     sources = ((k_und_for_gen, v_und, und_len, lu), (k_gen, v_gen, gen_len, lg))
 
     def attend_tile(q_tile: jax.Array) -> jax.Array:
-        rows = _group_rows(q_tile, kv_heads)
+        rows = _group_rows(q_tile.astype(jnp.float32) * scale_log2, kv_heads)
         carry = _init_carry(rows)
         for k, v, k_len, length in sources:
-            carry = _scan_source(carry, rows, None, k, v, k_len, -(-length // block_k), block_k, scale_log2)
+            carry = _scan_source(carry, rows, None, k, v, k_len, -(-length // block_k), block_k)
         return _ungroup_rows(_finish(carry), block_q, heads)
 
     out = jax.lax.map(attend_tile, q_tiles).swapaxes(0, 1)
