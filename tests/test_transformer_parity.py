@@ -32,17 +32,18 @@ from torch_reference import (
 FP32_REL_TOL = 2e-5
 
 
-@pytest.fixture(scope="module", params=["nano", "edge"])
+@pytest.fixture(scope="module")
 def reference(request, tmp_path_factory):
     style = {"nano": NANO_STYLE, "edge": EDGE_STYLE}[request.param]
+    # module scope + indirect parametrisation: one torch model per style for the whole file
     model = build_torch_transformer(style, seed=1)
     state = save_and_read_state(model, str(tmp_path_factory.mktemp(request.param)))
     return request.param, model, state
 
 
-def _jax_params(model, state, dtype):
+def _jax_params(model, state, dtype, attention="xla"):
     cfg = jax_config(model)
-    jmodel = Cosmos3Transformer(cfg, dtype=dtype, attention="xla")
+    jmodel = Cosmos3Transformer(cfg, dtype=dtype, attention=attention)
     params = params_from_torch_state(state, cfg, jmodel.abstract_params())
     params = jax.tree.map(lambda x: jnp.asarray(x), params)
     return jmodel, _cast_params(params, dtype)
@@ -68,10 +69,8 @@ CASES = {
 }
 
 
-def _run_case(name, model, state, case, dtype, torch_dtype, cached):
+def _run_case(name, model, state, case, dtype, torch_dtype, cached, attention="xla"):
     cfg = jax_config(model)
-    if case["sound"] and not cfg.sound_gen:
-        pytest.skip("Edge-style config has no sound head (sound is covered by the Nano-style config)")
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
     und_len, fps, t_step, domain = 7, 24.0, 973, 2
     input_ids = rng.integers(0, cfg.vocab_size, size=und_len)
@@ -91,7 +90,7 @@ def _run_case(name, model, state, case, dtype, torch_dtype, cached):
                              sound_len=case["sound"], action_len=case["action"],
                              clean_action_rows=case["clean_rows"] or ())
     np.testing.assert_array_equal(layout.position_ids, segments["position_ids"].float().numpy())
-    jmodel, params = _jax_params(model, state, dtype)
+    jmodel, params = _jax_params(model, state, dtype, attention)
     text = batch_text([input_ids], [layout])
     text = jax.tree.map(jnp.asarray, text)
     b1 = lambda x: jnp.asarray(x)[None]  # noqa: E731
@@ -133,19 +132,32 @@ def _run_case(name, model, state, case, dtype, torch_dtype, cached):
     return errors
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+def _style_cases(cases):
+    """(style, case) pairs: Edge has no sound head, so sound cases run on the Nano-style config only."""
+    return [(style, case) for style in ("nano", "edge") for case in cases if style == "nano" or case != "sound"]
+
+
+@pytest.mark.parametrize("reference, case", _style_cases(sorted(CASES)), indirect=["reference"])
 def test_fp32_parity(reference, case):
     style, model, state = reference
     _run_case(f"{style}-{case}", model, state, CASES[case], jnp.float32, torch.float32, cached=False)
 
 
-@pytest.mark.parametrize("case", ["i2v", "policy"])
+@pytest.mark.parametrize("reference, case", _style_cases(["i2v", "policy"]), indirect=["reference"])
 def test_fp32_parity_through_reasoner_cache(reference, case):
     style, model, state = reference
     _run_case(f"{style}-{case}-cached", model, state, CASES[case], jnp.float32, torch.float32, cached=True)
 
 
-@pytest.mark.parametrize("case", ["i2v", "forward_dynamics"])
+@pytest.mark.parametrize("reference, case", _style_cases(["i2v", "forward_dynamics"]), indirect=["reference"])
 def test_bf16_parity(reference, case):
     style, model, state = reference
     _run_case(f"{style}-{case}-bf16", model, state, CASES[case], jnp.bfloat16, torch.bfloat16, cached=False)
+
+
+@pytest.mark.parametrize("attention", ["blocked", "pallas"])
+@pytest.mark.parametrize("reference, case", _style_cases(["sound", "policy"]), indirect=["reference"])
+def test_fp32_parity_with_each_attention_implementation(reference, case, attention):
+    style, model, state = reference
+    _run_case(f"{style}-{case}-{attention}", model, state, CASES[case], jnp.float32, torch.float32, cached=False,
+              attention=attention)
