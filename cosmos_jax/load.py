@@ -154,7 +154,9 @@ def validate_transformer_index(index: CheckpointIndex, config: Cosmos3Config, ab
         check_state({k: index.shape(k) for k in keys}, config, abstract)
     except KeyMapError as e:
         extra = "".join(f"\n  {p}" for p in dtype_problems)
-        raise KeyMapError(f"{index.source} does not match {config.num_hidden_layers}-layer config: {e}{extra}") from None
+        raise KeyMapError(
+            f"{index.source} does not match the {config.num_hidden_layers}-layer config: {e}{extra}"
+        ) from None
     if dtype_problems:
         raise KeyMapError(
             f"{index.source}: {len(dtype_problems)} problem(s) mapping the transformer checkpoint:\n  "
@@ -372,7 +374,8 @@ def load(
     dtype: transformer weight dtype (time embedder always f32); None keeps the stored dtypes.
     shardings: for the transformer params, a pytree of `jax.sharding.Sharding` matching
     {"reasoner": ..., "generator": ...}, or a callable from a leaf path such as
-    ("generator", "layers", "mlp", "up_proj", "kernel") to a Sharding; None puts every array on the first device. Errors name the file and every offending key.
+    ("generator", "layers", "mlp", "up_proj", "kernel") to a Sharding; None puts every array on the first device.
+    Errors name the file and every offending key.
     """
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:

@@ -38,7 +38,9 @@ from cosmos_jax.load import (
 
 DTYPES: dict[str, Any] = {"bf16": jnp.bfloat16, "fp32": np.float32, "keep": None}
 _COMPONENT_DIRS = ("transformer", "vae", "sound_tokenizer", "scheduler", "text_tokenizer", orbax_io.ORBAX_DIR)
-_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".bin.index.json")
+_WEIGHT_SUFFIXES = (
+    ".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".ckpt", ".pkl",
+)
 
 
 @dataclasses.dataclass

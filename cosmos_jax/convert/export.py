@@ -1,0 +1,145 @@
+"""Parameters -> the Hub's diffusers safetensors layout, so weights trained here go back to PyTorch users.
+
+Writes `transformer/diffusion_pytorch_model*.safetensors` (+ index when sharded) and `config.json`, and the
+same for `vae/` and `sound_tokenizer/` when present, plus `scheduler/`, `text_tokenizer/`, `model_index.json`
+and the root reasoner config. Keys, shapes and dtypes are the reference's; tensors are exported in the dtype
+they are held in, so a `convert` (dtype kept) then `export` gives back byte-identical tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cosmos_jax.config import Cosmos3Config
+from cosmos_jax.convert import orbax_io
+from cosmos_jax.convert.keymap_audio import audio_state_from_params
+from cosmos_jax.convert.keymap_transformer import key_table
+from cosmos_jax.convert.keymap_vae import vae_state_from_params
+from cosmos_jax.convert.safetensors_io import atomic_output_dir, write_checkpoint
+from cosmos_jax.load import COMPONENTS, LoadedModel, load
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # diffusers' "5GB"
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units as diffusers reads them; KiB/MiB/GiB binary); ints pass through."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        raw = str(text).strip().upper().replace(" ", "")
+        unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if raw.endswith(u)), "B")
+        number = raw[: len(raw) - len(unit)] if raw.endswith(unit) else raw
+        try:
+            value = int(float(number) * _UNITS[unit])
+        except ValueError:
+            raise ValueError(f"cannot read size {text!r}; use e.g. 5GB, 500MB or a byte count") from None
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _leaf(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def transformer_tensors(params: Mapping[str, Any], config: Cosmos3Config) -> Iterator[tuple[str, np.ndarray]]:
+    """The diffusers state dict of both trees, one tensor at a time (dtypes as held)."""
+    for entry in key_table(config):
+        value = _leaf(params, entry.path)
+        if entry.per_layer:
+            for i, key in enumerate(entry.torch_keys(config.num_hidden_layers)):
+                yield key, np.ascontiguousarray(entry.to_torch(np.asarray(value[i])))
+        else:
+            yield entry.torch_key, np.ascontiguousarray(entry.to_torch(np.asarray(value)))
+
+
+def _write_json(path: Path, value: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def export_model(
+    model: LoadedModel,
+    dst: str | os.PathLike[str],
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    copy_from: Path | None = None,
+) -> list[Path]:
+    """Write `model` to `dst` in the Hub layout, atomically; returns the files written (relative to `dst`).
+
+    copy_from: a converted folder whose verbatim config files (model_index.json, root files, component
+    configs) are copied instead of being re-serialised from the config objects.
+    """
+    if not model.params:
+        raise ValueError("export needs the transformer params (load with 'transformer' in components)")
+    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        if copy_from is not None:
+            _copy_verbatim(copy_from, tmp)
+        write_checkpoint(tmp / "transformer", transformer_tensors(model.params, model.transformer_config),
+                         max_shard_bytes=max_shard_bytes)
+        model.transformer_config.to_json(tmp / "transformer" / "config.json")
+        if model.vae_params is not None and model.vae_config is not None:
+            write_checkpoint(tmp / "vae.weights", vae_state_from_params(model.vae_params, model.vae_config),
+                             max_shard_bytes=max_shard_bytes)
+            _merge_into(tmp / "vae.weights", tmp / "vae")
+            if not (tmp / "vae" / "config.json").is_file():
+                _write_json(tmp / "vae" / "config.json", model.vae_config.to_dict())
+        if model.sound_params is not None and model.sound_config is not None:
+            state = audio_state_from_params(model.sound_params, model.sound_config)
+            write_checkpoint(tmp / "sound.weights", state, max_shard_bytes=max_shard_bytes)
+            _merge_into(tmp / "sound.weights", tmp / "sound_tokenizer")
+            if not (tmp / "sound_tokenizer" / "config.json").is_file():
+                model.sound_config.to_json_file(tmp / "sound_tokenizer" / "config.json")
+        if model.scheduler_config is not None and not (tmp / "scheduler").exists():
+            (tmp / "scheduler").mkdir()
+            model.scheduler_config.to_json_file(tmp / "scheduler" / "scheduler_config.json")
+        if model.tokenizer_dir is not None and not (tmp / "text_tokenizer").exists():
+            shutil.copytree(model.tokenizer_dir, tmp / "text_tokenizer")
+        if model.model_index and not (tmp / "model_index.json").exists():
+            _write_json(tmp / "model_index.json", model.model_index)
+        if model.reasoner_config is not None and not (tmp / "config.json").exists():
+            _write_json(tmp / "config.json", model.reasoner_config)
+        return sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
+
+
+def _merge_into(src: Path, dst: Path) -> None:
+    """Move every file of the freshly written folder `src` into `dst` (created if needed), then drop `src`."""
+    dst.mkdir(exist_ok=True)
+    for path in src.iterdir():
+        os.rename(path, dst / path.name)
+    src.rmdir()
+
+
+def _copy_verbatim(converted: Path, tmp: Path) -> None:
+    """Everything of a converted folder except its orbax trees, marker and transformer config."""
+    for path in sorted(converted.iterdir()):
+        if path.name in (orbax_io.ORBAX_DIR, orbax_io.MARKER, "transformer"):
+            continue
+        if path.is_dir():
+            shutil.copytree(path, tmp / path.name)
+        else:
+            shutil.copyfile(path, tmp / path.name)
+
+
+def export_converted(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> list[Path]:
+    """A converted (or Hub-layout) folder -> the Hub layout at `dst`, tensors in their stored dtypes."""
+    model = load(src, dtype=None, components=COMPONENTS)
+    copy_from = Path(src) if orbax_io.is_converted(src) else None
+    return export_model(model, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite, copy_from=copy_from)
