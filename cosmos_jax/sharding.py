@@ -275,11 +275,13 @@ class ActivationSharding:
     """Activation constraints by logical name on a mesh (hashable: a field of Cosmos3Transformer).
 
     With a `context` axis of size > 1 the generator attention runs context-parallel
-    (cosmos_jax.modeling.context_parallel).
+    (cosmos_jax.modeling.context_parallel); with `query_chunk`, each device runs its generator queries in
+    rematerialised chunks of at most that many tokens (flash-like memory for any attention implementation).
     """
 
     mesh: Mesh
     rules: Rules
+    query_chunk: int | None = None
 
     def spec(self, shape: Sequence[int], names: LogicalAxes) -> PartitionSpec:
         return spec_for(shape, names, self.rules, self.mesh)
@@ -290,11 +292,13 @@ class ActivationSharding:
 
     def generator_attention(self, attention: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
         """The generator attention to use: context-parallel around `attention` when the mesh has context > 1."""
-        if self.mesh.shape["context"] == 1:
-            return attention
-        from cosmos_jax.modeling.context_parallel import context_parallel_generator_attention
+        from cosmos_jax.modeling import context_parallel
 
-        return context_parallel_generator_attention(attention, self)
+        if self.query_chunk is not None:
+            attention = context_parallel.query_chunked_generator_attention(attention, self.query_chunk)
+        if self.mesh.shape["context"] > 1:
+            attention = context_parallel.context_parallel_generator_attention(attention, self)
+        return attention
 
 
 def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:

@@ -23,7 +23,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from cosmos_jax.config import load_preset
-from cosmos_jax.modeling.context_parallel import context_parallel_generator_attention
+from cosmos_jax.modeling.context_parallel import context_parallel_generator_attention, query_chunked_generator_attention
 from cosmos_jax.modeling.inputs import GeneratorInputs
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence
@@ -107,7 +107,8 @@ def test_sharded_forward_equals_unsharded(tiny, mesh_spec):
 def test_context_parallel_cached_generate_equals_joint_forward(tiny):
     cfg, params, text, gen, want = tiny
     mesh = make_mesh("context=4,tensor=2")
-    model = Cosmos3Transformer(cfg, dtype=jnp.float32, attention="blocked", sharding=ActivationSharding(mesh, RULES))
+    sharding = ActivationSharding(mesh, RULES, query_chunk=4)  # 24 tokens / 4 shards = 6 per shard, chunks of 3
+    model = Cosmos3Transformer(cfg, dtype=jnp.float32, attention="blocked", sharding=sharding)
     sharded = jax.device_put(params, param_shardings(params, mesh, RULES))
     cache, _ = jax.jit(model.encode_reasoner)(sharded, shard_batch(text, mesh, RULES))
     out = jax.jit(model.generate)(sharded, cache, shard_batch(gen, mesh, RULES))
@@ -141,6 +142,26 @@ def test_context_parallel_falls_back_when_length_does_not_divide():
     attend = context_parallel_generator_attention(reference.generator_attention_reference,
                                                   ActivationSharding(make_mesh("context=8"), RULES))
     assert _rel_err(attend(q, k_und, v_und, k_gen, v_gen, *lens), want) <= REL_TOL
+
+
+def test_query_chunked_attention_value_and_gradient_equal_unchunked():
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((2, 24, 4, 8)).astype(np.float32)
+    k_und, v_und, k_gen, v_gen = (rng.standard_normal((2, n, 2, 8)).astype(np.float32) for n in (5, 5, 24, 24))
+    lens = (np.array([5, 2], np.int32), np.array([24, 24], np.int32))
+    plain = reference.generator_attention_reference
+    chunked = query_chunked_generator_attention(plain, 10)  # 10 -> chunks of 8 (largest divisor of 24 <= 10)
+
+    def loss(fn, q, k_gen):
+        return jnp.sum(jnp.sin(fn(q, k_und, v_und, k_gen, v_gen, *lens)))
+
+    assert _rel_err(chunked(q, k_und, v_und, k_gen, v_gen, *lens), plain(q, k_und, v_und, k_gen, v_gen, *lens)) <= REL_TOL
+    got = jax.jit(jax.grad(lambda a, b: loss(chunked, a, b), argnums=(0, 1)))(q, k_gen)
+    want = jax.grad(lambda a, b: loss(plain, a, b), argnums=(0, 1))(q, k_gen)
+    for g, w in zip(got, want):
+        assert _rel_err(g, w) <= REL_TOL
+    with pytest.raises(ValueError, match="positive int"):
+        query_chunked_generator_attention(plain, 0)
 
 
 def test_params_are_sharded_as_the_rules_say(tiny):

@@ -7,6 +7,9 @@ shard. Those functions take generator keys only as long as the queries, so the o
 passed in the first (reasoner) key slot, ahead of the reasoner keys: softmax does not depend on key order and
 rotary has already been applied, so the result equals the unsharded attention up to summation order.
 
+`query_chunked_generator_attention` is the same decomposition on one device: queries in rematerialised chunks
+(`lax.map`), so a backward pass holds one chunk's attention at a time, as a flash kernel would.
+
 Preconditions: every generator token is valid (gen_len == Lg, as in Cosmos3Transformer). A sequence length not
 divisible by the context size falls back to the unsharded attention.
 """
@@ -26,13 +29,11 @@ if TYPE_CHECKING:
 CONTEXT = "context"
 
 
-def _other_shards_first(local: jax.Array, reasoner: jax.Array, context: int) -> jax.Array:
-    """Inside shard_map: the generator rows of every other context shard, then the reasoner rows.
-    local [B, n, K, D] (this shard's), reasoner [B, Lu, K, D] -> [B, (c-1)*n + Lu, K, D]."""
-    gathered = jax.lax.all_gather(local, CONTEXT, axis=0)  # [c, B, n, K, D]
-    mine = jax.lax.axis_index(CONTEXT)
-    others = jnp.roll(gathered, -(mine + 1), axis=0)[: context - 1]  # shards mine+1, ..., mine-1
-    others = jnp.moveaxis(others, 0, 1).reshape(local.shape[0], -1, *local.shape[2:])
+def _others_then(chunks: jax.Array, mine: jax.Array, reasoner: jax.Array) -> jax.Array:
+    """The generator rows of every chunk but `mine`, then the reasoner rows.
+    chunks [c, B, n, K, D], mine: int scalar, reasoner [B, Lu, K, D] -> [B, (c-1)*n + Lu, K, D]."""
+    others = jnp.roll(chunks, -(mine + 1), axis=0)[: chunks.shape[0] - 1]  # chunks mine+1, ..., mine-1
+    others = jnp.moveaxis(others, 0, 1).reshape(chunks.shape[1], -1, *chunks.shape[3:])
     return jnp.concatenate([others, reasoner], axis=1)
 
 
@@ -66,8 +67,9 @@ def context_parallel_generator_attention(
         sharded, whole, rows = PartitionSpec(b, CONTEXT, h), PartitionSpec(b, None, h), PartitionSpec(b)
 
         def body(q, k_und, v_und_, k_loc, v_loc, und_len_, gen_len_):
-            keys = _other_shards_first(k_loc, k_und, context)
-            values = _other_shards_first(v_loc, v_und_, context)
+            mine = jax.lax.axis_index(CONTEXT)
+            keys = _others_then(jax.lax.all_gather(k_loc, CONTEXT, axis=0), mine, k_und)
+            values = _others_then(jax.lax.all_gather(v_loc, CONTEXT, axis=0), mine, v_und_)
             key_len = und_len_ + (context - 1) * local
             return attention(q, keys, values, k_loc, v_loc, key_len, jnp.full_like(gen_len_, local), scale)
 
@@ -78,5 +80,41 @@ def context_parallel_generator_attention(
             out_specs=sharded,
             check_vma=False,
         )(q_gen, k_und_for_gen, v_und, k_gen, v_gen, und_len, gen_len)
+
+    return attend
+
+
+def _largest_divisor_at_most(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def query_chunked_generator_attention(attention: Callable[..., jax.Array], chunk: int) -> Callable[..., jax.Array]:
+    """Wrap a generator attention function to run its queries in rematerialised chunks of at most `chunk` tokens
+    (the largest divisor of Lg not above it). Same signature and result as the wrapped function."""
+    if not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"query chunk must be a positive int, got {chunk!r}")
+
+    def attend(q_gen, k_und_for_gen, v_und, k_gen, v_gen, und_len, gen_len, scale=None):
+        batch, length = q_gen.shape[:2]
+        size = _largest_divisor_at_most(length, chunk)
+        if size == length:
+            return attention(q_gen, k_und_for_gen, v_und, k_gen, v_gen, und_len, gen_len, scale)
+        count = length // size
+
+        def split(x: jax.Array) -> jax.Array:  # [B, Lg, ...] -> [count, B, size, ...]
+            return jnp.moveaxis(x.reshape(batch, count, size, *x.shape[2:]), 1, 0)
+
+        k_chunks, v_chunks = split(k_gen), split(v_gen)
+
+        @jax.checkpoint
+        def one(args: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> jax.Array:
+            index, q, k, v = args
+            keys = _others_then(k_chunks, index, k_und_for_gen)
+            values = _others_then(v_chunks, index, v_und)
+            key_len = und_len + (count - 1) * size
+            return attention(q, keys, values, k, v, key_len, jnp.full_like(gen_len, size), scale)
+
+        out = jax.lax.map(one, (jnp.arange(count), split(q_gen), k_chunks, v_chunks))
+        return jnp.moveaxis(out, 0, 1).reshape(q_gen.shape)
 
     return attend
