@@ -1,0 +1,198 @@
+"""The reasoner (Qwen3-VL vision encoder + language tower, KV-cached decoding) against transformers 5.23's
+`Cosmos3OmniForConditionalGeneration` on tiny random configs, fp32 on CPU.
+
+Tolerances: logits max abs error <= 2e-4 (fp32; the reference's own eager-vs-sdpa spread is ~1e-6 at these sizes,
+the rest is summation order over 4 layers with perturbed weights); greedy ids must be identical.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import Cosmos3OmniConfig, Cosmos3OmniForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from cosmos_jax import reasoner_inputs as ri
+from cosmos_jax.convert.keymap_reasoner import load_reasoner, state_from_params
+from cosmos_jax.sampling import reason
+
+LOGIT_ATOL = 2e-4
+IMAGE_ID, VIDEO_ID, START_ID, END_ID = 590, 591, 592, 593
+TEXT_CONFIG = dict(
+    vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+)
+VISION_CONFIG = dict(
+    depth=4, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, temporal_patch_size=2,
+    spatial_merge_size=2, out_hidden_size=64, num_position_embeddings=36, deepstack_visual_indexes=[0, 2],
+)
+SETTINGS = ri.ProcessorSettings(patch_size=4, min_pixels=8 * 8, max_pixels=40 * 40)
+
+
+def _perturb(model: torch.nn.Module) -> None:
+    """Non-degenerate random weights: norms near 1, biases nonzero, embeddings/LM head large enough that greedy
+    decoding does not collapse to one token."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.3 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.2 * noise)
+            elif "embed_tokens" in name or "pos_embed" in name:
+                p.copy_(noise)
+            elif p.ndim >= 2:
+                p.copy_(noise / np.sqrt(np.prod(p.shape[1:])))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(tmp_root: str) -> tuple[Cosmos3OmniForConditionalGeneration, str]:
+    torch.manual_seed(0)
+    config = Cosmos3OmniConfig(text_config=TEXT_CONFIG, vision_config=VISION_CONFIG, image_token_id=IMAGE_ID,
+                               video_token_id=VIDEO_ID, vision_start_token_id=START_ID, vision_end_token_id=END_ID)
+    model = Cosmos3OmniForConditionalGeneration(config).eval()
+    model.config._attn_implementation = "eager"
+    _perturb(model)
+    model.save_pretrained(tmp_root)
+    return model, tmp_root
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch_model, folder = _reference(str(tmp_path_factory.mktemp("reasoner")))
+    model, params = load_reasoner(folder, dtype=jnp.float32)
+    return torch_model, model, params
+
+
+def _encode(text: str) -> list[int]:
+    """A stand-in tokenizer for timestamp text: one id per character."""
+    return [ord(c) % 500 for c in text]
+
+
+def _image(seed: int, height: int, width: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _prompt(model, text_ids, images=(), video=None) -> ri.PreparedPrompt:
+    ids = list(text_ids[:3])
+    items = []
+    for image in images:
+        ids += [START_ID, IMAGE_ID, END_ID]
+        items.append(ri.preprocess_image(image, SETTINGS))
+    if video is not None:
+        ids += [START_ID, VIDEO_ID, END_ID]
+        items.append(ri.preprocess_video(video, SETTINGS))
+    ids += list(text_ids[3:])
+    return ri.expand_placeholders(ids, items, model.config, _encode)
+
+
+def _torch_inputs(prompt: ri.PreparedPrompt) -> dict:
+    inputs = {
+        "input_ids": torch.tensor([prompt.ids]),
+        "mm_token_type_ids": torch.tensor([prompt.token_types]),
+        "attention_mask": torch.ones(1, len(prompt.ids), dtype=torch.long),
+    }
+    for kind, pixels_key, grid_key in ((ri.IMAGE, "pixel_values", "image_grid_thw"),
+                                       (ri.VIDEO, "pixel_values_videos", "video_grid_thw")):
+        items = [it for it in prompt.items if it.kind == kind]
+        if items:
+            inputs[pixels_key] = torch.from_numpy(np.concatenate([it.pixels for it in items]))
+            inputs[grid_key] = torch.tensor([it.grid for it in items])
+    return inputs
+
+
+def _clip(seed: int, frames: int = 4) -> ri.VideoClip:
+    data = np.random.default_rng(seed).integers(0, 256, (frames, 16, 24, 3), dtype=np.uint8)
+    return ri.VideoClip(data, tuple(range(0, 3 * frames, 3)), 24.0)
+
+
+CASES = {
+    "text": dict(),
+    "image": dict(images=(_image(1, 30, 20),)),
+    "two_images": dict(images=(_image(2, 16, 16), _image(3, 24, 40))),
+    "video": dict(video=_clip(4)),
+}
+TEXT_IDS = {"text": [5, 17, 42, 99, 7, 300, 12, 1, 77, 8], "image": [5, 17, 42, 99, 7],
+            "two_images": [9, 3, 100, 250], "video": [11, 12, 13, 14, 15, 16]}
+
+
+@pytest.fixture(scope="module")
+def prompts(models):
+    _, model, _ = models
+    return {case: _prompt(model, TEXT_IDS[case], **kwargs) for case, kwargs in CASES.items()}
+
+
+def test_prompt_logits_match_transformers_in_one_left_padded_batch(models, prompts):
+    """text only, one image, two images of different sizes, a 4-frame video: each row of one left-padded batch
+    equals transformers run on that prompt alone (fp32, atol 2e-4)."""
+    torch_model, model, params = models
+    batch = ri.batch_prompts(list(prompts.values()), model.config)
+    got = np.asarray(jax.jit(model.prompt_logits)(params, batch))
+    for row, (case, prompt) in enumerate(prompts.items()):
+        with torch.no_grad():
+            expected = torch_model(**_torch_inputs(prompt)).logits[0].numpy()
+        pad = int(batch.pad[row])
+        np.testing.assert_allclose(got[row, pad:], expected, atol=LOGIT_ATOL, rtol=0, err_msg=case)
+        assert np.abs(expected).max() > 1.0  # logits are far from degenerate
+
+
+def test_greedy_32_tokens_match_transformers_and_stop_on_eos(models, prompts):
+    torch_model, model, params = models
+    expected = {}
+    for case, prompt in prompts.items():
+        with torch.no_grad():
+            out = torch_model.generate(**_torch_inputs(prompt), max_new_tokens=32, do_sample=False,
+                                       eos_token_id=None, pad_token_id=0)
+        expected[case] = out[0, len(prompt.ids):].numpy()
+        assert len(set(expected[case].tolist())) > 4  # greedy did not collapse to one repeated token
+    eos = int(expected["image"][9])  # appears in the image row at step 9 (and maybe elsewhere)
+    batch = ri.batch_prompts(list(prompts.values()), model.config)
+    tokens, lengths = reason.generate(model, params, batch, max_new_tokens=32, eos_ids=(eos,), pad_id=0)
+    for row, case in enumerate(prompts):
+        ref = expected[case]
+        hits = np.flatnonzero(ref == eos)
+        stop = int(hits[0]) + 1 if hits.size else 32
+        assert lengths[row] == stop, case
+        np.testing.assert_array_equal(tokens[row, :stop], ref[:stop], err_msg=case)
+        assert (tokens[row, stop:] == 0).all()
+    assert lengths[1] <= 10
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(model):
+    return (jax.jit(model.prefill, static_argnums=2), jax.jit(model.decode_step), jax.jit(model.prompt_logits))
+
+
+@given(st.lists(st.integers(0, 589), min_size=3, max_size=8), st.lists(st.integers(0, 589), min_size=3, max_size=8),
+       st.lists(st.integers(0, 589), min_size=5, max_size=5))
+def test_kv_cached_decoding_equals_full_recomputation(models, first, second, forced):
+    """Feed the same continuation tokens through prefill + cached single-token steps and through one full
+    forward over prompt + continuation: logits agree at every step, for two rows of different lengths."""
+    _, model, params = models
+    prefill, decode_step, full = _jitted(model)
+    prompts = [ri.expand_placeholders(ids, [], model.config, _encode) for ids in (first, second)]
+    batch = ri.batch_prompts(prompts, model.config)
+    width = batch.input_ids.shape[1]
+    batch = ri.batch_prompts([ri.PreparedPrompt((1,) * (8 - width) + p.ids, (0,) * (8 - width) + p.token_types)
+                              for p in prompts], model.config)
+    logits, cache = prefill(params, batch, 8 + len(forced))
+    steps = [np.asarray(logits)]
+    for i, token in enumerate(forced[:-1]):
+        tokens = jnp.full((2,), token, jnp.int32)
+        logits, cache = decode_step(params, tokens, batch.next_position + i, cache, jnp.int32(8 + i))
+        steps.append(np.asarray(logits))
+    whole = [ri.PreparedPrompt(p.ids + tuple(forced[:-1]), p.token_types + (0,) * (len(forced) - 1))
+             for p in (ri.PreparedPrompt((1,) * (8 - width) + p.ids, (0,) * (8 - width) + p.token_types)
+                       for p in prompts)]
+    reference = np.asarray(full(params, ri.batch_prompts(whole, model.config)))
+    np.testing.assert_allclose(np.stack(steps, 1), reference[:, 7:], atol=2e-5, rtol=0)
