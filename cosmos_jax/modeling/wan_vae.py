@@ -239,34 +239,56 @@ def _scan_chunks(step: Any, cache: Any, chunks: jax.Array) -> jax.Array:
     return jax.lax.scan(body, cache, chunks)[1]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _encode(params: Any, video: jax.Array, config: WanVAEConfig, dtype: Any) -> jax.Array:
+def _step(params: Any, config: WanVAEConfig, dtype: Any, method: Any) -> Any:
     model = WanVAEModel(config, dtype=dtype)
-    step = functools.partial(model.apply, {"params": params}, method=WanVAEModel.encode_chunk)
-    x = patchify(jnp.transpose(video, (0, 2, 3, 4, 1)).astype(dtype), config.patch)  # [B,F,h,w,in]
-    mean, cache = step(x[:, :1], None)
-    rest = x[:, 1:]
-    if rest.shape[1]:
-        b, f, h, w, c = rest.shape
-        chunks = rest.reshape(b, f // ENCODER_CHUNK_FRAMES, ENCODER_CHUNK_FRAMES, h, w, c).swapaxes(0, 1)
-        outs = _scan_chunks(step, cache, chunks)  # [K,B,1,h',w',z]
-        mean = jnp.concatenate([mean, jnp.moveaxis(outs[:, :, 0], 0, 1)], axis=1)
-    return jnp.transpose(mean, (0, 4, 1, 2, 3))
+    return functools.partial(model.apply, {"params": params}, method=method)
+
+
+def _to_patches(video: jax.Array, config: WanVAEConfig, dtype: Any) -> jax.Array:
+    """`[B,3,F,H,W] -> [B,F,H/p,W/p,3p²]` in `dtype`."""
+    return patchify(jnp.transpose(video, (0, 2, 3, 4, 1)).astype(dtype), config.patch)
+
+
+def _from_patches(frames: jax.Array, config: WanVAEConfig) -> jax.Array:
+    """`[B,F,h,w,3p²] -> [B,3,F,h·p,w·p]` clamped to [-1,1]."""
+    return jnp.transpose(jnp.clip(unpatchify(frames, config.patch), -1.0, 1.0), (0, 4, 1, 2, 3))
+
+
+# The first chunk and the scan over the remaining chunks are compiled separately, so that videos of different
+# lengths share the first chunk's program.
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _encode_first(params: Any, video: jax.Array, config: WanVAEConfig, dtype: Any) -> tuple[jax.Array, Any]:
+    """Frame 0 `[B,3,1,H,W]` -> (mean `[B,z,1,h,w]`, cache)."""
+    mean, cache = _step(params, config, dtype, WanVAEModel.encode_chunk)(_to_patches(video, config, dtype), None)
+    return jnp.transpose(mean, (0, 4, 1, 2, 3)), cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _decode(params: Any, z: jax.Array, config: WanVAEConfig, dtype: Any) -> jax.Array:
-    model = WanVAEModel(config, dtype=dtype)
-    step = functools.partial(model.apply, {"params": params}, method=WanVAEModel.decode_chunk)
-    z = jnp.transpose(z, (0, 2, 3, 4, 1)).astype(dtype)  # [B,T,h,w,z]
-    frames, cache = step(z[:, :1], None)
-    if z.shape[1] > 1:
-        outs = _scan_chunks(step, cache, z[:, 1:, None].swapaxes(0, 1))  # [T-1,B,4,H,W,out]
-        outs = jnp.moveaxis(outs, 0, 1)
-        b, t, f, h, w, c = outs.shape
-        frames = jnp.concatenate([frames, outs.reshape(b, t * f, h, w, c)], axis=1)
-    video = jnp.clip(unpatchify(frames, config.patch), -1.0, 1.0)
-    return jnp.transpose(video, (0, 4, 1, 2, 3))
+def _encode_rest(params: Any, cache: Any, video: jax.Array, config: WanVAEConfig, dtype: Any) -> jax.Array:
+    """Frames 1.. `[B,3,4K,H,W]` after the first chunk's cache -> mean `[B,z,K,h,w]`."""
+    x = _to_patches(video, config, dtype)
+    b, f, h, w, c = x.shape
+    chunks = x.reshape(b, f // ENCODER_CHUNK_FRAMES, ENCODER_CHUNK_FRAMES, h, w, c).swapaxes(0, 1)
+    means = _scan_chunks(_step(params, config, dtype, WanVAEModel.encode_chunk), cache, chunks)  # [K,B,1,h,w,z]
+    return jnp.transpose(means[:, :, 0], (1, 4, 0, 2, 3))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _decode_first(params: Any, z: jax.Array, config: WanVAEConfig, dtype: Any) -> tuple[jax.Array, Any]:
+    """Latent frame 0 `[B,z,1,h,w]` -> (video frame `[B,3,1,H,W]`, cache)."""
+    frames, cache = _step(params, config, dtype, WanVAEModel.decode_chunk)(
+        jnp.transpose(z, (0, 2, 3, 4, 1)).astype(dtype), None
+    )
+    return _from_patches(frames, config), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _decode_rest(params: Any, cache: Any, z: jax.Array, config: WanVAEConfig, dtype: Any) -> jax.Array:
+    """Latent frames 1.. `[B,z,K,h,w]` after the first frame's cache -> video `[B,3,4K,H,W]`."""
+    chunks = jnp.transpose(z, (2, 0, 3, 4, 1))[:, :, None].astype(dtype)  # [K,B,1,h,w,z]
+    frames = _scan_chunks(_step(params, config, dtype, WanVAEModel.decode_chunk), cache, chunks)  # [K,B,4,H,W,o]
+    k, b, f, h, w, c = frames.shape
+    return _from_patches(jnp.moveaxis(frames, 0, 1).reshape(b, k * f, h, w, c), config)
 
 
 def _check_finite(x: Any, what: str) -> None:
@@ -307,13 +329,21 @@ def validate_latents(z: Any, config: WanVAEConfig) -> None:
 def encode(params: Any, video: Any, config: WanVAEConfig, dtype: Any = jnp.float32) -> jax.Array:
     """Posterior mean: video `[B,3,F,H,W]` in [-1,1], F = 1+4k -> `[B,z_dim,1+k,H/16,W/16]` in `dtype`."""
     validate_video(video, config)
-    return _encode(params, video, config, jnp.dtype(dtype))
+    dtype = jnp.dtype(dtype)
+    mean, cache = _encode_first(params, video[:, :, :1], config, dtype)
+    if video.shape[2] == 1:
+        return mean
+    return jnp.concatenate([mean, _encode_rest(params, cache, video[:, :, 1:], config, dtype)], axis=2)
 
 
 def decode(params: Any, z: Any, config: WanVAEConfig, dtype: Any = jnp.float32) -> jax.Array:
     """Latents `[B,z_dim,T,h,w]` -> video `[B,3,1+4(T-1),16h,16w]` clamped to [-1,1], in `dtype`."""
     validate_latents(z, config)
-    return _decode(params, z, config, jnp.dtype(dtype))
+    dtype = jnp.dtype(dtype)
+    video, cache = _decode_first(params, z[:, :, :1], config, dtype)
+    if z.shape[2] == 1:
+        return video
+    return jnp.concatenate([video, _decode_rest(params, cache, z[:, :, 1:], config, dtype)], axis=2)
 
 
 def init_params(config: WanVAEConfig, rng: jax.Array, param_dtype: Any = jnp.float32) -> Any:
