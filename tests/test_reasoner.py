@@ -7,6 +7,7 @@ the rest is summation order over 4 layers with perturbed weights); greedy ids mu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from hypothesis import given
 from hypothesis import strategies as st
 from transformers import Cosmos3OmniConfig, Cosmos3OmniForConditionalGeneration
@@ -22,10 +24,13 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from cosmos_jax import reasoner_inputs as ri
 from cosmos_jax.convert.keymap_reasoner import load_reasoner, state_from_params
+from cosmos_jax import cli
 from cosmos_jax.sampling import reason
+from cosmos_jax.sampling.prompts import ChatTokenizer
+from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
 
 LOGIT_ATOL = 2e-4
-IMAGE_ID, VIDEO_ID, START_ID, END_ID = 590, 591, 592, 593
+IMAGE_ID, VIDEO_ID, START_ID, END_ID = 518, 519, 515, 516  # the tiny tokenizer's ids
 TEXT_CONFIG = dict(
     vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
@@ -64,6 +69,10 @@ def _reference(tmp_root: str) -> tuple[Cosmos3OmniForConditionalGeneration, str]
     model.config._attn_implementation = "eager"
     _perturb(model)
     model.save_pretrained(tmp_root)
+    write_tiny_tokenizer(tmp_root)
+    with open(f"{tmp_root}/preprocessor_config.json", "w") as f:
+        json.dump({"patch_size": 4, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3,
+                   "image_std": [0.5] * 3, "size": {"shortest_edge": 64, "longest_edge": 1600}}, f)
     return model, tmp_root
 
 
@@ -71,7 +80,7 @@ def _reference(tmp_root: str) -> tuple[Cosmos3OmniForConditionalGeneration, str]
 def models(tmp_path_factory):
     torch_model, folder = _reference(str(tmp_path_factory.mktemp("reasoner")))
     model, params = load_reasoner(folder, dtype=jnp.float32)
-    return torch_model, model, params
+    return torch_model, model, params, folder
 
 
 def _encode(text: str) -> list[int]:
@@ -128,14 +137,14 @@ TEXT_IDS = {"text": [5, 17, 42, 99, 7, 300, 12, 1, 77, 8], "image": [5, 17, 42, 
 
 @pytest.fixture(scope="module")
 def prompts(models):
-    _, model, _ = models
+    _, model, _, _ = models
     return {case: _prompt(model, TEXT_IDS[case], **kwargs) for case, kwargs in CASES.items()}
 
 
 def test_prompt_logits_match_transformers_in_one_left_padded_batch(models, prompts):
     """text only, one image, two images of different sizes, a 4-frame video: each row of one left-padded batch
     equals transformers run on that prompt alone (fp32, atol 2e-4)."""
-    torch_model, model, params = models
+    torch_model, model, params, _ = models
     batch = ri.batch_prompts(list(prompts.values()), model.config)
     got = np.asarray(jax.jit(model.prompt_logits)(params, batch))
     for row, (case, prompt) in enumerate(prompts.items()):
@@ -147,7 +156,7 @@ def test_prompt_logits_match_transformers_in_one_left_padded_batch(models, promp
 
 
 def test_greedy_32_tokens_match_transformers_and_stop_on_eos(models, prompts):
-    torch_model, model, params = models
+    torch_model, model, params, _ = models
     expected = {}
     for case, prompt in prompts.items():
         with torch.no_grad():
@@ -178,7 +187,7 @@ def _jitted(model):
 def test_kv_cached_decoding_equals_full_recomputation(models, first, second, forced):
     """Feed the same continuation tokens through prefill + cached single-token steps and through one full
     forward over prompt + continuation: logits agree at every step, for two rows of different lengths."""
-    _, model, params = models
+    _, model, params, _ = models
     prefill, decode_step, full = _jitted(model)
     prompts = [ri.expand_placeholders(ids, [], model.config, _encode) for ids in (first, second)]
     batch = ri.batch_prompts(prompts, model.config)
@@ -196,3 +205,107 @@ def test_kv_cached_decoding_equals_full_recomputation(models, first, second, for
                        for p in prompts)]
     reference = np.asarray(full(params, ri.batch_prompts(whole, model.config)))
     np.testing.assert_allclose(np.stack(steps, 1), reference[:, 7:], atol=2e-5, rtol=0)
+
+
+def test_reason_command_streams_greedy_ids_equal_to_transformers(models, tmp_path, capsys):
+    torch_model, model, _, folder = models
+    image_path = tmp_path / "scene.png"
+    Image.fromarray(_image(7, 28, 36)).save(image_path)
+    out = tmp_path / "ids.json"
+    rc = cli.main(["reason", "--model", folder, "--prompt", "Describe the robot arm.", "--image", str(image_path),
+                   "--temperature", "0", "--max-new-tokens", "12", "--dtype", "float32", "--output-ids", str(out)])
+    assert rc == 0
+    record = json.loads(out.read_text())
+    item = ri.preprocess_image(ri.load_image(image_path), SETTINGS)
+    prompt = ri.PreparedPrompt(tuple(record["prompt_ids"]),
+                               tuple(ri.IMAGE if t == IMAGE_ID else ri.TEXT for t in record["prompt_ids"]), (item,))
+    assert prompt.ids.count(IMAGE_ID) == item.tokens_per_group(2) == 16  # 28x36 -> 32x32 pixels
+    with torch.no_grad():
+        expected = torch_model.generate(**_torch_inputs(prompt), max_new_tokens=12, do_sample=False,
+                                        eos_token_id=514, pad_token_id=512)[0, len(prompt.ids):].tolist()
+    assert record["generated_ids"] == expected
+    text = ChatTokenizer.from_dir(folder).tokenizer.decode(expected, skip_special_tokens=True)
+    assert capsys.readouterr().out == text + "\n"
+
+
+def test_preprocess_image_equals_qwen2vl_pil_processor():
+    processor = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2, image_mean=[0.5] * 3,
+                                         image_std=[0.5] * 3, size={"shortest_edge": 64, "longest_edge": 1600})
+    for seed, (h, w) in enumerate([(30, 20), (7, 9), (97, 41), (16, 16)]):
+        image = _image(seed, h, w)
+        expected = processor(images=[Image.fromarray(image)], return_tensors="np")
+        item = ri.preprocess_image(image, SETTINGS)
+        np.testing.assert_allclose(item.pixels, expected["pixel_values"], atol=1e-6, rtol=0)
+        assert item.grid == tuple(expected["image_grid_thw"][0])
+
+
+def test_video_patches_equal_qwen3vl_video_patchify():
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    frames = np.random.default_rng(0).standard_normal((3, 3, 16, 24)).astype(np.float32)  # odd count: padded
+    expected, *grid = Qwen3VLVideoProcessor.patchify(None, torch.from_numpy(frames)[None], patch_size=4,
+                                                     merge_size=2, temporal_patch_size=2)
+    got, got_grid = ri.patchify(frames, SETTINGS)
+    np.testing.assert_array_equal(got, expected[0].numpy())
+    assert got_grid == tuple(grid) == (2, 4, 6)
+
+
+@given(st.integers(1, 3000), st.integers(1, 3000))
+def test_smart_resize_equals_reference(height, width):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    if max(height, width) / min(height, width) > 200:
+        with pytest.raises(ValueError, match="aspect ratio"):
+            ri.smart_resize(height, width, 32, 65536, 16777216)
+        return
+    assert ri.smart_resize(height, width, 32, 65536, 16777216) == smart_resize(height, width, 32, 65536, 16777216)
+
+
+def test_rope_positions_equal_get_rope_index(models, prompts):
+    torch_model = models[0]
+    mixed = _prompt(models[1], [4, 5, 6, 7, 8], images=(_image(1, 30, 20),), video=_clip(5, frames=5))
+    inputs = _torch_inputs(mixed)
+    expected, delta = torch_model.model.get_rope_index(
+        inputs["input_ids"], inputs["mm_token_type_ids"], inputs["image_grid_thw"], inputs["video_grid_thw"])
+    positions, next_position = ri.rope_positions(mixed, 2)
+    np.testing.assert_array_equal(positions, expected[:, 0].numpy())
+    assert next_position == len(mixed.ids) + int(delta[0, 0])
+
+
+def test_sampling_rules():
+    logits = jnp.asarray([[0.0, 3.0, 2.9, -1.0, 1.0]] * 2000)
+    none = jnp.zeros(logits.shape, bool)
+    key = jax.random.key(1)
+    greedy = reason.sample_tokens(logits, none, key, reason.SamplingParams())
+    assert (np.asarray(greedy) == 1).all()
+    penalised = reason.sample_tokens(logits, none.at[:, 1].set(True), key, reason.SamplingParams(presence_penalty=0.5))
+    assert (np.asarray(penalised) == 2).all()
+    top2 = np.asarray(reason.sample_tokens(logits, none, key, reason.SamplingParams(temperature=1.0, top_k=2)))
+    assert set(top2.tolist()) == {1, 2} and 0.4 < (top2 == 1).mean() < 0.65
+    nucleus = np.asarray(reason.sample_tokens(logits, none, key, reason.SamplingParams(temperature=1.0, top_p=0.3)))
+    assert (nucleus == 1).all()
+    full = np.asarray(reason.sample_tokens(logits, none, key, reason.SamplingParams(temperature=1.0)))
+    assert set(full.tolist()) == {0, 1, 2, 3, 4}
+    with pytest.raises(ValueError, match="top_p"):
+        reason.SamplingParams(top_p=0.0)
+
+
+def test_bad_inputs_give_clear_errors(models, tmp_path, capsys):
+    _, model, params, folder = models
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="cannot read image"):
+        ri.load_image(broken)
+    assert cli.main(["reason", "--model", folder, "--prompt", "hi", "--image", str(broken)]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert cli.main(["reason", "--model", folder, "--prompt", "  "]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="prompt is empty"):
+        ri.expand_placeholders([], [], model.config, _encode)
+    with pytest.raises(ValueError, match="more image placeholders than images"):
+        ri.expand_placeholders([START_ID, IMAGE_ID, END_ID], [], model.config, _encode)
+    prompt = _prompt(model, [1, 2, 3], images=(_image(0, 60, 60),))  # 25 image tokens
+    assert len(prompt.ids) == 30
+    small = reason.Reasoner(dataclasses.replace(model.config, max_position_embeddings=32), dtype=jnp.float32)
+    with pytest.raises(ValueError, match="30 tokens .* max_new_tokens 4 exceeds the model's context of 32 tokens"):
+        reason.generate(small, params, ri.batch_prompts([prompt], model.config), max_new_tokens=4, eos_ids=(1,))

@@ -424,7 +424,7 @@ def stream(
     _check_lengths(model, prompt, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
     eos = tuple(eos_ids)
-    state = _start_jit(model, params, prompt, rng, max_new_tokens, pad_id)
+    state = _start_jit(model, params, prompt, max_new_tokens, rng, pad_id)
     for _ in range(max_new_tokens):
         state = _advance_jit(model, params, prompt.input_ids.shape[1], state, prompt.next_position, eos, pad_id,
                              sampling)
@@ -433,7 +433,7 @@ def stream(
             return
 
 
-_start_jit = jax.jit(_start, static_argnums=(0, 4, 5))
+_start_jit = jax.jit(_start, static_argnums=(0, 3, 5))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 5, 6, 7))
