@@ -1,0 +1,98 @@
+"""`cosmos-jax plan`: per-device memory of a config on a mesh, for inference or training (nothing allocated).
+
+The plan compiles on a fake CPU mesh of the mesh's size, which needs XLA_FLAGS set before jax starts; the
+command therefore re-runs itself in a subprocess with that flag (and JAX_PLATFORMS=cpu).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+_CHILD_ENV = "COSMOS_JAX_PLAN_CHILD"
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+# XLA:CPU upcasts bf16 matmuls to f32; loop-invariant code motion would then hoist an f32 copy of every scanned
+# weight stack out of the layer loop, which no GPU/TPU compile does. Keep the converts inside the loop.
+_CPU_FLAGS = ["--xla_disable_hlo_passes=while-loop-invariant-code-motion"]
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="preset name (tiny, edge, nano, super) or a config.json path")
+    parser.add_argument("--mesh", default=None,
+                        help="mesh spec such as fsdp=8,tensor=4 (axes data, fsdp, context, tensor); "
+                             "default: the preset's reference mesh in configs/mesh/")
+    parser.add_argument("--rules", default=None,
+                        help="sharding rules preset name or JSON path (default: the config's preset, else nano)")
+    parser.add_argument("--task", choices=("infer", "train"), default="infer")
+    parser.add_argument("--tokens", type=int, default=44160,
+                        help="generator (video) tokens; default 44160 = 720p, 189 frames")
+    parser.add_argument("--text-tokens", type=int, default=300, help="reasoner (prompt) tokens")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch rows (default: 2 guidance branches for infer, data*fsdp for train)")
+    parser.add_argument("--device", default="h100-80g",
+                        help="device to check the fit against: h100-80g, h200-141g, b200-180g, v5p-95g, v5e-16g")
+    parser.add_argument("--query-chunk", type=int, default=256,
+                        help="generator queries per rematerialised attention chunk")
+
+
+def _preset_name(config: str) -> str:
+    return os.path.basename(config).removesuffix(".json")
+
+
+def _child_argv(args: argparse.Namespace, mesh: str, rules: str) -> list[str]:
+    argv = ["plan", "--config", args.config, "--mesh", mesh, "--rules", rules, "--task", args.task,
+            "--tokens", str(args.tokens), "--text-tokens", str(args.text_tokens), "--device", args.device,
+            "--query-chunk", str(args.query_chunk)]
+    if args.batch is not None:
+        argv += ["--batch", str(args.batch)]
+    return argv
+
+
+def _resolve_rules(args: argparse.Namespace):
+    from cosmos_jax.sharding import MESH_PRESETS_DIR, load_mesh_preset
+
+    name = args.rules
+    if name is None:
+        name = _preset_name(args.config)
+        if not os.path.isfile(os.path.join(MESH_PRESETS_DIR, f"{name}.json")):
+            name = "nano"
+    return name, load_mesh_preset(name)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cosmos_jax.sharding import MeshSpecError, mesh_size
+
+    try:
+        rules_name, preset = _resolve_rules(args)
+        mesh = args.mesh or preset.mesh
+        devices = mesh_size(mesh)
+    except (ValueError, MeshSpecError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if os.environ.get(_CHILD_ENV) != str(devices):
+        env = dict(os.environ)
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_FLAG)]
+        env["XLA_FLAGS"] = " ".join(flags + _CPU_FLAGS + [f"{_DEVICE_FLAG}={devices}"])
+        env["JAX_PLATFORMS"] = "cpu"
+        env[_CHILD_ENV] = str(devices)
+        command = [sys.executable, "-m", "cosmos_jax.cli", *_child_argv(args, mesh, rules_name)]
+        return subprocess.run(command, env=env, check=False).returncode
+    return _plan_here(args, mesh, preset.rules)
+
+
+def _plan_here(args: argparse.Namespace, mesh: str, rules) -> int:
+    from cosmos_jax.config import ConfigError, load_preset
+    from cosmos_jax.plan import format_plan, plan_memory
+
+    try:
+        cfg = load_preset(args.config)
+        plan = plan_memory(cfg, _preset_name(args.config), mesh, rules, args.task, gen_tokens=args.tokens,
+                           text_tokens=args.text_tokens, batch=args.batch, device=args.device,
+                           query_chunk=args.query_chunk)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(plan))
+    return 0
