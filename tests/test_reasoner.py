@@ -309,3 +309,51 @@ def test_bad_inputs_give_clear_errors(models, tmp_path, capsys):
     small = reason.Reasoner(dataclasses.replace(model.config, max_position_embeddings=32), dtype=jnp.float32)
     with pytest.raises(ValueError, match="30 tokens .* max_new_tokens 4 exceeds the model's context of 32 tokens"):
         reason.generate(small, params, ri.batch_prompts([prompt], model.config), max_new_tokens=4, eos_ids=(1,))
+
+
+def test_edge_text_tower_logits_match_transformers(tmp_path):
+    """cosmos3_edge: relu2 MLP (stored as mlp.up_proj/down_proj), no q/k norm, theta 1e8; the SigLIP2 vision
+    keys are skipped. fp32, where the LlamaRMSNorm double rounding is exact."""
+    from transformers import Cosmos3EdgeConfig, Cosmos3EdgeForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(TEXT_CONFIG, vocab_size=300, rms_norm_eps=1e-5, hidden_act="relu2",
+                rope_parameters={"rope_type": "default", "rope_theta": 1e8, "mrope_section": [6, 5, 5]})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
+                  num_patches=16)
+    torch_model = Cosmos3EdgeForConditionalGeneration(
+        Cosmos3EdgeConfig(text_config=text, vision_config=vision, projector_hidden_size=64)).eval()
+    _perturb(torch_model)
+    torch_model.save_pretrained(tmp_path)
+    model, params = load_reasoner(tmp_path, dtype=jnp.float32)
+    assert model.config.vision is None and model.config.text.hidden_act == "relu2"
+    ids = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+    with torch.no_grad():
+        expected = torch_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    prompt = ri.expand_placeholders(ids, [], model.config, _encode)
+    got = np.asarray(jax.jit(model.prompt_logits)(params, ri.batch_prompts([prompt], model.config)))[0]
+    np.testing.assert_allclose(got, expected, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_key_map_round_trip_and_errors(models):
+    _, model, params, folder = models
+    import safetensors.numpy
+
+    stored = safetensors.numpy.load_file(f"{folder}/model.safetensors")
+    state = state_from_params(jax.tree.map(np.asarray, params), model.config)
+    assert set(state) == set(stored)
+    for key, value in stored.items():
+        np.testing.assert_array_equal(state[key], value, err_msg=key)
+    from cosmos_jax.convert.keymap_reasoner import params_from_state
+
+    unified = dict(stored, **{"layers.0.self_attn.add_q_proj.weight": np.zeros(1), "proj_in.weight": np.zeros(1)})
+    params_from_state(unified, model)  # generator tensors of a unified checkpoint are skipped
+    broken = {k: v for k, v in stored.items() if k != "blocks.1.attn.qkv.weight"}
+    broken["merger.extra.weight"] = np.zeros(2)
+    broken["pos_embed.weight"] = np.zeros((5, 32), np.float32)
+    with pytest.raises(ValueError) as err:
+        params_from_state(broken, model)
+    message = str(err.value)
+    assert "missing key blocks.1.attn.qkv.weight" in message
+    assert "unexpected vision key merger.extra.weight" in message
+    assert "wrong shape for pos_embed.weight: got (5, 32), expected (36, 32)" in message
