@@ -1,0 +1,84 @@
+"""`cosmos-jax train --config CFG --data DIR --out DIR`: flow-matching training (resumes from OUT/checkpoints).
+
+--config is a preset name (tiny, nano, ...) or a transformer config.json; --init optionally starts from the
+weights of a Hub-layout or converted model folder (`cosmos_jax.load`). Metrics land in OUT/metrics
+(TensorBoard event files + metrics.jsonl); checkpoints in OUT/checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import jax.numpy as jnp
+
+from cosmos_jax.training.loop import RunConfig, train
+from cosmos_jax.training.losses import LossConfig, shift_for_resolution
+from cosmos_jax.training.step import OptimConfig
+
+
+def _mesh_devices(spec: str) -> int:
+    name, sep, value = spec.partition("=")
+    if name.strip() != "fsdp" or not sep or not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--mesh takes fsdp=N with N >= 1, got {spec!r}")
+    return int(value)
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="model preset name or transformer config.json")
+    parser.add_argument("--data", required=True, help="dataset directory (cosmos_jax/training/data.py format)")
+    parser.add_argument("--out", required=True, help="run directory: checkpoints/ and metrics/")
+    parser.add_argument("--init", default=None, help="start from this model folder's transformer weights")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=8, help="global batch size")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument("--ema", type=float, default=None, help="EMA decay (off when omitted)")
+    tower = parser.add_mutually_exclusive_group()
+    tower.add_argument("--freeze-reasoner", dest="freeze_reasoner", action="store_true", default=True)
+    tower.add_argument("--train-both", dest="freeze_reasoner", action="store_false")
+    parser.add_argument("--mesh", type=_mesh_devices, default=None, metavar="fsdp=N", help="default: all devices")
+    parser.add_argument("--max-text-len", type=int, default=64)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--schedule", choices=("waver", "logitnormal"), default="waver")
+    parser.add_argument("--resolution", type=int, default=256, help="selects the σ shift {256: 3, 480: 5, 720: 10}")
+    parser.add_argument("--loss-weights", type=json.loads, default=None,
+                        help='JSON, e.g. {"vision": 10, "action": 10, "sound": 2, "text": 0}')
+    parser.add_argument("--tasks", type=json.loads, default=None, help='JSON task weights, e.g. {"forward": 1}')
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--keep", type=int, default=3)
+    parser.add_argument("--skip-bad", action="store_true", help="skip (log, count) bad samples instead of failing")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _loss_config(args: argparse.Namespace) -> LossConfig:
+    weights: dict[str, Any] = dict(args.loss_weights or {})
+    unknown = set(weights) - {"vision", "action", "sound", "text"}
+    if unknown:
+        raise ValueError(f"--loss-weights: unknown modalities {sorted(unknown)}")
+    return LossConfig(schedule=args.schedule, shift=shift_for_resolution(args.resolution),
+                      **{f"{k}_weight": float(v) for k, v in weights.items()})
+
+
+def run(args: argparse.Namespace) -> int:
+    optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps, weight_decay=args.weight_decay,
+                        clip_norm=args.clip, ema_decay=args.ema, freeze_reasoner=args.freeze_reasoner,
+                        grad_accum=args.grad_accum)
+    config = RunConfig(model=args.config, data=args.data, out=args.out, steps=args.steps, batch=args.batch,
+                       max_text_len=args.max_text_len, seed=args.seed, dtype=args.dtype, remat=args.remat,
+                       attention=args.attention, fsdp=args.mesh, save_every=args.save_every, keep=args.keep,
+                       skip_bad=args.skip_bad, task_weights=args.tasks, optim=optim, loss=_loss_config(args))
+    init = None
+    if args.init:
+        from cosmos_jax.load import load
+
+        init = lambda model: load(args.init, dtype=jnp.float32, components=("transformer",)).params  # noqa: E731
+    result = train(config, init_params=init)
+    print(json.dumps({"step": args.steps, "skipped": len(result["skipped"]), **result["metrics"]}, indent=1))
+    return 0

@@ -1,0 +1,143 @@
+"""The training loop: data -> sharded train step -> metrics (one step late) -> async checkpoints, resumable."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from cosmos_jax.config import Cosmos3Config, load_preset
+from cosmos_jax.modeling.transformer import Cosmos3Transformer
+from cosmos_jax.training import data as data_lib
+from cosmos_jax.training.checkpoint import TrainCheckpointer, with_shardings
+from cosmos_jax.training.losses import LossConfig, TrainBatch
+from cosmos_jax.training.metrics import MetricsWriter, peak_flops, train_flops_per_step
+from cosmos_jax.training.step import (
+    OptimConfig,
+    TrainState,
+    abstract_state,
+    batch_shardings,
+    fsdp_mesh,
+    fsdp_param_shardings,
+    init_state,
+    jit_train_step,
+    state_shardings,
+    train_step_fn,
+)
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One training run. `batch` is the global batch; `fsdp` the number of devices (None: all)."""
+
+    model: str
+    data: str
+    out: str
+    steps: int = 100
+    batch: int = 8
+    max_text_len: int = 64
+    seed: int = 0
+    dtype: str = "bfloat16"
+    remat: bool = False
+    attention: str = "auto"
+    fsdp: int | None = None
+    save_every: int = 50
+    keep: int = 3
+    skip_bad: bool = False
+    task_weights: Mapping[str, float] | None = None
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.steps < 1 or self.batch < 1 or self.save_every < 1:
+            raise ValueError(f"steps, batch and save_every must be >= 1, got {self.steps}, {self.batch}, {self.save_every}")
+
+
+def model_config(name_or_path: str) -> Cosmos3Config:
+    return load_preset(name_or_path)
+
+
+def _global_batch(batch: TrainBatch, shardings: Any) -> TrainBatch:
+    """Host-local numpy rows -> global arrays on the batch shardings (one host: just a placement)."""
+    return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), batch, shardings)
+
+
+def train(
+    run: RunConfig,
+    init_params: Callable[[Cosmos3Transformer], Any] | None = None,
+    on_step: Callable[[int, TrainState], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train (or resume from run.out/checkpoints) up to run.steps. Returns the final state and the last metrics.
+
+    init_params(model) supplies starting weights (default: random init from run.seed); on_step(step, state) is
+    called after each step is dispatched (e.g. for tests that inject a failure).
+    """
+    cfg = model_config(run.model)
+    model = Cosmos3Transformer(cfg, dtype=DTYPES[run.dtype], param_dtype=jnp.float32, attention=run.attention,
+                               remat=run.remat)
+    mesh = fsdp_mesh(run.fsdp)
+    if run.batch % mesh.size or run.batch % run.optim.grad_accum:
+        raise ValueError(f"global batch {run.batch} must be divisible by the {mesh.size} devices and by "
+                         f"grad_accum={run.optim.grad_accum}")
+    local_batch = run.batch // jax.process_count()
+    pipeline = data_lib.PipelineConfig(batch_size=local_batch, max_text_len=run.max_text_len, seed=run.seed,
+                                       skip_bad=run.skip_bad, task_weights=run.task_weights)
+    loader, meta, bad_log = data_lib.make_loader(run.data, cfg, pipeline)
+    iterator = iter(loader)
+
+    abstract, optimizer = abstract_state(model, run.optim)
+    shardings = state_shardings(abstract, fsdp_param_shardings(abstract.params, mesh), optimizer, mesh)
+    checkpointer = TrainCheckpointer(os.path.join(run.out, "checkpoints"), keep=run.keep)
+    if checkpointer.latest_step is not None:
+        state, extra = checkpointer.restore(with_shardings(abstract, shardings))
+        data_lib.restore_iterator(iterator, extra["data_iterator"])
+    else:
+        params = init_params(model) if init_params else model.init(jax.random.key(run.seed))
+        state = jax.jit(lambda p: init_state(p, optimizer, run.optim, run.seed), out_shardings=shardings)(params)
+
+    first = next(iterator)
+    example = data_lib.to_train_batch(first)
+    global_example = jax.tree.map(lambda x: jax.ShapeDtypeStruct((run.batch,) + x.shape[1:], x.dtype), example)
+    b_shardings = batch_shardings(global_example, mesh)
+    step_fn = jit_train_step(train_step_fn(model, optimizer, run.loss, run.optim), shardings, b_shardings, mesh)
+    text_len, gen_len = example.text.input_ids.shape[1], example.gen.position_ids.shape[2]
+    tokens = run.batch * (text_len + gen_len)
+    flops = train_flops_per_step(cfg, run.batch, text_len, gen_len, run.optim.freeze_reasoner)
+    writer = MetricsWriter(os.path.join(run.out, "metrics"), flops, peak_flops())
+
+    start = int(jax.device_get(state.step))
+    bar = tqdm(total=run.steps, initial=start, disable=not progress, desc="train", unit="step")
+    rows = first
+    last_time = time.perf_counter()
+    for step in range(start, run.steps):
+        if step > start:
+            rows = next(iterator)
+        batch = _global_batch(data_lib.to_train_batch(rows), b_shardings)
+        state, metrics = step_fn(state, batch)
+        now = time.perf_counter()
+        written = writer.push(step + 1, metrics, now - last_time, tokens)
+        last_time = now
+        if written:
+            bar.set_postfix(loss=f"{written['loss/total']:.4f}", tok_s=f"{written['perf/tokens_per_s']:.0f}")
+        bar.update(1)
+        if on_step is not None:
+            on_step(step + 1, state)
+        if (step + 1) % run.save_every == 0 or step + 1 == run.steps:
+            checkpointer.save(step + 1, state, {"data_iterator": data_lib.iterator_state(iterator),
+                                                "skipped": bad_log.skipped})
+    bar.close()
+    last = writer.close()
+    checkpointer.close()
+    return {"state": state, "metrics": last, "skipped": list(bad_log.skipped), "model": model, "meta": meta}
