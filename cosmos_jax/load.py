@@ -164,11 +164,14 @@ def validate_transformer_index(index: CheckpointIndex, config: Cosmos3Config, ab
         )
 
 
-def _layer_transform(entry: Entry, layer_shape: tuple[int, ...], target: np.dtype,
+def _layer_transform(index: CheckpointIndex, entry: Entry, layer_shape: tuple[int, ...], target: np.dtype,
                      key_of: Callable[[int], str], progress: Progress | None) -> Callable[[np.ndarray], np.ndarray]:
+    """Per-layer torch -> Flax layout and cast for `read_stacked`; also reports progress and unmaps the files
+    after each layer's (copied) read, so at most one layer's file pages are resident besides the stack."""
     count = itertools.count()
 
     def transform(array: np.ndarray) -> np.ndarray:
+        index.close()
         i = next(count)
         if progress is not None:
             progress(key_of(i), array.nbytes)
@@ -184,7 +187,7 @@ def _read_entry(index: CheckpointIndex, entry: Entry, flax_shape: tuple[int, ...
     target = target_dtype(entry.path, index.dtype(keys[0]), dtype)
     if entry.per_layer:
         out = np.empty(flax_shape, target)
-        transform = _layer_transform(entry, flax_shape[1:], target, keys.__getitem__, progress)
+        transform = _layer_transform(index, entry, flax_shape[1:], target, keys.__getitem__, progress)
         return read_stacked(index, keys, out=out, transform=transform)
     array = index.read(entry.torch_key)
     if progress is not None:
@@ -207,7 +210,9 @@ def iter_transformer_leaves(
             continue
         shape = tuple(_leaf(abstract, entry.path).shape)
         array = _read_entry(index, entry, shape, dtype, config.num_hidden_layers, progress)
+        index.close()  # unmap the files: pages read so far would otherwise stay resident
         yield entry.path[0], entry.path[1:], array
+        del array  # do not hold this leaf while the next one is read
 
 
 def _sharded_entry(index: CheckpointIndex, entry: Entry, flax_shape: tuple[int, ...], dtype: Any,

@@ -69,6 +69,13 @@ def _copy_paths(root: Path, transformer_dir: Path) -> list[str]:
     return paths
 
 
+def _tree_leaves(leaves: Iterator[tuple[str, tuple[str, ...], np.ndarray]]) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """(tree, path, array) -> (path, array), holding no leaf once it is handed on."""
+    for _, path, array in leaves:
+        yield path, array
+        del array
+
+
 def _flat(tree: Any) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
     for keys, leaf in flat:
@@ -124,7 +131,7 @@ def convert(
 
     with CheckpointIndex.open(layout.transformer_dir) as index:
         trees: dict[str, Any] = {
-            tree: ((path, array) for _, path, array in iter_transformer_leaves(index, config, dtype, counted, (tree,)))
+            tree: _tree_leaves(iter_transformer_leaves(index, config, dtype, counted, (tree,)))
             for tree in TRANSFORMER_TREES
         }
         for name, reader, from_state in (("vae", read_vae_config, vae_params_from_torch_state),

@@ -94,7 +94,8 @@ def _nest(leaves: Sequence[Leaf]) -> dict[str, Any]:
 
 
 def _groups(leaves: Iterable[Leaf], group_bytes: int) -> Iterator[list[Leaf]]:
-    """Consecutive leaves batched up to `group_bytes`; a leaf at least that large goes alone."""
+    """Consecutive leaves batched up to `group_bytes`; a leaf at least that large goes alone. A group is handed
+    on as soon as it is full, before the next leaf is produced."""
     group: list[Leaf] = []
     size = 0
     for path, value in leaves:
@@ -103,6 +104,10 @@ def _groups(leaves: Iterable[Leaf], group_bytes: int) -> Iterator[list[Leaf]]:
             group, size = [], 0
         group.append((path, value))
         size += value.nbytes
+        del value
+        if size >= group_bytes:
+            yield group
+            group, size = [], 0
     if group:
         yield group
 
@@ -116,7 +121,8 @@ def save_tree(
 ) -> TreeStats:
     """Write (path, numpy array) leaves as one orbax checkpoint at `folder` (which must not exist).
 
-    Leaves are consumed lazily and saved in groups; each group is released once written.
+    Leaves are consumed lazily and saved in groups; each group is released once written (no generator in
+    the chain keeps a reference to a leaf it has handed on).
     """
     stats = TreeStats()
     seen: set[Path_] = set()
@@ -132,14 +138,26 @@ def save_tree(
             if on_leaf is not None:
                 on_leaf(path, value)
             yield path, value
+            del value
 
-    for group in _groups(checked(leaves), group_bytes):
-        ocp.partial.save(folder, _nest(group))
-        written = True
-    if not written:
-        raise ValueError(f"{folder}: no leaves to write")
-    ocp.partial.finalize(folder)
+    with _writer_context():
+        for group in _groups(checked(leaves), group_bytes):
+            ocp.partial.save(folder, _nest(group))
+            written = True
+            del group  # release this group before the next one is produced
+        if not written:
+            raise ValueError(f"{folder}: no leaves to write")
+        ocp.partial.finalize(folder)
     return stats
+
+
+def _writer_context() -> ocp.Context:
+    """Orbax options for streaming writes: no defensive deep copy of host arrays (each group is handed over
+    and never mutated), no compression (bf16 weights barely compress and zstd buffers a copy)."""
+    context = ocp.Context()
+    context.memory.deepcopy_host_arrays = False
+    context.array.saving.use_compression = False
+    return context
 
 
 def tree_shapes(folder: Path) -> dict[Path_, tuple[tuple[int, ...], np.dtype]]:
