@@ -90,7 +90,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+        ratio = max(height, width) / min(height, width)
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
     h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
     t_bar = round(num_frames / temporal_factor) * temporal_factor if num_frames > 1 else 1
     if t_bar * h_bar * w_bar > max_pixels:

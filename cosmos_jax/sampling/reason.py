@@ -233,7 +233,7 @@ class Reasoner:
         queries attend to the first `kv_len` (static) cache slots. Returns hidden before the final norm.
         """
         cfg = self.config.text
-        batch, length = hidden.shape[:2]
+        length = hidden.shape[1]
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
         query_slot = start + jnp.arange(length)
         key_slot = jnp.arange(kv_len)
@@ -261,7 +261,6 @@ class Reasoner:
 
         indices = jnp.arange(cfg.num_hidden_layers)
         (hidden, k, v), _ = jax.lax.scan(body, (hidden, cache.k, cache.v), (indices, params["layers"]))
-        del batch
         return hidden, KVCache(k=k, v=v, pad=cache.pad)
 
     def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
