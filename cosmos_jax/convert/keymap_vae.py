@@ -102,10 +102,10 @@ def _resnet(prefix: str, cin: int, cout: int) -> Iterator[tuple[str, str, tuple]
 
 
 def _mid(prefix: str, dim: int) -> Iterator[tuple[str, str, tuple]]:
-    yield from _resnet(f"{prefix}.resnets.0", dim, dim)
     yield from _norm(f"{prefix}.attentions.0.norm", dim, ones=2)
     yield from _dense(f"{prefix}.attentions.0.to_qkv", dim, 3 * dim, 2)
     yield from _dense(f"{prefix}.attentions.0.proj", dim, dim, 2)
+    yield from _resnet(f"{prefix}.resnets.0", dim, dim)
     yield from _resnet(f"{prefix}.resnets.1", dim, dim)
 
 

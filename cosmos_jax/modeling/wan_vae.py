@@ -398,7 +398,10 @@ def denormalize_latents(z: jax.Array, latents_mean: Sequence[float], latents_std
                         dtype: Any) -> jax.Array:
     """`z.astype(dtype) / inv_std + mean` in `dtype` (each op rounded to it), `[B,C,T,h,w] -> same`."""
     mean, inv_std = _latent_stats(latents_mean, latents_std, dtype)
-    scaled = round_to(jnp.asarray(z).astype(dtype).astype(jnp.float32) / inv_std, dtype)
+    x = jnp.asarray(z).astype(dtype).astype(jnp.float32)
+    # XLA rewrites `x / broadcast(d)` as `x * broadcast(1/d)`, which is not the IEEE quotient torch computes.
+    divisor = jax.lax.optimization_barrier(jnp.broadcast_to(inv_std, x.shape))
+    scaled = round_to(x / divisor, dtype)
     return round_to(scaled + mean, dtype).astype(dtype)
 
 
