@@ -69,7 +69,9 @@ def _copy_paths(root: Path, transformer_dir: Path) -> list[str]:
     return paths
 
 
-def _tree_leaves(leaves: Iterator[tuple[str, tuple[str, ...], np.ndarray]]) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+def _tree_leaves(
+    leaves: Iterator[tuple[str, tuple[str, ...], np.ndarray]],
+) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     """(tree, path, array) -> (path, array), holding no leaf once it is handed on."""
     for _, path, array in leaves:
         yield path, array
