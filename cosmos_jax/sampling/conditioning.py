@@ -6,8 +6,8 @@ Everything here is host-side numpy on RGB frames; outputs are float32 channels-f
   - `action_clip`: the action canvas: frames floored to multiples of 16, the resolution bin of the tier, content
     scaled down (never up, bicubic antialiased) and padded right/bottom (reflect, or replicate when the pad is
     at least as large as the content).
-The antialiased resampler reproduces torch's `interpolate(..., antialias=True)` (PIL's separable filter: width
-first, then height; a dimension of unchanged size is not touched).
+The antialiased resampler reproduces torch's CPU `interpolate(..., antialias=True)` (PIL's separable filter:
+width first, then height, a dimension of unchanged size untouched; float32 weights, fused multiply-adds).
 """
 
 from __future__ import annotations
@@ -26,49 +26,74 @@ Frame = Union[Image.Image, np.ndarray]
 SPATIAL_MULTIPLE = 16
 
 
-def _bilinear_filter(x: np.ndarray) -> np.ndarray:
-    x = np.abs(x)
-    return np.where(x < 1.0, 1.0 - x, 0.0)
+def _bilinear_filter(x: np.float32) -> np.float32:
+    x = abs(x)
+    return np.float32(1.0) - x if x < 1.0 else np.float32(0.0)
 
 
-def _bicubic_filter(x: np.ndarray, a: float = -0.5) -> np.ndarray:
-    x = np.abs(x)
-    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+def _bicubic_filter(x: np.float32) -> np.float32:
+    """Keys' cubic convolution (a = -0.5), in torch's float32 operation order."""
+    a, x = np.float32(-0.5), abs(x)
+    if x < 1.0:
+        return ((a + np.float32(2.0)) * x - (a + np.float32(3.0))) * x * x + np.float32(1.0)
+    if x < 2.0:
+        return ((a * x - np.float32(5.0) * a) * x + np.float32(8.0) * a) * x - np.float32(4.0) * a
+    return np.float32(0.0)
 
 
-_FILTERS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float]] = {
+_FILTERS: dict[str, tuple[Callable[[np.float32], np.float32], float]] = {
     "bilinear": (_bilinear_filter, 1.0),
     "bicubic": (_bicubic_filter, 2.0),
 }
 
 
-def _resample_matrix(in_size: int, out_size: int, kind: str) -> np.ndarray:
-    """[out_size, in_size] float32 weights of torch's antialiased 1-D resampling (rows sum to 1)."""
+def _resample_taps(in_size: int, out_size: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per output index: first input index [out] and normalised float32 tap weights [out, K] (zero-padded),
+    computed in float32 step by step as torch's antialiased kernels do."""
     filt, half_support = _FILTERS[kind]
-    scale = in_size / out_size
-    support = half_support * scale if scale >= 1.0 else half_support
-    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
-    weights = np.zeros((out_size, in_size), np.float64)
+    f32 = np.float32
+    scale = f32(f32(in_size) / f32(out_size))
+    support = f32(f32(half_support) * scale) if scale >= 1.0 else f32(half_support)
+    inv_scale = f32(f32(1.0) / scale) if scale >= 1.0 else f32(1.0)
+    starts, rows = [], []
     for i in range(out_size):
-        center = scale * (i + 0.5)
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        taps = filt((np.arange(lo, hi) - center + 0.5) * inv_scale)
-        total = taps.sum()
-        weights[i, lo:hi] = taps / total if total != 0 else taps
-    return weights.astype(np.float32)
+        center = f32(float(scale) * (i + 0.5))
+        lo = max(int(float(center) - float(support) + 0.5), 0)
+        hi = min(int(float(center) + float(support) + 0.5), in_size)
+        taps, total = [], f32(0.0)
+        for j in range(lo, hi):
+            tap = filt(f32((float(f32(f32(j) - center)) + 0.5) * float(inv_scale)))
+            taps.append(tap)
+            total = f32(total + tap)
+        starts.append(lo)
+        rows.append([f32(t / total) for t in taps] if total != 0 else taps)
+    width = max(len(r) for r in rows)
+    weights = np.zeros((out_size, width), np.float32)
+    for i, r in enumerate(rows):
+        weights[i, : len(r)] = r
+    return np.asarray(starts), weights
+
+
+def _resample_last_axis(x: np.ndarray, out_size: int, kind: str) -> np.ndarray:
+    """Resample the last axis; accumulation is sequential over taps with fused multiply-adds, like torch."""
+    starts, weights = _resample_taps(x.shape[-1], out_size, kind)
+    index = np.minimum(starts[:, None] + np.arange(weights.shape[1]), x.shape[-1] - 1)
+    taps = x[..., index]  # [..., out, K]
+    acc = taps[..., 0] * weights[:, 0]
+    for k in range(1, weights.shape[1]):
+        fused = taps[..., k].astype(np.float64) * weights[:, k].astype(np.float64) + acc.astype(np.float64)
+        acc = fused.astype(np.float32)
+    return acc.astype(np.float32)
 
 
 def resize_antialiased(x: np.ndarray, height: int, width: int, kind: str = "bilinear") -> np.ndarray:
-    """[..., h, w] float32 -> [..., height, width] like torch `interpolate(mode=kind, antialias=True)`."""
+    """[..., h, w] float32 -> [..., height, width] like torch `interpolate(mode=kind, antialias=True)` on CPU."""
     x = np.asarray(x, np.float32)
     if x.shape[-1] != width:
-        x = np.einsum("...w,vw->...v", x, _resample_matrix(x.shape[-1], width, kind)).astype(np.float32)
+        x = _resample_last_axis(x, width, kind)
     if x.shape[-2] != height:
-        x = np.einsum("...hw,vh->...vw", x, _resample_matrix(x.shape[-2], height, kind)).astype(np.float32)
-    return x
+        x = np.swapaxes(_resample_last_axis(np.swapaxes(x, -1, -2), height, kind), -1, -2)
+    return np.ascontiguousarray(x)
 
 
 def as_pil(frame: Frame) -> Image.Image:

@@ -17,7 +17,6 @@ How it runs (differs from the reference, same numbers):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -158,24 +157,27 @@ class Cosmos3Pipeline:
         from cosmos_jax.load import load
 
         loaded = load(path, dtype=dtype)
+        if loaded.tokenizer_dir is None:
+            raise ValueError(f"{path}: no text_tokenizer/ folder; generation needs the prompt tokenizer")
+        scheduler_config = loaded.scheduler_config or scheduler.SchedulerConfig.cosmos3()
         model = Cosmos3Transformer(loaded.transformer_config, dtype=dtype, attention=attention)
         vae = sound = None
         if loaded.vae_params is not None:
             vae = WanVAE(loaded.vae_config, dtype=dtype)
         if loaded.sound_params is not None:
-            sound = AudioTokenizer(loaded.sound_config, dtype=dtype, param_dtype=dtype)
-        flags = _model_index_flags(path)
+            sound = AudioTokenizer(loaded.sound_config, dtype=dtype)
+        index = loaded.model_index or {}
         return cls(
             model,
             loaded.params,
             ChatTokenizer.from_dir(loaded.tokenizer_dir),
-            loaded.scheduler_config,
+            scheduler_config,
             vae=vae,
             vae_params=loaded.vae_params if vae is not None else None,
             sound=sound,
             sound_params=loaded.sound_params if sound is not None else None,
-            use_system_prompt=flags.get("default_use_system_prompt", True),
-            native_flow_schedule=flags.get("use_native_flow_schedule", False),
+            use_system_prompt=bool(index.get("default_use_system_prompt", True)),
+            native_flow_schedule=bool(index.get("use_native_flow_schedule", False)),
         )
 
     # ------------------------------------------------------------------ validation and planning
@@ -608,13 +610,3 @@ def _progress_bar(total: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="denoising", unit="step")
-
-
-def _model_index_flags(path: str | os.PathLike) -> dict[str, Any]:
-    """`default_use_system_prompt` / `use_native_flow_schedule` from model_index.json, when present."""
-    file = os.path.join(path, "model_index.json")
-    if not os.path.isfile(file):
-        return {}
-    with open(file, encoding="utf-8") as f:
-        index = json.load(f)
-    return {k: index[k] for k in ("default_use_system_prompt", "use_native_flow_schedule") if k in index}
