@@ -35,6 +35,7 @@ from cosmos_jax.sharding import (
     ActivationSharding,
     Rules,
     make_mesh,
+    mesh_size,
     param_specs,
     replicated_fraction,
     spec_for,
@@ -176,7 +177,7 @@ def plan_memory(
     for name, value in (("gen_tokens", gen_tokens), ("text_tokens", text_tokens), ("query_chunk", query_chunk)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    mesh = make_mesh(mesh_spec)
+    mesh = make_mesh(mesh_spec, jax.devices()[: mesh_size(mesh_spec)])
     if batch is None:
         batch = 2 if task == "infer" else mesh.shape["data"] * mesh.shape["fsdp"]
     if batch <= 0:
@@ -255,7 +256,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"    outputs (less donated/aliased)            {gib(plan.outputs - plan.aliased)}",
         f"    activations / temporaries                 {gib(plan.temporaries)}",
         f"    total                                     {gib(plan.total)}",
-        f"  parameters left replicated: {plan.replicated_share:.4%} of parameter bytes",
+        f"  parameters left replicated: {plan.replicated_share:.4%} of parameter bytes"
+        + (" (a single device holds everything)" if plan.devices == 1 else ""),
         f"  {plan.device}: {verdict} ({plan.total / plan.capacity:.0%} of {DEVICES[plan.device]} GB)",
         f"  compiled for XLA:CPU in {plan.compile_seconds:.1f} s; attention = XLA reference in rematerialised query "
         "chunks (flash-like memory) standing in for the Pallas kernel; GPU/TPU temporaries differ.",

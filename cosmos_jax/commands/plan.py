@@ -62,9 +62,11 @@ def _resolve_rules(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from cosmos_jax.config import load_preset
     from cosmos_jax.sharding import MeshSpecError, mesh_size
 
     try:
+        load_preset(args.config)
         rules_name, preset = _resolve_rules(args)
         mesh = args.mesh or preset.mesh
         devices = mesh_size(mesh)
