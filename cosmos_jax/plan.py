@@ -141,7 +141,9 @@ def _with_shardings(abstract: Any, specs: Any, mesh, dtype: Any = None) -> Any:
 
 
 def _train_step(model: Cosmos3Transformer, optimizer: optax.GradientTransformation):
-    def step(state: dict[str, Any], text: TextInputs, gen: GeneratorInputs, target: jax.Array) -> tuple[dict, jax.Array]:
+    def step(
+        state: dict[str, Any], text: TextInputs, gen: GeneratorInputs, target: jax.Array
+    ) -> tuple[dict[str, Any], jax.Array]:
         def loss_fn(params: Any) -> jax.Array:
             out = model(params, text, gen)
             return jnp.mean(jnp.square(out.vision.astype(jnp.float32) - target.astype(jnp.float32)))

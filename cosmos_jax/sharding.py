@@ -55,7 +55,9 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
         try:
             size = int(value.strip())
         except ValueError:
-            raise MeshSpecError(f"mesh spec {spec!r}: size of {name!r} must be a positive integer, got {value!r}") from None
+            raise MeshSpecError(
+                f"mesh spec {spec!r}: size of {name!r} must be a positive integer, got {value!r}"
+            ) from None
         if size <= 0:
             raise MeshSpecError(f"mesh spec {spec!r}: size of {name!r} must be a positive integer, got {size}")
         seen.add(name)
@@ -221,7 +223,9 @@ def param_logical_axes(path: Sequence[str], ndim: int) -> LogicalAxes:
 
 def logical_axes(abstract_params: Any) -> Any:
     """The tree of logical-axis tuples matching a parameter tree (arrays or ShapeDtypeStructs)."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: param_logical_axes(_path_names(p), len(x.shape)), abstract_params)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: param_logical_axes(_path_names(p), len(x.shape)), abstract_params
+    )
 
 
 def param_specs(abstract_params: Any, mesh: Mesh | AbstractMesh, rules: Rules) -> Any:

@@ -155,7 +155,8 @@ def test_query_chunked_attention_value_and_gradient_equal_unchunked():
     def loss(fn, q, k_gen):
         return jnp.sum(jnp.sin(fn(q, k_und, v_und, k_gen, v_gen, *lens)))
 
-    assert _rel_err(chunked(q, k_und, v_und, k_gen, v_gen, *lens), plain(q, k_und, v_und, k_gen, v_gen, *lens)) <= REL_TOL
+    args = (q, k_und, v_und, k_gen, v_gen, *lens)
+    assert _rel_err(chunked(*args), plain(*args)) <= REL_TOL
     got = jax.jit(jax.grad(lambda a, b: loss(chunked, a, b), argnums=(0, 1)))(q, k_gen)
     want = jax.grad(lambda a, b: loss(plain, a, b), argnums=(0, 1))(q, k_gen)
     for g, w in zip(got, want):
