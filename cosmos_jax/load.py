@@ -98,6 +98,8 @@ def locate(path: str | os.PathLike[str]) -> Layout:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such model folder")
     converted = orbax_io.is_converted(root)
+    if converted:
+        orbax_io.read_marker(root)
     if converted or (root / "model_index.json").is_file() or (root / "transformer").is_dir():
         if not (root / "transformer" / "config.json").is_file():
             raise ConfigError(f"{root}: model folder has no transformer/config.json")

@@ -32,7 +32,7 @@ from transformers import AutoTokenizer
 import test_transformer_parity
 from cosmos_jax import cli
 from cosmos_jax.commands.convert import convert
-from cosmos_jax.convert.export import export_converted
+from cosmos_jax.convert.export import export_model
 from cosmos_jax.convert.keymap_transformer import params_from_torch_state
 from cosmos_jax.load import abstract_transformer, load
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
@@ -175,6 +175,24 @@ def test_convert_then_export_gives_back_every_tensor_byte_identical(hub, convert
     want = _read_folder(hub / "transformer")
     for key, tensor in reloaded.state_dict().items():
         np.testing.assert_array_equal(tensor.numpy(), want[key], err_msg=key)
+
+
+def test_in_memory_export_writes_the_hub_layout(hub, tmp_path) -> None:
+    model = load(hub, dtype=None)
+    files = export_model(model, tmp_path / "out", max_shard_bytes=10**9)
+    assert Path("transformer") / WEIGHTS in files and Path("vae") / WEIGHTS in files
+    for component in ("transformer", "vae", "sound_tokenizer"):
+        want, got = _read_folder(hub / component), _read_folder(tmp_path / "out" / component)
+        assert sorted(got) == sorted(want)
+        assert all(got[k].dtype == v.dtype and got[k].tobytes() == v.tobytes() for k, v in want.items()), component
+    for rel in ("transformer/config.json", "vae/config.json", "sound_tokenizer/config.json",
+                "scheduler/scheduler_config.json", "model_index.json", "config.json"):
+        got = json.loads((tmp_path / "out" / rel).read_text())
+        want = json.loads((hub / rel).read_text())
+        assert {k: v for k, v in got.items() if k != "_diffusers_version"} == \
+            {k: v for k, v in want.items() if k != "_diffusers_version"}, rel
+    with pytest.raises(FileExistsError):
+        export_model(model, tmp_path / "out")
 
 
 def test_converted_forward_matches_diffusers(pipeline, converted, monkeypatch) -> None:

@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
 
             summary = convert(args.src, args.dst, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
                               progress=progress)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, NotImplementedError) as e:
         print(f"cosmos-jax convert: error: {e}", file=sys.stderr)
         return 1
     print(format_summary(summary))

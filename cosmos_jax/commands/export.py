@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         files = export_converted(args.src, args.dst, max_shard_bytes=parse_size(args.max_shard_size),
                                  overwrite=args.overwrite)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, NotImplementedError) as e:
         print(f"cosmos-jax export: error: {e}", file=sys.stderr)
         return 1
     size = sum((args.dst / f).stat().st_size for f in files)
