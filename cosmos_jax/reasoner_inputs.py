@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from cosmos_jax.modeling.vision import VisionConfig, vision_grid
+from cosmos_jax.modeling.vision import vision_grid
 from cosmos_jax.sampling.reason import PromptBatch, ReasonerConfig
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
@@ -351,10 +351,5 @@ def batch_prompts(prompts: Sequence[PreparedPrompt], config: ReasonerConfig, pad
         next_position=jnp.asarray(next_pos, jnp.float32),
         visual_index=jnp.asarray(visual),
         pixels=jnp.asarray(np.concatenate(pixels)) if pixels else None,
-        grid=_grid(grids, config.vision) if pixels else None,
+        grid=vision_grid(grids, config.vision) if pixels else None,
     )
-
-
-def _grid(grids: list[tuple[int, int, int]], vision: VisionConfig):
-    grid = vision_grid(grids, vision)
-    return type(grid)(*(jnp.asarray(a) for a in grid))

@@ -396,3 +396,14 @@ def test_bf16_logits_within_the_references_own_bf16_spread(models, prompts):
     spread = np.abs(bf16 - fp32).max()
     assert 0 < spread < 1.0
     assert np.abs(got - bf16).max() <= 2 * spread + 0.05
+
+
+def test_per_segment_vision_attention_equals_the_masked_dense_form():
+    from cosmos_jax.modeling.vision import segment_attention
+
+    q, k, v = (jax.random.normal(key, (12, 2, 8)) for key in jax.random.split(jax.random.key(0), 3))
+    segments = jnp.repeat(jnp.arange(3), 4)
+    np.testing.assert_allclose(np.asarray(segment_attention(q, k, v, segments, 4)),
+                               np.asarray(segment_attention(q, k, v, segments, 0)), atol=1e-6, rtol=0)
+    one_segment = np.asarray(segment_attention(q, k, v, jnp.zeros(12, jnp.int32), 12))
+    assert not np.allclose(one_segment, np.asarray(segment_attention(q, k, v, segments, 4)), atol=1e-3)

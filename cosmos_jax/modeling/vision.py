@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,17 +85,21 @@ class VisionConfig:
         return cls(**kwargs)
 
 
-class VisionGrid(NamedTuple):
+@flax.struct.dataclass
+class VisionGrid:
     """Host-side layout of N patches (all images/videos of one call, concatenated).
 
     taps [N, 4] int32 and tap_weights [N, 4] float32: bilinear (align_corners) gather into the position table;
     rope_positions [N, 2] float32: (row, col) of each patch; segments [N] int32: attention group (one per frame).
+    segment_length (static): the common length of every segment, or 0 when they differ. With a common length,
+    attention runs per segment ([S, L, L] scores) instead of over one masked [N, N] matrix.
     """
 
-    taps: np.ndarray
-    tap_weights: np.ndarray
-    rope_positions: np.ndarray
-    segments: np.ndarray
+    taps: jax.Array
+    tap_weights: jax.Array
+    rope_positions: jax.Array
+    segments: jax.Array
+    segment_length: int = flax.struct.field(pytree_node=False, default=0)
 
 
 def _block_major_rows_cols(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
@@ -132,11 +137,13 @@ def vision_grid(grid_thw: Sequence[Sequence[int]], config: VisionConfig) -> Visi
             positions.append(np.stack([rows, cols], -1))
             segments.append(np.full(h * w, segment))
             segment += 1
+    lengths = {len(s) for s in segments}
     return VisionGrid(
-        taps=np.concatenate(taps).astype(np.int32),
-        tap_weights=np.concatenate(weights).astype(np.float32),
-        rope_positions=np.concatenate(positions).astype(np.float32),
-        segments=np.concatenate(segments).astype(np.int32),
+        taps=jnp.asarray(np.concatenate(taps).astype(np.int32)),
+        tap_weights=jnp.asarray(np.concatenate(weights).astype(np.float32)),
+        rope_positions=jnp.asarray(np.concatenate(positions).astype(np.float32)),
+        segments=jnp.asarray(np.concatenate(segments).astype(np.int32)),
+        segment_length=lengths.pop() if len(lengths) == 1 else 0,
     )
 
 
@@ -157,6 +164,26 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
 
 
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array,
+                      segment_length: int) -> jax.Array:
+    """Non-causal attention within segments: q, k, v [N, H, hd] -> [N, H, hd]; softmax in f32.
+
+    segment_length > 0: every segment has that length (attention per segment); 0: one masked [N, N] matrix.
+    """
+    n, heads, dim = q.shape
+    scale = dim**-0.5
+    if segment_length:
+        shape = (n // segment_length, segment_length, heads, dim)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        logits = jnp.einsum("sqhd,skhd->shqk", q, k, preferred_element_type=jnp.float32) * scale
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("shqk,skhd->sqhd", probs, v).reshape(n, heads, dim)
+    logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * scale
+    same = segments[:, None] == segments[None, :]
+    probs = jax.nn.softmax(jnp.where(same, logits, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+    return jnp.einsum("hqk,khd->qhd", probs, v)
+
+
 def _layer_norm(features_name: str, dtype: jnp.dtype, param_dtype: jnp.dtype) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
                         name=features_name)
@@ -170,7 +197,8 @@ class VisionBlock(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: jax.Array,
+                 segment_length: int = 0) -> jax.Array:
         cfg = self.config
         dense = lambda features, name: nn.Dense(  # noqa: E731
             features, dtype=self.dtype, param_dtype=self.param_dtype, name=name
@@ -179,10 +207,7 @@ class VisionBlock(nn.Module):
         h = _layer_norm("norm1", self.dtype, self.param_dtype)(x)
         qkv = dense(3 * cfg.hidden_size, "qkv")(h).reshape(n, 3, cfg.num_heads, cfg.head_dim)
         q, k, v = _rotate(qkv[:, 0], cos, sin), _rotate(qkv[:, 1], cos, sin), qkv[:, 2]
-        logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * cfg.head_dim**-0.5
-        same = segments[:, None] == segments[None, :]
-        probs = jax.nn.softmax(jnp.where(same, logits, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
-        attn = jnp.einsum("hqk,khd->qhd", probs, v).reshape(n, cfg.hidden_size)
+        attn = segment_attention(q, k, v, segments, segment_length).reshape(n, cfg.hidden_size)
         x = x + dense(cfg.hidden_size, "proj")(attn)
         h = _layer_norm("norm2", self.dtype, self.param_dtype)(x)
         h = dense(cfg.hidden_size, "linear_fc2")(
@@ -284,14 +309,12 @@ class VisionEncoder:
         if pixels.shape[0] != grid.segments.shape[0]:
             raise ValueError(f"{pixels.shape[0]} patches but the grid describes {grid.segments.shape[0]}")
         embed_params = {"patch_embed": params["patch_embed"], "pos_embed": params["pos_embed"]["embedding"]}
-        x = self._embed().apply({"params": embed_params}, pixels, jnp.asarray(grid.taps),
-                                jnp.asarray(grid.tap_weights))
-        cos, sin = vision_rotary(jnp.asarray(grid.rope_positions), cfg)
-        segments = jnp.asarray(grid.segments)
+        x = self._embed().apply({"params": embed_params}, pixels, grid.taps, grid.tap_weights)
+        cos, sin = vision_rotary(grid.rope_positions, cfg)
         block = self._block()
 
         def body(h, block_params):
-            return block.apply({"params": block_params}, h, cos, sin, segments), None
+            return block.apply({"params": block_params}, h, cos, sin, grid.segments, grid.segment_length), None
 
         deep_merger = self._merger(True)
         features = []
