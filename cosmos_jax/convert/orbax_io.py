@@ -38,8 +38,8 @@ ORBAX_DIR = "orbax"
 TREES = ("reasoner", "generator", "vae", "sound_tokenizer")
 DEFAULT_GROUP_BYTES = 64 * 2**20
 
-Path_ = tuple[str, ...]
-Leaf = tuple[Path_, np.ndarray]
+LeafPath = tuple[str, ...]
+Leaf = tuple[LeafPath, np.ndarray]
 
 
 class ConvertedCheckpointError(ValueError):
@@ -117,7 +117,7 @@ def save_tree(
     leaves: Iterable[Leaf],
     *,
     group_bytes: int = DEFAULT_GROUP_BYTES,
-    on_leaf: Callable[[Path_, np.ndarray], None] | None = None,
+    on_leaf: Callable[[LeafPath, np.ndarray], None] | None = None,
 ) -> TreeStats:
     """Write (path, numpy array) leaves as one orbax checkpoint at `folder` (which must not exist).
 
@@ -125,7 +125,7 @@ def save_tree(
     the chain keeps a reference to a leaf it has handed on).
     """
     stats = TreeStats()
-    seen: set[Path_] = set()
+    seen: set[LeafPath] = set()
     written = False
 
     def checked(items: Iterable[Leaf]) -> Iterator[Leaf]:
@@ -160,7 +160,7 @@ def _writer_context() -> ocp.Context:
     return context
 
 
-def tree_shapes(folder: Path) -> dict[Path_, tuple[tuple[int, ...], np.dtype]]:
+def tree_shapes(folder: Path) -> dict[LeafPath, tuple[tuple[int, ...], np.dtype]]:
     """{leaf path: (shape, dtype)} of a saved tree, from its metadata only."""
     if not folder.is_dir():
         raise ConvertedCheckpointError(f"{folder}: missing orbax checkpoint")
@@ -197,7 +197,7 @@ def write_converted(
     copy_paths: Sequence[str],
     overwrite: bool = False,
     group_bytes: int = DEFAULT_GROUP_BYTES,
-    on_leaf: Callable[[str, Path_, np.ndarray], None] | None = None,
+    on_leaf: Callable[[str, LeafPath, np.ndarray], None] | None = None,
 ) -> dict[str, TreeStats]:
     """Write a converted folder at `dst` atomically (nothing at `dst` unless everything succeeded).
 
