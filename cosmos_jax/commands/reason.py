@@ -7,6 +7,7 @@ in text_tokenizer/, optional preprocessor_config.json / video_preprocessor_confi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -65,6 +66,22 @@ def _check_special_tokens(tokenizer: ChatTokenizer, config: reason.ReasonerConfi
             raise ValueError(f"tokenizer id of {token} differs from the model config ({expected})")
 
 
+def _settings(model_dir: str, name: str, default: ri.ProcessorSettings, config: reason.ReasonerConfig
+              ) -> ri.ProcessorSettings:
+    """Processor settings from `name` in the model folder, patch geometry taken from the model's vision config."""
+    path = os.path.join(model_dir, name)
+    vision = config.vision
+    geometry = {"patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
+                "merge_size": vision.spatial_merge_size}
+    if os.path.isfile(path):
+        settings = ri.ProcessorSettings.from_file(path, default)
+        for key, value in geometry.items():
+            if getattr(settings, key) != value:
+                raise ValueError(f"{path}: {key} {getattr(settings, key)} differs from the model's {value}")
+        return settings
+    return dataclasses.replace(default, **geometry)
+
+
 def build_prompt(args: argparse.Namespace, tokenizer: ChatTokenizer, config: reason.ReasonerConfig
                  ) -> ri.PreparedPrompt:
     """The chat-formatted, placeholder-expanded prompt for the command-line arguments."""
@@ -74,10 +91,8 @@ def build_prompt(args: argparse.Namespace, tokenizer: ChatTokenizer, config: rea
         raise ValueError(f"model type {config.model_type} is loaded without a vision encoder; images/video "
                          "are not supported for it")
     items, content = [], []
-    image_settings = ri.ProcessorSettings.from_file(os.path.join(args.model, "preprocessor_config.json"),
-                                                    ri.IMAGE_SETTINGS)
-    video_settings = ri.ProcessorSettings.from_file(os.path.join(args.model, "video_preprocessor_config.json"),
-                                                    ri.VIDEO_SETTINGS)
+    image_settings = _settings(args.model, "preprocessor_config.json", ri.IMAGE_SETTINGS, config)
+    video_settings = _settings(args.model, "video_preprocessor_config.json", ri.VIDEO_SETTINGS, config)
     for path in args.image:
         items.append(ri.preprocess_image(ri.load_image(path), image_settings))
         content.append({"type": "image"})
