@@ -154,7 +154,7 @@ PARAMS = [pytest.param(n, CASES[n], id=n) for n in CASES] + [
 def _materialise(case: dict) -> dict:
     """Replace the media/action placeholders of a case by PIL images / arrays."""
     kwargs = dict(case)
-    if "image" in kwargs:
+    if isinstance(kwargs.get("image"), tuple):
         h, w = kwargs["image"]
         kwargs["image"] = _image(h, w, seed=3)
     if "video" in kwargs:
@@ -259,3 +259,106 @@ def test_pipeline_matches_reference(reference, pipeline, name, case):
         np.testing.assert_allclose(result.sound, ref["sound"], atol=ATOL, rtol=0)
     # the run did something: the final latents moved away from the start at noisy frames
     assert np.abs(result.latents - vision0).max() > 1e-2 or name == "inverse_dynamics"
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+
+BAD_INPUTS = {
+    "unknown domain": (dict(action_mode="policy", domain="mars_rover", chunk=8, image=(32, 32)),
+                       ValueError, "unknown embodiment domain 'mars_rover'"),
+    "action width": (dict(action_mode="forward_dynamics", domain="av", chunk=8, image=(32, 32), actions=(4, 7)),
+                     ValueError, "actions have 7 channels but domain 'av' needs 9"),
+    "frames not 1+4k": (dict(num_frames=8, height=32, width=32), ValueError, "num_frames must be 1 \\+ 4k"),
+    "height not /16": (dict(num_frames=9, height=40, width=32), ValueError, "multiples of 16, got 40x32"),
+    "image and video": (dict(num_frames=9, height=32, width=32, image=(32, 32), video=(32, 32, 3)),
+                        ValueError, "either image .* or video, not both"),
+    "missing image file": (dict(num_frames=9, height=32, width=32, image="/nonexistent/first_frame.png"),
+                           FileNotFoundError, "image file not found: /nonexistent/first_frame.png"),
+    "guidance < 1": (dict(num_frames=9, height=32, width=32, guidance=0.5), ValueError, "guidance must be .* >= 1"),
+    "chunk not /4": (dict(action_mode="policy", domain="av", chunk=6, image=(32, 32)), ValueError,
+                     "chunk must be a positive multiple of 4"),
+    "action frames given": (dict(action_mode="policy", domain="av", chunk=8, image=(32, 32), num_frames=9),
+                            ValueError, "leave them unset"),
+    "inverse without video": (dict(action_mode="inverse_dynamics", domain="av", chunk=8, image=(32, 32)),
+                              ValueError, "inverse_dynamics needs a conditioning video"),
+    "domain too wide": (dict(action_mode="policy", domain="hand_pose", chunk=8, image=(32, 32)), ValueError,
+                        "has id 3.*|57 action channels"),
+    "init noise shape": (dict(num_frames=9, height=32, width=32, init_noise=np.zeros((1, 48, 2, 2, 2))),
+                         ValueError, "init_noise must have shape \\[1, 48, 3, 2, 2\\]"),
+    "sound noise without sound": (dict(num_frames=9, height=32, width=32, init_sound_noise=np.zeros((64, 10))),
+                                  ValueError, "init_sound_noise was given but this request has no such modality"),
+    "bad output type": (dict(num_frames=9, height=32, width=32, output_type="gif"), ValueError, "output_type"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_refused_before_compute(pipeline, monkeypatch, name):
+    kwargs, error, message = BAD_INPUTS[name]
+    kwargs = _materialise(kwargs)
+
+    def no_compute(*args, **kw):
+        raise AssertionError("compute started before the input was checked")
+
+    monkeypatch.setattr(pipeline, "_starting_latents", no_compute)
+    monkeypatch.setattr(pipeline, "_executable", no_compute)
+    with pytest.raises(error, match=message):
+        pipeline(PROMPT, steps=STEPS, progress=False, output_type=kwargs.pop("output_type", "latent"), **kwargs)
+
+
+def test_video_output_needs_a_vae(pipeline):
+    bare = Cosmos3Pipeline(pipeline.model, pipeline.params, pipeline.tokenizer, pipeline.scheduler_config)
+    with pytest.raises(ValueError, match="output_type='video' needs a VAE"):
+        bare(PROMPT, num_frames=9, height=32, width=32, steps=STEPS, output_type="video")
+    with pytest.raises(ValueError, match="image2video needs the VAE"):
+        bare(PROMPT, num_frames=9, height=32, width=32, image=_image(32, 32, 0), steps=STEPS, output_type="latent")
+    with pytest.raises(ValueError, match="enable_sound needs a sound tokenizer"):
+        bare(PROMPT, num_frames=9, height=32, width=32, steps=STEPS, enable_sound=True, output_type="latent")
+
+
+def test_cli_refuses_bad_paths(tmp_path, capsys):
+    from cosmos_jax.cli import main
+
+    missing = str(tmp_path / "no_model")
+    assert main(["generate", "--model", missing, "--prompt", "x", "--output", str(tmp_path / "o.mp4")]) == 2
+    assert f"model folder not found: {missing}" in capsys.readouterr().err
+    model = tmp_path / "model"
+    model.mkdir()
+    args = ["generate", "--model", str(model), "--prompt", "x"]
+    assert main(args + ["--image", str(tmp_path / "nope.png"), "--output", str(tmp_path / "o.mp4")]) == 2
+    assert "--image file not found" in capsys.readouterr().err
+    assert main(args + ["--output-type", "latent", "--output", str(tmp_path / "o.mp4")]) == 2
+    assert "use a .npy path" in capsys.readouterr().err
+    assert main(args + ["--num-frames", "1", "--output", str(tmp_path / "o.mp4")]) == 2
+    assert "one frame is written as .png" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_policy_writes_actions_like_the_pipeline(folder, pipeline, tmp_path):
+    """`cosmos-jax generate` on the saved Hub folder (loaded by cosmos_jax.load) with injected starting latents:
+    the written latents/actions equal a direct pipeline call; the action json/png are written."""
+    from cosmos_jax.cli import main
+
+    rng = np.random.default_rng(5)
+    noise = {"vision": rng.standard_normal((1, 48, 3, 2, 2)), "action": rng.standard_normal((8, 16))}
+    for name, array in noise.items():
+        np.save(tmp_path / f"{name}.npy", array.astype(np.float32))
+    image = tmp_path / "first.png"
+    _image(32, 32, 3).save(image)
+    out = tmp_path / "out" / "policy.npy"
+    code = main(["generate", "--model", str(folder), "--prompt", PROMPT, "--image", str(image),
+                 "--action-mode", "policy", "--domain", "av", "--chunk", "8", "--resolution-tier", "256",
+                 "--steps", str(STEPS), "--init-noise", str(tmp_path / "vision.npy"),
+                 "--init-action-noise", str(tmp_path / "action.npy"), "--output-type", "latent",
+                 "--output", str(out), "--dtype", "float32", "--attention", "xla", "--no-progress"])
+    assert code == 0
+    direct = pipeline(PROMPT, image=str(image), action_mode="policy", domain="av", chunk=8, resolution_tier=256,
+                      steps=STEPS, guidance=1.0, init_noise=noise["vision"], init_action_noise=noise["action"],
+                      output_type="latent", progress=False)
+    np.testing.assert_allclose(np.load(out), direct.latents, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "policy.actions.npy"), direct.actions, atol=1e-6, rtol=0)
+    with open(tmp_path / "out" / "policy.actions.json") as f:
+        written = json.load(f)
+    assert written["mode"] == "policy" and written["shape"] == [8, 9]
+    assert Image.open(tmp_path / "out" / "policy.actions.png").size == (800, 480)
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "policy.actions.json", "policy.actions.npy", "policy.actions.png", "policy.npy"]

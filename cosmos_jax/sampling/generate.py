@@ -111,7 +111,8 @@ class Cosmos3Pipeline:
     """A loaded Cosmos 3 model ready to generate: transformer, VAE, sound tokenizer, scheduler, tokenizer.
 
     `vae`/`sound` may be None: then only `output_type="latent"` without clean vision frames (or with
-    `init_noise`) works, respectively no sound.
+    `init_noise`) works, respectively no sound. `cache_reasoner=False` runs the joint forward (both towers) at
+    every step as the reference does: same numbers, slower; kept for measuring what the cache saves.
     """
 
     def __init__(
@@ -127,6 +128,7 @@ class Cosmos3Pipeline:
         sound_params: Params | None = None,
         use_system_prompt: bool = True,
         native_flow_schedule: bool = False,
+        cache_reasoner: bool = True,
     ) -> None:
         if (vae is None) != (vae_params is None):
             raise ValueError("give both vae and vae_params, or neither")
@@ -142,6 +144,7 @@ class Cosmos3Pipeline:
         self.sound_params = sound_params
         self.use_system_prompt = use_system_prompt
         self.native_flow_schedule = native_flow_schedule
+        self.cache_reasoner = cache_reasoner
         self._progress = _ProgressSink()
         self._executables: dict[Any, Any] = {}
 
@@ -367,17 +370,30 @@ class Cosmos3Pipeline:
         x0[:, : z.shape[1]] = z
         return x0
 
-    def _starting_latents(
-        self, plan: _Plan, seed: int, init_noise: Any, init_sound_noise: Any, init_action_noise: Any
-    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(vision [1, C, T, h, w], sound [S, Ts] | None, action [chunk, A] | None) in float32."""
+    def given_latents(
+        self, plan: _Plan, init_noise: Any, init_sound_noise: Any, init_action_noise: Any
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """The caller's starting latents (arrays or .npy paths) as float32, each checked against the plan."""
         cfg = self.config
         v_shape = (1, cfg.latent_channel, *plan.latent_shape)
         s_shape = (cfg.sound_dim, plan.sound_len) if plan.sound_len else None
         a_shape = (plan.action_len, cfg.action_dim) if plan.action_len else None
-        given_v = _checked_noise("init_noise", init_noise, v_shape)
-        given_s = _checked_noise("init_sound_noise", init_sound_noise, s_shape)
-        given_a = _checked_noise("init_action_noise", init_action_noise, a_shape)
+        return (
+            _checked_noise("init_noise", init_noise, v_shape),
+            _checked_noise("init_sound_noise", init_sound_noise, s_shape),
+            _checked_noise("init_action_noise", init_action_noise, a_shape),
+        )
+
+    def _starting_latents(
+        self, plan: _Plan, seed: int, given_v: np.ndarray | None, given_s: np.ndarray | None,
+        given_a: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(vision [1, C, T, h, w], sound [S, Ts] | None, action [chunk, A] | None) in float32: the given
+        tensors as they are, else noise (vision → sound → action) with the clean frames/rows put in."""
+        cfg = self.config
+        v_shape = (1, cfg.latent_channel, *plan.latent_shape)
+        s_shape = (cfg.sound_dim, plan.sound_len) if plan.sound_len else None
+        a_shape = (plan.action_len, cfg.action_dim) if plan.action_len else None
         key_v, key_s, key_a = jax.random.split(jax.random.key(seed), 3)
         if given_v is not None:
             vision = given_v
@@ -434,10 +450,11 @@ class Cosmos3Pipeline:
         """The compiled loop for this shape signature (compiled once, then reused) and the compile seconds."""
         leaves, treedef = jax.tree_util.tree_flatten(args)
         step_action = bool(plan.action_len) and len(plan.clean_action_rows) < plan.action_len
-        key = (plan.use_cfg, step_action, treedef, tuple((x.shape, jnp.result_type(x)) for x in leaves))
+        shapes = tuple((x.shape, jnp.result_type(x)) for x in leaves)
+        key = (plan.use_cfg, step_action, self.cache_reasoner, treedef, shapes)
         if key in self._executables:
             return self._executables[key], 0.0
-        fn = _denoiser(self.model, plan.use_cfg, step_action, self._progress.tick)
+        fn = _denoiser(self.model, plan.use_cfg, step_action, self.cache_reasoner, self._progress.tick)
         start = time.perf_counter()
         compiled = jax.jit(fn).lower(*args).compile()
         self._executables[key] = compiled
@@ -487,7 +504,8 @@ class Cosmos3Pipeline:
             guidance=guidance, enable_sound=enable_sound, use_system_prompt=use_system_prompt,
             need_vae=init_noise is None,
         )
-        vision, sound, action = self._starting_latents(plan, seed, init_noise, init_sound_noise, init_action_noise)
+        given = self.given_latents(plan, init_noise, init_sound_noise, init_action_noise)
+        vision, sound, action = self._starting_latents(plan, seed, *given)
         schedule = scheduler.make_schedule(self.scheduler_config, steps, native_flow=self.native_flow_schedule)
         text, static = self._model_inputs(plan)
         coefficients = jax.tree.map(jnp.asarray, schedule.coefficients)
@@ -532,11 +550,14 @@ class Cosmos3Pipeline:
         return np.asarray(jnp.transpose(frames, (1, 2, 3, 0)))
 
 
-def _denoiser(model: Cosmos3Transformer, use_cfg: bool, step_action: bool, tick: Callable[[Any], None]) -> Callable:
-    """The whole sampling loop as one pure function: reasoner K/V once, then a scan of generator steps."""
+def _denoiser(
+    model: Cosmos3Transformer, use_cfg: bool, step_action: bool, cache_reasoner: bool, tick: Callable[[Any], None]
+) -> Callable:
+    """The whole sampling loop as one pure function: reasoner K/V once, then a scan of generator steps
+    (with `cache_reasoner=False`, the joint forward of both towers at every step)."""
 
     def run(params, text, static, latents, coefficients, timesteps, guidance):
-        cache, _ = model.encode_reasoner(params, text)
+        cache = model.encode_reasoner(params, text)[0] if cache_reasoner else None
         rows = text.und_len.shape[0]
 
         def batch(x: jax.Array) -> jax.Array:
@@ -558,7 +579,7 @@ def _denoiser(model: Cosmos3Transformer, use_cfg: bool, step_action: bool, tick:
                 action_noisy=static.get("action_noisy"), action_t=t if "action" in x else None,
                 action_domain=static.get("action_domain"),
             )
-            out = model.generate(params, cache, gen)
+            out = model.generate(params, cache, gen) if cache_reasoner else model(params, text, gen)
             new_x, new_states = dict(x), dict(states)
             new_x["vision"], new_states["vision"] = scheduler.step(
                 coefficients, states["vision"], combine(out.vision)[None], x["vision"])
