@@ -139,11 +139,15 @@ def spec_for(shape: Sequence[int], names: LogicalAxes, rules: Rules, mesh: Mesh 
     """The partition spec of an array of `shape` whose dimensions have logical `names`.
 
     Each dimension takes the mesh axes its name maps to, in order, keeping an axis only if it is still unused
-    in this spec and the product of the kept axes' sizes divides the dimension.
+    in this spec and the product of the kept axes' sizes divides the dimension. Every name must have a rule
+    (possibly mapping to no axis), so a missing rule is an error rather than a silently replicated array.
     """
     if len(shape) != len(names):
         raise ValueError(f"logical axes {names} do not match an array of rank {len(shape)} (shape {tuple(shape)})")
     table = dict(rules)
+    missing = [n for n in names if n is not None and n not in table]
+    if missing:
+        raise ValueError(f"no sharding rule for logical axes {missing} (rules cover {sorted(table)})")
     used: set[str] = set()
     out: list[Any] = []
     for dim, name in zip(shape, names):

@@ -187,6 +187,8 @@ def test_spec_for_drops_axes_that_do_not_divide_or_repeat():
     assert spec_for((16, 16), ("mlp", "q_heads"), RULES, mesh) == P("tensor")
     with pytest.raises(ValueError, match="rank 3"):
         spec_for((1, 2, 3), ("batch",), RULES, mesh)
+    with pytest.raises(ValueError, match=r"no sharding rule for logical axes \['embedd'\]"):
+        spec_for((4, 4), ("batch", "embedd"), RULES, mesh)
 
 
 def test_every_parameter_of_every_preset_has_logical_axes():
