@@ -4,7 +4,8 @@
 
 A tiny random reference pipeline (2-layer transformer, hidden 64; tiny Wan VAE; the converter's UniPC config;
 the tiny tokenizer) is saved with `save_pretrained`; the JAX pipeline loads the saved folder with
-`Cosmos3Pipeline.from_pretrained` (fp32, `--attention`, default the plain XLA attention). Both start from the reference's `prepare_latents`.
+`Cosmos3Pipeline.from_pretrained` (fp32, `--attention`, default the plain XLA attention). Both start from the
+reference's `prepare_latents`.
 Two cases:
   - text2video with guidance 6 (two branches per step);
   - policy with a long prompt and a short clip (chunk 4), guidance 1, where the reasoner dominates a step: JAX
@@ -176,8 +177,8 @@ def main() -> None:
                          "1.0x", "-"))
 
     print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} "
-          f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads); JAX attention {args.attention}; {args.steps} steps, fp32, median of "
-          f"{args.repeats} warm runs\n")
+          f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads); "
+          f"JAX attention {args.attention}; {args.steps} steps, fp32, median of {args.repeats} warm runs\n")
     print("| case | prompt tokens | implementation | compile s | ms / step | end to end s | step speed-up | "
           "max abs diff |")
     print("|---|---|---|---|---|---|---|---|")
