@@ -30,7 +30,7 @@ import numpy as np
 from cosmos_jax.modeling.wan_vae_blocks import Decoder, Encoder, PointwiseConv, round_to
 
 RGB_CHANNELS = 3
-ENCODER_CHUNK_FRAMES = 4  # the reference's hard-coded encoder chunk; also the temporal compression
+FRAMES_PER_LATENT = 4  # temporal compression; also the length of the reference's encoder chunks
 
 # The published Cosmos 3 / Wan 2.2 TI2V-5B latent statistics (48 channels).
 COSMOS3_LATENTS_MEAN = (
@@ -158,8 +158,8 @@ def _config_problems(c: WanVAEConfig) -> list[str]:
         problems.append("latents_std must be positive")
     if not 0.0 <= c.dropout < 1.0:
         problems.append(f"dropout must be in [0, 1), got {c.dropout}")
-    if c.scale_factor_temporal not in (None, ENCODER_CHUNK_FRAMES):
-        problems.append(f"scale_factor_temporal must be {ENCODER_CHUNK_FRAMES}, got {c.scale_factor_temporal}")
+    if c.scale_factor_temporal not in (None, FRAMES_PER_LATENT):
+        problems.append(f"scale_factor_temporal must be {FRAMES_PER_LATENT}, got {c.scale_factor_temporal}")
     if not problems and c.scale_factor_spatial not in (None, c.spatial_compression):
         problems.append(f"scale_factor_spatial {c.scale_factor_spatial} disagrees with the layout "
                         f"(patch {c.patch} x 2^{len(c.dim_mult) - 1} = {c.spatial_compression})")
@@ -229,16 +229,6 @@ def unpatchify(x: jax.Array, patch: int) -> jax.Array:
     return x.transpose(0, 1, 2, 6, 3, 5, 4).reshape(b, f, h * patch, w * patch, c)
 
 
-def _scan_chunks(step: Any, cache: Any, chunks: jax.Array) -> jax.Array:
-    """Run `step(chunk, cache) -> (out, cache)` over the leading axis of `chunks`; returns stacked outputs."""
-
-    def body(carry: Any, chunk: jax.Array) -> tuple[Any, jax.Array]:
-        out, carry = step(chunk, carry)
-        return carry, out
-
-    return jax.lax.scan(body, cache, chunks)[1]
-
-
 def _step(params: Any, config: WanVAEConfig, dtype: Any, method: Any) -> Any:
     model = WanVAEModel(config, dtype=dtype)
     return functools.partial(model.apply, {"params": params}, method=method)
@@ -265,12 +255,20 @@ def _encode_first(params: Any, video: jax.Array, config: WanVAEConfig, dtype: An
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def _encode_rest(params: Any, cache: Any, video: jax.Array, config: WanVAEConfig, dtype: Any) -> jax.Array:
-    """Frames 1.. `[B,3,4K,H,W]` after the first chunk's cache -> mean `[B,z,K,h,w]`."""
-    x = _to_patches(video, config, dtype)
-    b, f, h, w, c = x.shape
-    chunks = x.reshape(b, f // ENCODER_CHUNK_FRAMES, ENCODER_CHUNK_FRAMES, h, w, c).swapaxes(0, 1)
-    means = _scan_chunks(_step(params, config, dtype, WanVAEModel.encode_chunk), cache, chunks)  # [K,B,1,h,w,z]
-    return jnp.transpose(means[:, :, 0], (1, 4, 0, 2, 3))
+    """Whole video `[B,3,1+4K,H,W]`, first chunk's cache -> mean of frames 1.. `[B,z,K,h,w]`.
+
+    Each scan step slices and patchifies its own 4 frames, so the input is never copied whole.
+    """
+    step = _step(params, config, dtype, WanVAEModel.encode_chunk)
+
+    def body(carry: Any, index: jax.Array) -> tuple[Any, jax.Array]:
+        chunk = jax.lax.dynamic_slice_in_dim(video, 1 + FRAMES_PER_LATENT * index, FRAMES_PER_LATENT, axis=2)
+        mean, carry = step(_to_patches(chunk, config, dtype), carry)
+        return carry, mean[:, 0]
+
+    chunks = (video.shape[2] - 1) // FRAMES_PER_LATENT
+    means = jax.lax.scan(body, cache, jnp.arange(chunks))[1]  # [K,B,h,w,z]
+    return jnp.transpose(means, (1, 4, 0, 2, 3))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
@@ -283,12 +281,26 @@ def _decode_first(params: Any, z: jax.Array, config: WanVAEConfig, dtype: Any) -
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _decode_rest(params: Any, cache: Any, z: jax.Array, config: WanVAEConfig, dtype: Any) -> jax.Array:
-    """Latent frames 1.. `[B,z,K,h,w]` after the first frame's cache -> video `[B,3,4K,H,W]`."""
-    chunks = jnp.transpose(z, (2, 0, 3, 4, 1))[:, :, None].astype(dtype)  # [K,B,1,h,w,z]
-    frames = _scan_chunks(_step(params, config, dtype, WanVAEModel.decode_chunk), cache, chunks)  # [K,B,4,H,W,o]
-    k, b, f, h, w, c = frames.shape
-    return _from_patches(jnp.moveaxis(frames, 0, 1).reshape(b, k * f, h, w, c), config)
+def _decode_rest(params: Any, cache: Any, first: jax.Array, z: jax.Array, config: WanVAEConfig,
+                 dtype: Any) -> jax.Array:
+    """Decoded frame 0 `[B,3,1,H,W]`, its cache, latent frames 1.. `[B,z,K,h,w]` -> video `[B,3,1+4K,H,W]`.
+
+    The output buffer rides in the scan carry and each step writes its 4 frames in place, so the decode holds one
+    output buffer plus one chunk's activations whatever the frame count.
+    """
+    step = _step(params, config, dtype, WanVAEModel.decode_chunk)
+
+    def body(carry: tuple[Any, jax.Array], index: jax.Array) -> tuple[tuple[Any, jax.Array], None]:
+        cache, video = carry
+        latent = jnp.transpose(jax.lax.dynamic_slice_in_dim(z, index, 1, axis=2), (0, 2, 3, 4, 1)).astype(dtype)
+        frames, cache = step(latent, cache)
+        start = 1 + FRAMES_PER_LATENT * index
+        video = jax.lax.dynamic_update_slice_in_dim(video, _from_patches(frames, config), start, axis=2)
+        return (cache, video), None
+
+    chunks = z.shape[2]
+    video = jnp.pad(first, ((0, 0), (0, 0), (0, FRAMES_PER_LATENT * chunks), (0, 0), (0, 0)))
+    return jax.lax.scan(body, (cache, video), jnp.arange(chunks))[0][1]
 
 
 def _check_finite(x: Any, what: str) -> None:
@@ -306,7 +318,7 @@ def validate_video(video: Any, config: WanVAEConfig) -> None:
     _, channels, frames, height, width = shape
     if channels != RGB_CHANNELS:
         raise ValueError(f"video must have {RGB_CHANNELS} channels (dim 1), got {channels} (shape {shape})")
-    if frames < 1 or (frames - 1) % ENCODER_CHUNK_FRAMES:
+    if frames < 1 or (frames - 1) % FRAMES_PER_LATENT:
         raise ValueError(f"video frame count must be 1 + 4k, got {frames}")
     s = config.spatial_compression
     if height % s or width % s or height == 0 or width == 0:
@@ -333,7 +345,7 @@ def encode(params: Any, video: Any, config: WanVAEConfig, dtype: Any = jnp.float
     mean, cache = _encode_first(params, video[:, :, :1], config, dtype)
     if video.shape[2] == 1:
         return mean
-    return jnp.concatenate([mean, _encode_rest(params, cache, video[:, :, 1:], config, dtype)], axis=2)
+    return jnp.concatenate([mean, _encode_rest(params, cache, video, config, dtype)], axis=2)
 
 
 def decode(params: Any, z: Any, config: WanVAEConfig, dtype: Any = jnp.float32) -> jax.Array:
@@ -343,13 +355,13 @@ def decode(params: Any, z: Any, config: WanVAEConfig, dtype: Any = jnp.float32) 
     video, cache = _decode_first(params, z[:, :, :1], config, dtype)
     if z.shape[2] == 1:
         return video
-    return jnp.concatenate([video, _decode_rest(params, cache, z[:, :, 1:], config, dtype)], axis=2)
+    return _decode_rest(params, cache, video, z[:, :, 1:], config, dtype)
 
 
 def init_params(config: WanVAEConfig, rng: jax.Array, param_dtype: Any = jnp.float32) -> Any:
     """Random parameters with the tree `encode`/`decode` expect."""
     s, p = config.spatial_compression, config.patch
-    video = jnp.zeros((1, 1 + ENCODER_CHUNK_FRAMES, s // p, s // p, config.in_channels), param_dtype)
+    video = jnp.zeros((1, 1 + FRAMES_PER_LATENT, s // p, s // p, config.in_channels), param_dtype)
     latents = jnp.zeros((1, 1, 1, 1, config.z_dim), param_dtype)
     model = WanVAEModel(config, dtype=param_dtype, param_dtype=param_dtype)
     return model.init(rng, video, latents, method=WanVAEModel.initialize)["params"]
@@ -407,4 +419,4 @@ def denormalize_latents(z: jax.Array, latents_mean: Sequence[float], latents_std
 
 def latent_frames(num_frames: int) -> int:
     """Latent frames for a 1+4k-frame video."""
-    return 1 + (num_frames - 1) // ENCODER_CHUNK_FRAMES
+    return 1 + (num_frames - 1) // FRAMES_PER_LATENT
