@@ -69,8 +69,9 @@ class GenerationResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
-    """Everything decided host-side before any compute."""
+class GenerationPlan:
+    """Everything decided host-side before any compute: mode, geometry, latent layout, prompt ids, the
+    pixels to encode for clean frames, the action rows (forward dynamics' given actions) and domain."""
 
     mode: str
     num_frames: int
@@ -210,7 +211,7 @@ class Cosmos3Pipeline:
         enable_sound: bool = False,
         use_system_prompt: bool | None = None,
         need_vae: bool = True,
-    ) -> _Plan:
+    ) -> GenerationPlan:
         """Check every input and decide the layout; raises ValueError/FileNotFoundError before any compute."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -280,13 +281,15 @@ class Cosmos3Pipeline:
             self.tokenizer, prompt, negative_prompt, num_frames=num_frames, height=height, width=width, fps=fps,
             use_system_prompt=use_system_prompt,
         )
-        return _Plan(mode, num_frames, height, width, float(fps), latent_shape, clean, cond, uncond, use_cfg,
+        return GenerationPlan(mode, num_frames, height, width, float(fps), latent_shape, clean, cond, uncond, use_cfg,
                      pixels, None, sound_len, 0, (), None, None, None)
 
     def _plan_action(
-        self, prompt, negative_prompt, image, video, mode, domain, actions, chunk, tier, view_point,
-        num_frames, height, width, fps, use_cfg, enable_sound, use_system_prompt, need_vae,
-    ) -> _Plan:
+        self, prompt: str, negative_prompt: str | None, image: Any, video: Any, mode: str, domain: str | None,
+        actions: np.ndarray | None, chunk: int, tier: int, view_point: str | None, num_frames: int | None,
+        height: int | None, width: int | None, fps: float, use_cfg: bool, enable_sound: bool,
+        use_system_prompt: bool, need_vae: bool,
+    ) -> GenerationPlan:
         cfg = self.config
         if mode not in ACTION_MODES:
             raise ValueError(f"unknown action_mode {mode!r}; expected one of {list(ACTION_MODES)}")
@@ -348,7 +351,7 @@ class Cosmos3Pipeline:
             self.tokenizer, prompt, negative_prompt, num_frames=num_frames, height=height, width=width, fps=fps,
             use_system_prompt=use_system_prompt, action_mode=mode, view_point=view_point,
         )
-        return _Plan(mode, num_frames, height, width, float(fps), latent_shape, clean, cond, uncond, use_cfg,
+        return GenerationPlan(mode, num_frames, height, width, float(fps), latent_shape, clean, cond, uncond, use_cfg,
                      pixels, latent_shape[1:], sound_len, chunk, clean_rows, action_x0, raw_dim, domain_id)
 
     def _sound_len(self, num_frames: int, fps: float) -> int:
@@ -358,7 +361,7 @@ class Cosmos3Pipeline:
 
     # ------------------------------------------------------------------ starting latents
 
-    def _encode_clean(self, plan: _Plan) -> np.ndarray:
+    def _encode_clean(self, plan: GenerationPlan) -> np.ndarray:
         """[C, T, h, w] float32 normalised latents holding the clean frames (zeros elsewhere)."""
         t, h, w = plan.latent_shape
         x0 = np.zeros((self.config.latent_channel, t, h, w), np.float32)
@@ -371,7 +374,7 @@ class Cosmos3Pipeline:
         return x0
 
     def given_latents(
-        self, plan: _Plan, init_noise: Any, init_sound_noise: Any, init_action_noise: Any
+        self, plan: GenerationPlan, init_noise: Any, init_sound_noise: Any, init_action_noise: Any
     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         """The caller's starting latents (arrays or .npy paths) as float32, each checked against the plan."""
         cfg = self.config
@@ -385,7 +388,7 @@ class Cosmos3Pipeline:
         )
 
     def _starting_latents(
-        self, plan: _Plan, seed: int, given_v: np.ndarray | None, given_s: np.ndarray | None,
+        self, plan: GenerationPlan, seed: int, given_v: np.ndarray | None, given_s: np.ndarray | None,
         given_a: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(vision [1, C, T, h, w], sound [S, Ts] | None, action [chunk, A] | None) in float32: the given
@@ -420,7 +423,7 @@ class Cosmos3Pipeline:
 
     # ------------------------------------------------------------------ the jitted loop
 
-    def _model_inputs(self, plan: _Plan) -> tuple[TextInputs, dict[str, Any]]:
+    def _model_inputs(self, plan: GenerationPlan) -> tuple[TextInputs, dict[str, Any]]:
         """Batched text (cond row, then uncond row when guiding) and the static generator fields."""
         ids = [plan.cond_ids, plan.uncond_ids] if plan.use_cfg else [plan.cond_ids]
         layouts = [
@@ -446,7 +449,7 @@ class Cosmos3Pipeline:
             static["action_channels"] = jnp.arange(self.config.action_dim) < plan.raw_action_dim
         return text, static
 
-    def _executable(self, plan: _Plan, args: tuple) -> tuple[Any, float]:
+    def _executable(self, plan: GenerationPlan, args: tuple) -> tuple[Any, float]:
         """The compiled loop for this shape signature (compiled once, then reused) and the compile seconds."""
         leaves, treedef = jax.tree_util.tree_flatten(args)
         step_action = bool(plan.action_len) and len(plan.clean_action_rows) < plan.action_len
