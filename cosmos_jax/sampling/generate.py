@@ -281,8 +281,8 @@ class Cosmos3Pipeline:
             self.tokenizer, prompt, negative_prompt, num_frames=num_frames, height=height, width=width, fps=fps,
             use_system_prompt=use_system_prompt,
         )
-        return GenerationPlan(mode, num_frames, height, width, float(fps), latent_shape, clean, cond, uncond, use_cfg,
-                     pixels, None, sound_len, 0, (), None, None, None)
+        return GenerationPlan(mode, num_frames, height, width, float(fps), latent_shape, clean, cond, uncond,
+                              use_cfg, pixels, None, sound_len, 0, (), None, None, None)
 
     def _plan_action(
         self, prompt: str, negative_prompt: str | None, image: Any, video: Any, mode: str, domain: str | None,
@@ -351,8 +351,9 @@ class Cosmos3Pipeline:
             self.tokenizer, prompt, negative_prompt, num_frames=num_frames, height=height, width=width, fps=fps,
             use_system_prompt=use_system_prompt, action_mode=mode, view_point=view_point,
         )
-        return GenerationPlan(mode, num_frames, height, width, float(fps), latent_shape, clean, cond, uncond, use_cfg,
-                     pixels, latent_shape[1:], sound_len, chunk, clean_rows, action_x0, raw_dim, domain_id)
+        return GenerationPlan(mode, num_frames, height, width, float(fps), latent_shape, clean, cond, uncond,
+                              use_cfg, pixels, latent_shape[1:], sound_len, chunk, clean_rows, action_x0, raw_dim,
+                              domain_id)
 
     def _sound_len(self, num_frames: int, fps: float) -> int:
         c: AudioTokenizerConfig = self.sound.config
