@@ -118,3 +118,196 @@ def test_flow_loss_and_gradients_match_torch(tmp_path):
         assert err <= GRAD_REL_TOL, f"{jax.tree_util.keystr(path)}: gradient relative error {err:.3g}"
         checked += 1
     assert checked > 20
+
+
+# ------------------------------------------------------------------------------------------ σ schedules
+
+
+def test_waver_and_shift_values():
+    u = jnp.array([0.0, 0.25, 0.5, 1.0])
+    # t = 1 − u − 1.29·(cos²(πu/2) − 1 + u); cos²(π/8) = 0.8535534
+    np.testing.assert_allclose(losses.waver_t(u), [1.0, 0.75 - 1.29 * (0.8535534 - 0.75), 0.5, 0.0], atol=1e-6)
+    np.testing.assert_allclose(losses.shift_sigma(jnp.array([0.0, 0.5, 1.0]), 3.0), [0.0, 0.75, 1.0], atol=1e-7)
+    assert [losses.shift_for_resolution(r) for r in (256, 480, 720)] == [3.0, 5.0, 10.0]
+    with pytest.raises(ValueError, match="no σ shift for resolution 300"):
+        losses.shift_for_resolution(300)
+    sigma = losses.sample_sigma(jax.random.key(0), 4096, "logitnormal", 1.0)
+    assert abs(float(jnp.median(sigma)) - 0.5) < 0.03  # sigmoid(N(0,1)) has median 0.5
+    shifted = losses.sample_sigma(jax.random.key(0), 4096, "waver", 3.0)
+    assert 0.0 <= float(shifted.min()) and float(shifted.max()) <= 1.0 and float(jnp.mean(shifted)) > 0.6
+
+
+def test_text_cross_entropy_masks_padding():
+    logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
+    text = losses.TextInputs(input_ids=jnp.array([[0, 1, 2]]), und_len=jnp.array([2]), position_ids=jnp.zeros((1, 3, 3)))
+    # und_len 2: only position 0 predicts a real token (id 1, p = 0.25)
+    np.testing.assert_allclose(losses.text_cross_entropy(logits, text), -np.log(0.25), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _write_world(root, count=6, extra=()):
+    from cosmos_jax.training import data as data_lib
+
+    rng = np.random.default_rng(0)
+    meta = data_lib.DatasetMeta((48, 2, 4, 4), 8.0, 2, 3)
+    entries = [data_lib.write_sample(str(root), f"s{i}", rng.standard_normal((48, 2, 4, 4)).astype(np.float32),
+                                     rng.integers(1, 300, 2 + i % 3), rng.standard_normal((2, 3)), 1)
+               for i in range(count)]
+    for sid, kwargs in extra:
+        entries.append(data_lib.write_sample(str(root), sid, **kwargs))
+    data_lib.write_dataset(str(root), meta, entries)
+    return meta
+
+
+BAD = [
+    ("wide_actions", dict(latents=np.zeros((48, 2, 4, 4), np.float32), caption_ids=[1, 2],
+                          actions=np.zeros((2, 4)), domain=1)),
+    ("no_caption", dict(latents=np.zeros((48, 2, 4, 4), np.float32), caption_ids=np.zeros(0, np.int32),
+                        actions=np.zeros((2, 3)), domain=1)),
+]
+
+
+def test_bad_data_is_reported_with_the_sample_id(tmp_path):
+    from cosmos_jax.training import data as data_lib
+
+    _write_world(tmp_path, extra=BAD)
+    (tmp_path / "samples" / "s2.npz").write_bytes(b"not a zip")  # corrupt clip
+    cfg = jax_config(build_torch_transformer(NANO_STYLE))
+    loader, _, bad_log = data_lib.make_loader(str(tmp_path), cfg, data_lib.PipelineConfig(2, 8, skip_bad=True))
+    it = iter(loader)
+    rows = [next(it) for _ in range(6)]
+    assert all(r["vision"].shape == (2, 48, 2, 4, 4) and r["action"].shape == (2, 2, 16) for r in rows)
+    reasons = dict(bad_log.skipped)
+    assert set(reasons) == {"s2", "wide_actions", "no_caption"}
+    assert "cannot read" in reasons["s2"] and "wrong action width" in reasons["wide_actions"]
+    assert "missing or empty caption" in reasons["no_caption"]
+    loader, _, _ = data_lib.make_loader(str(tmp_path), cfg, data_lib.PipelineConfig(2, 8, skip_bad=False))
+    with pytest.raises(data_lib.BadSample, match="bad sample '(s2|wide_actions|no_caption)'"):
+        it = iter(loader)
+        for _ in range(12):
+            next(it)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_event_file_round_trip(tmp_path):
+    from cosmos_jax.training import metrics as metrics_lib
+
+    assert metrics_lib.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    writer = metrics_lib.MetricsWriter(str(tmp_path))
+    assert writer.push(1, {"loss/total": jnp.float32(2.5)}, 0.5, 100) == {}  # written one step late
+    written = writer.push(2, {"loss/total": jnp.float32(1.25)}, 0.25, 100)
+    assert written["loss/total"] == 2.5 and written["perf/tokens_per_s"] == 200.0
+    writer.close()
+    (events,) = [p for p in os.listdir(tmp_path) if p.startswith("events.out.tfevents")]
+    read = metrics_lib.read_events(str(tmp_path / events))
+    assert [(s, v["loss/total"]) for s, v in read] == [(1, 2.5), (2, 1.25)]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+# ------------------------------------------------------------------------------------------ train step
+
+
+def _small_config():
+    from cosmos_jax.config import Cosmos3Config
+
+    return Cosmos3Config.from_dict(NANO_STYLE)
+
+
+def _packed_batch(root, cfg, batch_size):
+    from cosmos_jax.training import data as data_lib
+
+    loader, _, _ = data_lib.make_loader(str(root), cfg, data_lib.PipelineConfig(batch_size, 8, seed=3))
+    return data_lib.to_train_batch(next(iter(loader)))
+
+
+# fp32: 8-way FSDP reorders reductions. Adam's first step is g/(|g|+eps), which turns reduction noise in near-zero
+# gradients into O(lr) updates, so the test uses eps=1e-3; bound: max |Δparam| / max |update| (+ 2e-7·max |param|).
+SHARDED_REL_TOL = 1e-3
+
+
+def test_sharded_step_equals_single_device_step(tmp_path):
+    from cosmos_jax.training import step as step_lib
+
+    _write_world(tmp_path, count=8)
+    cfg = _small_config()
+    model = Cosmos3Transformer(cfg, dtype=jnp.float32, attention="xla")
+    optim = step_lib.OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10, ema_decay=0.5, eps=1e-3)
+    batch = _packed_batch(tmp_path, cfg, 8)
+    abstract, optimizer = step_lib.abstract_state(model, optim)
+    params = jax.device_get(model.init(jax.random.key(0)))  # host copies: the device states below are donated
+    results = []
+    for devices in (1, 8):
+        mesh = step_lib.fsdp_mesh(devices)
+        shardings = step_lib.state_shardings(abstract, step_lib.fsdp_param_shardings(abstract.params, mesh),
+                                             optimizer, mesh)
+        state = jax.device_put(step_lib.init_state(params, optimizer, optim, seed=7), shardings)
+        fn = step_lib.jit_train_step(step_lib.train_step_fn(model, optimizer, LossConfig(), optim), shardings,
+                                     step_lib.batch_shardings(batch, mesh), mesh)
+        new_state, metrics = fn(state, batch)
+        if devices == 8:
+            kernel = new_state.params["generator"]["layers"]["mlp"]["up_proj"]["kernel"]
+            assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
+        results.append(jax.device_get((new_state, metrics)))
+    (single, m1), (sharded, m8) = results
+    for key in ("loss/total", "loss/vision", "loss/action", "grad_norm"):
+        assert abs(m1[key] - m8[key]) <= 1e-5 * abs(m1[key]), key
+    start = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    for name, a, b, p0 in zip(("params", "ema"), (single.params, single.ema), (sharded.params, sharded.ema),
+                              (start, start)):
+        for la, lb, l0 in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(p0)):
+            scale = max(float(np.abs(la - l0).max()), 1e-12)
+            assert float(np.abs(la - lb).max()) <= SHARDED_REL_TOL * scale + 2e-7 * float(np.abs(l0).max()), name
+    # the frozen reasoner is untouched; the generator moved
+    for la, l0 in zip(jax.tree.leaves(single.params["reasoner"]), jax.tree.leaves(start["reasoner"])):
+        np.testing.assert_array_equal(la, l0)
+    assert float(np.abs(single.params["generator"]["proj_in"]["kernel"] - start["generator"]["proj_in"]["kernel"]).max()) > 1e-4
+
+
+RESUME_SCRIPT = """
+import sys
+import jax, numpy as np
+from cosmos_jax.training.loop import RunConfig, train
+from cosmos_jax.training.step import OptimConfig
+config, data, out, fail_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+def on_step(step, state):
+    if step == fail_at:
+        raise RuntimeError("injected failure after step %d" % step)
+optim = OptimConfig(lr=1e-3, warmup_steps=1, total_steps=4, ema_decay=0.9, freeze_reasoner=False, grad_accum=2)
+run = RunConfig(model=config, data=data, out=out, steps=4, batch=2, max_text_len=8, dtype="float32",
+                attention="xla", fsdp=1, save_every=2, optim=optim)
+result = train(run, on_step=on_step, progress=False)
+state = result["state"]
+np.savez(out + "/final.npz", *[np.asarray(x) for x in jax.tree.leaves((state.params, state.ema, state.opt_state))])
+"""
+
+
+def _run_resume_script(tmp_path, out, fail_at):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    return subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path / "model.json"), str(tmp_path / "data"),
+                           str(out), str(fail_at)], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_kill_and_resume_is_bitwise_identical(tmp_path):
+    (tmp_path / "data").mkdir()
+    _write_world(tmp_path / "data", count=5)
+    _small_config().to_json(tmp_path / "model.json")
+    straight = _run_resume_script(tmp_path, tmp_path / "straight", -1)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _run_resume_script(tmp_path, tmp_path / "killed", 3)
+    assert killed.returncode != 0 and "injected failure after step 3" in killed.stderr
+    assert not (tmp_path / "killed" / "final.npz").exists()
+    assert (tmp_path / "killed" / "checkpoints" / "2").is_dir()
+    resumed = _run_resume_script(tmp_path, tmp_path / "killed", -1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with np.load(tmp_path / "straight" / "final.npz") as a, np.load(tmp_path / "killed" / "final.npz") as b:
+        assert a.files == b.files and len(a.files) > 50
+        for name in a.files:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [3, 4]  # the resumed run trained steps 3 and 4

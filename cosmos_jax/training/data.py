@@ -136,6 +136,9 @@ class SampleSource(grain.RandomAccessDataSource):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __repr__(self) -> str:  # grain checks it on restore, so it must be stable across processes
+        return f"SampleSource({os.path.abspath(self._root)!r}, {len(self._entries)} samples)"
+
     def __getitem__(self, index: int) -> dict[str, str]:
         entry = self._entries[index]
         return {"id": entry["id"], "path": os.path.join(self._root, entry["file"])}

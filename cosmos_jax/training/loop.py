@@ -121,23 +121,25 @@ def train(
     bar = tqdm(total=run.steps, initial=start, disable=not progress, desc="train", unit="step")
     rows = first
     last_time = time.perf_counter()
-    for step in range(start, run.steps):
-        if step > start:
-            rows = next(iterator)
-        batch = _global_batch(data_lib.to_train_batch(rows), b_shardings)
-        state, metrics = step_fn(state, batch)
-        now = time.perf_counter()
-        written = writer.push(step + 1, metrics, now - last_time, tokens)
-        last_time = now
-        if written:
-            bar.set_postfix(loss=f"{written['loss/total']:.4f}", tok_s=f"{written['perf/tokens_per_s']:.0f}")
-        bar.update(1)
-        if on_step is not None:
-            on_step(step + 1, state)
-        if (step + 1) % run.save_every == 0 or step + 1 == run.steps:
-            checkpointer.save(step + 1, state, {"data_iterator": data_lib.iterator_state(iterator),
-                                                "skipped": bad_log.skipped})
-    bar.close()
-    last = writer.close()
-    checkpointer.close()
+    try:
+        for step in range(start, run.steps):
+            if step > start:
+                rows = next(iterator)
+            batch = _global_batch(data_lib.to_train_batch(rows), b_shardings)
+            state, metrics = step_fn(state, batch)
+            now = time.perf_counter()
+            written = writer.push(step + 1, metrics, now - last_time, tokens)
+            last_time = now
+            if written:
+                bar.set_postfix(loss=f"{written['loss/total']:.4f}", tok_s=f"{written['perf/tokens_per_s']:.0f}")
+            bar.update(1)
+            if on_step is not None:
+                on_step(step + 1, state)
+            if (step + 1) % run.save_every == 0 or step + 1 == run.steps:
+                checkpointer.save(step + 1, state, {"data_iterator": data_lib.iterator_state(iterator),
+                                                    "skipped": bad_log.skipped})
+    finally:  # on any exit, saves already started are finished and the metrics written so far flushed
+        bar.close()
+        last = writer.close()
+        checkpointer.close()
     return {"state": state, "metrics": last, "skipped": list(bad_log.skipped), "model": model, "meta": meta}

@@ -101,7 +101,7 @@ def init_state(params: Params, optimizer: optax.GradientTransformation, config: 
         step=jnp.zeros((), jnp.int32),
         params=masters,
         opt_state=optimizer.init(masters),
-        ema=masters if config.ema_decay is not None else None,
+        ema=jax.tree.map(jnp.copy, masters) if config.ema_decay is not None else None,
         rng=jax.random.PRNGKey(seed),
     )
 
@@ -143,22 +143,11 @@ def train_step_fn(
 
     def step(state: TrainState, batch: TrainBatch) -> tuple[TrainState, dict[str, jax.Array]]:
         step_key = jax.random.fold_in(state.rng, state.step)
-        micro = _split_microbatches(batch, config.grad_accum)
-
-        def accumulate(carry, inputs):
-            grads_sum, parts_sum = carry
-            index, mb = inputs
-            (_, parts), grads = grad_fn(state.params, mb, jax.random.fold_in(step_key, index))
-            add = lambda a, b: a + b  # noqa: E731
-            return (jax.tree.map(add, grads_sum, grads), jax.tree.map(add, parts_sum, parts)), None
-
-        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-        first = jax.tree.map(lambda x: x[0], micro)
-        parts_shape = jax.eval_shape(lambda: grad_fn(state.params, first, step_key)[0][1])
-        zero_parts = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), parts_shape)
-        (grads, parts), _ = jax.lax.scan(
-            accumulate, (zero_grads, zero_parts), (jnp.arange(config.grad_accum), micro)
-        )
+        if config.grad_accum == 1:
+            (_, parts), grads = grad_fn(state.params, batch, jax.random.fold_in(step_key, 0))
+        else:
+            grads, parts = _accumulated_grads(grad_fn, state.params, _split_microbatches(batch, config.grad_accum),
+                                              step_key)
         scale = 1.0 / config.grad_accum
         grads = jax.tree.map(lambda g: g * scale, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -168,12 +157,28 @@ def train_step_fn(
             d = config.ema_decay
             ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
         metrics = {f"loss/{k}": v * scale for k, v in parts.items()}
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state.step)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rng=state.rng)
         return new_state, metrics
 
     return step
+
+
+def _accumulated_grads(grad_fn: Callable[..., Any], params: Params, micro: TrainBatch,
+                       key: jax.Array) -> tuple[Params, dict[str, jax.Array]]:
+    """Sums of gradients and loss parts over the leading microbatch axis (scanned; key folded with the index)."""
+
+    def accumulate(carry, inputs):
+        index, mb = inputs
+        (_, parts), grads = grad_fn(params, mb, jax.random.fold_in(key, index))
+        return jax.tree.map(lambda a, b: a + b, carry, (grads, parts)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    (_, parts_shape), grads_shape = jax.eval_shape(grad_fn, params, first, key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, parts_shape))
+    (grads, parts), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(micro.gen.vision.shape[0]), micro))
+    return grads, parts
 
 
 # ------------------------------------------------------------------------------------------------ sharding
