@@ -367,6 +367,29 @@ def init_params(config: WanVAEConfig, rng: jax.Array, param_dtype: Any = jnp.flo
     return model.init(rng, video, latents, method=WanVAEModel.initialize)["params"]
 
 
+def decode_memory_plan(config: WanVAEConfig, latent_shape: tuple[int, ...], dtype: Any = jnp.float32,
+                       param_dtype: Any = jnp.float32) -> dict[str, int]:
+    """Bytes XLA plans for `decode` of latents `[B,z,T,h,w]` on the default backend, without weights or data.
+
+    Returns `output_bytes`, `param_bytes` and `temp_bytes` (the larger scratch of the first-frame and scanned
+    programs). `temp_bytes` does not depend on T: only the output grows with the frame count.
+    """
+    dtype = jnp.dtype(dtype)
+    params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), param_dtype))
+    b, c, t, h, w = latent_shape
+    first_z = jax.ShapeDtypeStruct((b, c, 1, h, w), jnp.float32)
+    first = _decode_first.lower(params, first_z, config, dtype).compile().memory_analysis()
+    plan = {"output_bytes": first.output_size_in_bytes, "temp_bytes": first.temp_size_in_bytes,
+            "param_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))}
+    if t > 1:
+        frame, cache = jax.eval_shape(functools.partial(_decode_first, config=config, dtype=dtype), params, first_z)
+        rest_z = jax.ShapeDtypeStruct((b, c, t - 1, h, w), jnp.float32)
+        rest = _decode_rest.lower(params, cache, frame, rest_z, config, dtype).compile().memory_analysis()
+        plan["output_bytes"] = rest.output_size_in_bytes
+        plan["temp_bytes"] = max(plan["temp_bytes"], rest.temp_size_in_bytes)
+    return plan
+
+
 @dataclasses.dataclass(frozen=True)
 class WanVAE:
     """A config and a compute dtype bundled: `vae.encode(params, video)`, `vae.decode(params, z)`."""
