@@ -240,7 +240,8 @@ def test_decode_rejects_bad_latents(params, shape, fill, message):
 
 
 def test_decode_scratch_memory_does_not_grow_with_frames():
-    """XLA plans the same scratch for 2 and 4 latent frames; only the output buffer grows."""
+    """At 32x48 px XLA plans the same scratch for 2 and 4 latent frames (the chunk step's activations are reused
+    across the scan); only the output buffer grows."""
     short = decode_memory_plan(TINY, (2, 48, 2, HEIGHT // 16, WIDTH // 16))
     long = decode_memory_plan(TINY, (2, 48, 4, HEIGHT // 16, WIDTH // 16))
     assert long["temp_bytes"] == short["temp_bytes"]

@@ -285,8 +285,8 @@ def _decode_rest(params: Any, cache: Any, first: jax.Array, z: jax.Array, config
                  dtype: Any) -> jax.Array:
     """Decoded frame 0 `[B,3,1,H,W]`, its cache, latent frames 1.. `[B,z,K,h,w]` -> video `[B,3,1+4K,H,W]`.
 
-    The output buffer rides in the scan carry and each step writes its 4 frames in place, so the decode holds one
-    output buffer plus one chunk's activations whatever the frame count.
+    The output buffer rides in the scan carry and each step writes its 4 frames into it; per-chunk activations do
+    not grow with the frame count (see `decode_memory_plan` for what XLA plans around the carried buffer).
     """
     step = _step(params, config, dtype, WanVAEModel.decode_chunk)
 
@@ -372,7 +372,8 @@ def decode_memory_plan(config: WanVAEConfig, latent_shape: tuple[int, ...], dtyp
     """Bytes XLA plans for `decode` of latents `[B,z,T,h,w]` on the default backend, without weights or data.
 
     Returns `output_bytes`, `param_bytes` and `temp_bytes` (the larger scratch of the first-frame and scanned
-    programs). `temp_bytes` does not depend on T: only the output grows with the frame count.
+    programs). Per-chunk activations do not depend on T; on the CPU backend XLA still plans scratch that grows with
+    the output buffer (about 1x it at 256x256 px, about 4.8x it at 704x1280 px), so check the target backend.
     """
     dtype = jnp.dtype(dtype)
     params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), param_dtype))
