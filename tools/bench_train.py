@@ -54,7 +54,8 @@ def torch_step_fn(model, segments, input_ids, x0, mask, sigma, optimizer):
         (vision,), _, _ = model(
             input_ids=ids, text_indexes=segments["text_indexes"], position_ids=segments["position_ids"],
             und_len=segments["und_len"], sequence_length=segments["sequence_length"], vision_tokens=[x_sigma],
-            vision_token_shapes=segments["vision_token_shapes"], vision_sequence_indexes=segments["vision_sequence_indexes"],
+            vision_token_shapes=segments["vision_token_shapes"],
+            vision_sequence_indexes=segments["vision_sequence_indexes"],
             vision_mse_loss_indexes=segments["vision_mse_loss_indexes"],
             vision_timesteps=torch.full((n_vision,), sigma * 1000.0),
             vision_noisy_frame_indexes=segments["vision_noisy_frame_indexes"], return_dict=False,

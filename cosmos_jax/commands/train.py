@@ -18,13 +18,6 @@ from cosmos_jax.training.losses import LossConfig, shift_for_resolution
 from cosmos_jax.training.step import OptimConfig
 
 
-def _mesh_devices(spec: str) -> int:
-    name, sep, value = spec.partition("=")
-    if name.strip() != "fsdp" or not sep or not value.strip().isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"--mesh takes fsdp=N with N >= 1, got {spec!r}")
-    return int(value)
-
-
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="model preset name or transformer config.json")
     parser.add_argument("--data", required=True, help="dataset directory (cosmos_jax/training/data.py format)")
@@ -41,7 +34,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     tower = parser.add_mutually_exclusive_group()
     tower.add_argument("--freeze-reasoner", dest="freeze_reasoner", action="store_true", default=True)
     tower.add_argument("--train-both", dest="freeze_reasoner", action="store_false")
-    parser.add_argument("--mesh", type=_mesh_devices, default=None, metavar="fsdp=N", help="default: all devices")
+    parser.add_argument("--mesh", default=None, metavar="fsdp=N[,tensor=M,...]", help="default: fsdp over all devices")
+    parser.add_argument("--mesh-rules", default="tiny", help="mesh preset whose rules shard the parameters")
     parser.add_argument("--max-text-len", type=int, default=64)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     parser.add_argument("--remat", action="store_true")
@@ -72,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
                         grad_accum=args.grad_accum)
     config = RunConfig(model=args.config, data=args.data, out=args.out, steps=args.steps, batch=args.batch,
                        max_text_len=args.max_text_len, seed=args.seed, dtype=args.dtype, remat=args.remat,
-                       attention=args.attention, fsdp=args.mesh, save_every=args.save_every, keep=args.keep,
-                       skip_bad=args.skip_bad, task_weights=args.tasks, optim=optim, loss=_loss_config(args))
+                       attention=args.attention, mesh=args.mesh, rules=args.mesh_rules,
+                       save_every=args.save_every, keep=args.keep, skip_bad=args.skip_bad, task_weights=args.tasks, optim=optim, loss=_loss_config(args))
     init = None
     if args.init:
         from cosmos_jax.load import load

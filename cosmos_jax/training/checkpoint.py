@@ -23,7 +23,8 @@ class TrainCheckpointer:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "extra"))
+        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                              item_names=("state", "extra"))
 
     @property
     def latest_step(self) -> int | None:

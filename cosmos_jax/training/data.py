@@ -29,7 +29,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import grain.python as grain
@@ -312,11 +312,6 @@ def make_loader(root: str, model: Cosmos3Config, config: PipelineConfig,
     loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
                               worker_count=config.worker_count)
     return loader, meta, bad_log
-
-
-def batches(iterator: Iterator[Mapping[str, np.ndarray]]) -> Iterator[TrainBatch]:
-    for rows in iterator:
-        yield to_train_batch(rows)
 
 
 def iterator_state(iterator: Any) -> str:

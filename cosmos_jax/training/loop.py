@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from cosmos_jax import sharding as sharding_lib
 from cosmos_jax.config import Cosmos3Config, load_preset
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.training import data as data_lib
@@ -24,8 +25,6 @@ from cosmos_jax.training.step import (
     TrainState,
     abstract_state,
     batch_shardings,
-    fsdp_mesh,
-    fsdp_param_shardings,
     init_state,
     jit_train_step,
     state_shardings,
@@ -37,7 +36,9 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """One training run. `batch` is the global batch; `fsdp` the number of devices (None: all)."""
+    """One training run. `batch` is the global batch; `mesh` a spec like 'fsdp=8' or 'fsdp=4,tensor=2' over all
+    devices (None: fsdp over all); `rules` the mesh preset (configs/mesh/<rules>.json) whose logical-axis rules
+    shard the parameters (cosmos_jax.sharding)."""
 
     model: str
     data: str
@@ -49,7 +50,8 @@ class RunConfig:
     dtype: str = "bfloat16"
     remat: bool = False
     attention: str = "auto"
-    fsdp: int | None = None
+    mesh: str | None = None
+    rules: str = "tiny"
     save_every: int = 50
     keep: int = 3
     skip_bad: bool = False
@@ -61,7 +63,8 @@ class RunConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.steps < 1 or self.batch < 1 or self.save_every < 1:
-            raise ValueError(f"steps, batch and save_every must be >= 1, got {self.steps}, {self.batch}, {self.save_every}")
+            raise ValueError(f"steps, batch and save_every must be >= 1, got {self.steps}, {self.batch}, "
+                             f"{self.save_every}")
 
 
 def model_config(name_or_path: str) -> Cosmos3Config:
@@ -87,7 +90,7 @@ def train(
     cfg = model_config(run.model)
     model = Cosmos3Transformer(cfg, dtype=DTYPES[run.dtype], param_dtype=jnp.float32, attention=run.attention,
                                remat=run.remat)
-    mesh = fsdp_mesh(run.fsdp)
+    mesh = sharding_lib.make_mesh(run.mesh or f"fsdp={jax.device_count()}")
     if run.batch % mesh.size or run.batch % run.optim.grad_accum:
         raise ValueError(f"global batch {run.batch} must be divisible by the {mesh.size} devices and by "
                          f"grad_accum={run.optim.grad_accum}")
@@ -98,7 +101,9 @@ def train(
     iterator = iter(loader)
 
     abstract, optimizer = abstract_state(model, run.optim)
-    shardings = state_shardings(abstract, fsdp_param_shardings(abstract.params, mesh), optimizer, mesh)
+    rules = sharding_lib.load_mesh_preset(run.rules).rules
+    param_shardings = sharding_lib.param_shardings(abstract.params, mesh, rules)
+    shardings = state_shardings(abstract, param_shardings, optimizer, mesh)
     checkpointer = TrainCheckpointer(os.path.join(run.out, "checkpoints"), keep=run.keep)
     if checkpointer.latest_step is not None:
         state, extra = checkpointer.restore(with_shardings(abstract, shardings))

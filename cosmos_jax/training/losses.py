@@ -129,7 +129,7 @@ def _action_mask(gen: GeneratorInputs, action_width: jax.Array | None) -> jax.Ar
 
 
 def noisy_inputs(gen: GeneratorInputs, sigma: jax.Array, noise: Noise) -> GeneratorInputs:
-    """The network's inputs: x_σ on noisy frames/rows, x0 on conditioning ones, timestep σ·1000 for all modalities."""
+    """The network's inputs: x_σ on noisy frames/rows, x0 on conditioning ones, timestep σ·1000 everywhere."""
     t = sigma.astype(jnp.float32) * TIMESTEP_SCALE
     updates: dict[str, Any] = dict(vision=_noised(gen.vision, noise.vision, sigma, _vision_mask(gen)), vision_t=t)
     if gen.sound is not None:

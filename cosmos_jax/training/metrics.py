@@ -82,14 +82,16 @@ def scalar_event(step: int, wall_time: float, scalars: Mapping[str, float]) -> b
         _field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value))
         for tag, value in scalars.items()
     )
-    return _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3) + _varint(step) + _field_bytes(5, summary)
+    header = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3) + _varint(step)
+    return header + _field_bytes(5, summary)
 
 
 def version_event(wall_time: float) -> bytes:
     return _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _field_bytes(3, b"brain.Event:2")
 
 
-def train_flops_per_step(config: Cosmos3Config, batch: int, text_len: int, gen_len: int, freeze_reasoner: bool) -> float:
+def train_flops_per_step(config: Cosmos3Config, batch: int, text_len: int, gen_len: int,
+                         freeze_reasoner: bool) -> float:
     """Model FLOPs of one step: matmuls (2 per weight per token forward, 4 more backward) and attention scores
     and values (generator queries see text + generator keys; reasoner queries see text keys). A frozen
     reasoner runs forward only."""

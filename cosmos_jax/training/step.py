@@ -45,7 +45,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.total_steps < 1 or self.warmup_steps < 0:
-            raise ValueError(f"need total_steps >= 1 and warmup_steps >= 0, got {self.total_steps}, {self.warmup_steps}")
+            raise ValueError(f"need total_steps >= 1 and warmup_steps >= 0, got {self.total_steps}, "
+                             f"{self.warmup_steps}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -90,7 +91,8 @@ def make_optimizer(config: OptimConfig, params: Params) -> optax.GradientTransfo
     )
     return optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
-        optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, tower_labels(params, config.freeze_reasoner)),
+        optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
+                              tower_labels(params, config.freeze_reasoner)),
     )
 
 
