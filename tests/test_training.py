@@ -37,9 +37,11 @@ def _torch_loss(model, segments, input_ids, x_sigma, sound_sigma, action_sigma, 
         vision_tokens=[as_t(x_sigma)], vision_token_shapes=segments["vision_token_shapes"],
         vision_sequence_indexes=segments["vision_sequence_indexes"],
         vision_mse_loss_indexes=segments["vision_mse_loss_indexes"],
-        vision_timesteps=torch.full((n_vision,), timestep), vision_noisy_frame_indexes=segments["vision_noisy_frame_indexes"],
+        vision_timesteps=torch.full((n_vision,), timestep),
+        vision_noisy_frame_indexes=segments["vision_noisy_frame_indexes"],
         sound_tokens=[as_t(sound_sigma)], sound_token_shapes=segments["sound_token_shapes"],
-        sound_sequence_indexes=segments["sound_sequence_indexes"], sound_mse_loss_indexes=segments["sound_mse_loss_indexes"],
+        sound_sequence_indexes=segments["sound_sequence_indexes"],
+        sound_mse_loss_indexes=segments["sound_mse_loss_indexes"],
         sound_timesteps=torch.full((segments["sound_len"],), timestep),
         sound_noisy_frame_indexes=segments["sound_noisy_frame_indexes"],
         action_tokens=[as_t(action_sigma)], action_token_shapes=segments["action_token_shapes"],
@@ -95,7 +97,8 @@ def test_flow_loss_and_gradients_match_torch(tmp_path):
     v_mask = np.broadcast_to(layout.vision_noisy[None, None, :, None, None], x0.shape).astype(np.float32)
     targets = [np.asarray(n) - x for n, x in zip((noise.vision, noise.sound, noise.action), (x0, s0, a0))]
     masks = [v_mask[0], np.ones(s0.shape[1:], np.float32), np.ones(a0.shape[1:], np.float32)]
-    t_loss, t_parts = _torch_loss(torch_model, segments, input_ids, np.asarray(noised.vision), np.asarray(noised.sound)[0],
+    t_loss, t_parts = _torch_loss(torch_model, segments, input_ids, np.asarray(noised.vision),
+                                  np.asarray(noised.sound)[0],
                                   np.asarray(noised.action)[0], sigma * 1000.0, domain, targets, masks, raw_width)
     torch_model.zero_grad()
     t_loss.backward()
@@ -106,7 +109,8 @@ def test_flow_loss_and_gradients_match_torch(tmp_path):
     assert abs(float(loss) - t_loss.item()) <= LOSS_REL_TOL * t_loss.item()
 
     t_grads = {name: p.grad.numpy() for name, p in torch_model.named_parameters() if p.grad is not None}
-    t_grads.update({name: np.zeros(p.shape, np.float32) for name, p in torch_model.named_parameters() if p.grad is None})
+    t_grads.update({name: np.zeros(p.shape, np.float32)
+                    for name, p in torch_model.named_parameters() if p.grad is None})
     want = params_from_torch_state(t_grads, cfg, jmodel.abstract_params())
     checked = 0
     for (path, got), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want)):
@@ -139,7 +143,8 @@ def test_waver_and_shift_values():
 
 def test_text_cross_entropy_masks_padding():
     logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
-    text = losses.TextInputs(input_ids=jnp.array([[0, 1, 2]]), und_len=jnp.array([2]), position_ids=jnp.zeros((1, 3, 3)))
+    text = losses.TextInputs(input_ids=jnp.array([[0, 1, 2]]), und_len=jnp.array([2]),
+                             position_ids=jnp.zeros((1, 3, 3)))
     # und_len 2: only position 0 predicts a real token (id 1, p = 0.25)
     np.testing.assert_allclose(losses.text_cross_entropy(logits, text), -np.log(0.25), rtol=1e-6)
 
@@ -264,7 +269,8 @@ def test_sharded_step_equals_single_device_step(tmp_path):
     # the frozen reasoner is untouched; the generator moved
     for la, l0 in zip(jax.tree.leaves(single.params["reasoner"]), jax.tree.leaves(start["reasoner"])):
         np.testing.assert_array_equal(la, l0)
-    assert float(np.abs(single.params["generator"]["proj_in"]["kernel"] - start["generator"]["proj_in"]["kernel"]).max()) > 1e-4
+    moved = single.params["generator"]["proj_in"]["kernel"] - start["generator"]["proj_in"]["kernel"]
+    assert float(np.abs(moved).max()) > 1e-4
 
 
 RESUME_SCRIPT = """
@@ -278,7 +284,7 @@ def on_step(step, state):
         raise RuntimeError("injected failure after step %d" % step)
 optim = OptimConfig(lr=1e-3, warmup_steps=1, total_steps=4, ema_decay=0.9, freeze_reasoner=False, grad_accum=2)
 run = RunConfig(model=config, data=data, out=out, steps=4, batch=2, max_text_len=8, dtype="float32",
-                attention="xla", fsdp=1, save_every=2, optim=optim)
+                attention="xla", mesh="fsdp=1", save_every=2, optim=optim)
 result = train(run, on_step=on_step, progress=False)
 state = result["state"]
 np.savez(out + "/final.npz", *[np.asarray(x) for x in jax.tree.leaves((state.params, state.ema, state.opt_state))])
@@ -309,5 +315,34 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
         assert a.files == b.files and len(a.files) > 50
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "killed" / "metrics" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
     assert steps[-2:] == [3, 4]  # the resumed run trained steps 3 and 4
+
+
+def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
+    from cosmos_jax.training import step as step_lib
+    from cosmos_jax.training.checkpoint import TrainCheckpointer, with_shardings
+
+    model = Cosmos3Transformer(_small_config(), dtype=jnp.float32)
+    optim = step_lib.OptimConfig(ema_decay=0.9)
+    abstract, optimizer = step_lib.abstract_state(model, optim)
+    params = jax.device_get(model.init(jax.random.key(1)))
+    layouts = []
+    for devices in (8, 2):
+        mesh = step_lib.fsdp_mesh(devices)
+        layouts.append(step_lib.state_shardings(abstract, step_lib.fsdp_param_shardings(abstract.params, mesh),
+                                                optimizer, mesh))
+    state = jax.device_put(step_lib.init_state(params, optimizer, optim, seed=5), layouts[0])
+    checkpointer = TrainCheckpointer(str(tmp_path), keep=2)
+    for step in (1, 2, 3):
+        checkpointer.save(step, state, {"data_iterator": f"position {step}"})
+    checkpointer.wait()
+    assert checkpointer.all_steps() == [2, 3]  # keep-N
+    restored, extra = checkpointer.restore(with_shardings(abstract, layouts[1]))
+    checkpointer.close()
+    assert extra == {"data_iterator": "position 3"}
+    kernel = restored.params["generator"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert len(kernel.sharding.device_set) == 2
+    for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(jax.device_get(restored))):
+        np.testing.assert_array_equal(a, b)
