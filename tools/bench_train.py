@@ -65,7 +65,7 @@ def torch_step_fn(model, segments, input_ids, x0, mask, sigma, optimizer):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     return step
 
