@@ -20,8 +20,8 @@ from pallas_kernels import blocks as blk
 
 _LOG2_E = math.log2(math.e)
 _MASK_VALUE = -1e30
-_DEFAULT_BLOCK_Q = 512
-_DEFAULT_BLOCK_K = 512
+_DEFAULT_BLOCK_Q = 256
+_DEFAULT_BLOCK_K = 256
 
 Carry = tuple[jax.Array, jax.Array, jax.Array]
 
