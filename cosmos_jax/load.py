@@ -31,6 +31,7 @@ from cosmos_jax.convert.keymap_audio import audio_params_from_torch_state
 from cosmos_jax.convert.keymap_transformer import DOMAIN, LINEAR, Entry, KeyMapError, check_state, key_table
 from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
 from cosmos_jax.convert.safetensors_io import CheckpointIndex, Transpose, make_sharded_array, read_stacked
+from cosmos_jax.convert.tree_paths import get_path, set_path
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizerConfig
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.modeling.wan_vae import WanVAEConfig
@@ -141,12 +142,6 @@ def abstract_transformer(config: Cosmos3Config) -> dict[str, Any]:
     return Cosmos3Transformer(config, dtype=jnp.float32).abstract_params()
 
 
-def _leaf(tree: Mapping[str, Any], path: LeafPath) -> Any:
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
 def validate_transformer_index(index: CheckpointIndex, config: Cosmos3Config, abstract: Any) -> None:
     """Raise KeyMapError naming the checkpoint folder and every missing, unexpected, wrong-shape and
     wrong-dtype key at once."""
@@ -210,7 +205,7 @@ def iter_transformer_leaves(
     for entry in key_table(config):
         if entry.path[0] not in trees:
             continue
-        shape = tuple(_leaf(abstract, entry.path).shape)
+        shape = tuple(get_path(abstract, entry.path).shape)
         array = _read_entry(index, entry, shape, dtype, config.num_hidden_layers, progress)
         index.close()  # unmap the files: pages read so far would otherwise stay resident
         yield entry.path[0], entry.path[1:], array
@@ -243,7 +238,7 @@ def _sharding_for(shardings: Shardings, path: LeafPath) -> jax.sharding.Sharding
     if callable(shardings):
         return shardings(path)
     try:
-        return _leaf(shardings, path)
+        return get_path(shardings, path)
     except (KeyError, TypeError):
         raise ValueError(f"shardings has no entry for parameter {'/'.join(path)}") from None
 
@@ -252,27 +247,21 @@ def _default_sharding() -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def _set(tree: dict[str, Any], path: LeafPath, value: Any) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
 def _load_hub_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, shardings: Shardings) -> dict[str, Any]:
     params: dict[str, Any] = {}
     with CheckpointIndex.open(layout.transformer_dir) as index:
         if shardings is None:
             for tree, path, array in iter_transformer_leaves(index, config, dtype):
-                _set(params, (tree, *path), jax.device_put(array, _default_sharding()))
+                set_path(params, (tree, *path), jax.device_put(array, _default_sharding()))
                 del array
             return params
         abstract = abstract_transformer(config)
         validate_transformer_index(index, config, abstract)
         for entry in key_table(config):
-            shape = tuple(_leaf(abstract, entry.path).shape)
+            shape = tuple(get_path(abstract, entry.path).shape)
             sharding = _sharding_for(shardings, entry.path)
             value = _sharded_entry(index, entry, shape, dtype, config.num_hidden_layers, sharding)
-            _set(params, entry.path, value)
+            set_path(params, entry.path, value)
     return params
 
 
@@ -312,7 +301,7 @@ def _load_converted_transformer(layout: Layout, config: Cosmos3Config, dtype: An
         for path, shape in _flat_shapes(abstract[tree]).items():
             sharding = _sharding_for(shardings, (tree, *path)) or _default_sharding()
             dt = target_dtype((tree, *path), stored[path], dtype)
-            _set(target, path, jax.ShapeDtypeStruct(shape, dt, sharding=sharding))
+            set_path(target, path, jax.ShapeDtypeStruct(shape, dt, sharding=sharding))
         params[tree] = orbax_io.restore_tree(folder, target)
     return params
 

@@ -23,6 +23,7 @@ from cosmos_jax.convert.keymap_audio import audio_state_from_params
 from cosmos_jax.convert.keymap_transformer import key_table
 from cosmos_jax.convert.keymap_vae import vae_state_from_params
 from cosmos_jax.convert.safetensors_io import atomic_output_dir, write_checkpoint
+from cosmos_jax.convert.tree_paths import get_path
 from cosmos_jax.load import COMPONENTS, LoadedModel, load
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # diffusers' "5GB"
@@ -46,16 +47,10 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def _leaf(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
 def transformer_tensors(params: Mapping[str, Any], config: Cosmos3Config) -> Iterator[tuple[str, np.ndarray]]:
     """The diffusers state dict of both trees, one tensor at a time (dtypes as held)."""
     for entry in key_table(config):
-        value = _leaf(params, entry.path)
+        value = get_path(params, entry.path)
         if entry.per_layer:
             for i, key in enumerate(entry.torch_keys(config.num_hidden_layers)):
                 yield key, np.ascontiguousarray(entry.to_torch(np.asarray(value[i])))

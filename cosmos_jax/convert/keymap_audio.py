@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from cosmos_jax.convert.tree_paths import set_path
 from cosmos_jax.modeling.audio_tokenizer import (
     AudioTokenizerConfig,
     decoder_block_dims,
@@ -157,12 +158,6 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tupl
     return flat
 
 
-def _set_path(tree: Params, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def audio_params_from_torch_state(state: Mapping[str, Any], config: AudioTokenizerConfig) -> Params:
     """diffusers state dict (name -> array, numpy-convertible) -> Flax tree {"decoder": ..., "encoder": ...}.
 
@@ -183,7 +178,7 @@ def audio_params_from_torch_state(state: Mapping[str, Any], config: AudioTokeniz
     params: Params = {}
     for row in rows:
         value = LAYOUTS[row.layout].to_flax(np.asarray(state[row.torch_key]))
-        _set_path(params, row.flax_path, np.ascontiguousarray(value))
+        set_path(params, row.flax_path, np.ascontiguousarray(value))
     return params
 
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from cosmos_jax.convert.keymap_transformer import LINEAR, KeyMapError, key_table
 from cosmos_jax.convert.safetensors_io import CheckpointIndex
+from cosmos_jax.convert.tree_paths import get_path, set_path
 from cosmos_jax.sampling.reason import Reasoner, ReasonerConfig
 
 IDENTITY = "identity"
@@ -112,18 +113,6 @@ def tensor_table(config: ReasonerConfig) -> list[Tensor]:
     return table
 
 
-def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
 def _stored_name(key: str, available: Mapping[str, Any], edge: bool) -> str:
     """The name `key` is stored under: itself, or (Edge) its transformers MLP alias if only that exists."""
     if key in available or not edge:
@@ -139,7 +128,7 @@ def resolve_keys(shapes: Mapping[str, tuple[int, ...]], config: ReasonerConfig, 
     problems, resolved = [], {}
     edge = config.model_type == "cosmos3_edge"
     for tensor in tensor_table(config):
-        flax_shape = tuple(_get(abstract, tensor.path).shape)
+        flax_shape = tuple(get_path(abstract, tensor.path).shape)
         want = tensor.torch_shape(flax_shape if tensor.count is None else flax_shape[1:], config)
         for key in tensor.keys():
             stored = _stored_name(key, shapes, edge)
@@ -167,7 +156,7 @@ def params_from_state(state: Mapping[str, np.ndarray], model: Reasoner) -> dict[
     params: dict[str, Any] = {}
     for tensor in tensor_table(model.config):
         arrays = [tensor.to_flax(np.asarray(state[resolved[k]])) for k in tensor.keys()]
-        _set(params, tensor.path, arrays[0] if tensor.count is None else np.stack(arrays))
+        set_path(params, tensor.path, arrays[0] if tensor.count is None else np.stack(arrays))
     return params
 
 
@@ -175,7 +164,7 @@ def state_from_params(params: Mapping[str, Any], config: ReasonerConfig) -> dict
     """The flat Hub-named state dict (numpy) of params["reasoner"]: the inverse of `params_from_state`."""
     state = {}
     for tensor in tensor_table(config):
-        value = np.asarray(_get(params, tensor.path))
+        value = np.asarray(get_path(params, tensor.path))
         per_item = value.shape if tensor.count is None else value.shape[1:]
         torch_shape = tensor.torch_shape(per_item, config)
         if tensor.count is None:
@@ -200,5 +189,5 @@ def load_reasoner(model_dir: str | os.PathLike, dtype: Any = jnp.bfloat16) -> tu
         for tensor in tensor_table(config):
             arrays = [tensor.to_flax(index.read(resolved[k])) for k in tensor.keys()]
             value = arrays[0] if tensor.count is None else np.stack(arrays)
-            _set(params, tensor.path, jnp.asarray(value, dtype=_get(abstract, tensor.path).dtype))
+            set_path(params, tensor.path, jnp.asarray(value, dtype=get_path(abstract, tensor.path).dtype))
     return model, params

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from cosmos_jax.config import Cosmos3Config
+from cosmos_jax.convert.tree_paths import get_path, set_path
 
 LINEAR = "linear"  # (out, in) <-> (in, out)
 IDENTITY = "identity"
@@ -113,24 +114,12 @@ def key_table(config: Cosmos3Config) -> list[Entry]:
     return list(_top_entries(config)) + list(_layer_entries(config))
 
 
-def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    for name in path:
-        tree = tree[name]
-    return tree
-
-
-def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for name in path[:-1]:
-        tree = tree.setdefault(name, {})
-    tree[path[-1]] = value
-
-
 def check_state(state_shapes: Mapping[str, tuple[int, ...]], config: Cosmos3Config, abstract_params: Any) -> None:
     """Raise KeyMapError listing every missing, unexpected and wrong-shape key at once."""
     problems: list[str] = []
     expected: set[str] = set()
     for entry in key_table(config):
-        flax_shape = tuple(_get(abstract_params, entry.path).shape)
+        flax_shape = tuple(get_path(abstract_params, entry.path).shape)
         per_tensor = flax_shape[1:] if entry.per_layer else flax_shape
         want = entry.torch_shape(per_tensor)
         for key in entry.torch_keys(config.num_hidden_layers):
@@ -152,13 +141,13 @@ def params_from_torch_state(
     check_state({k: v.shape for k, v in state.items()}, config, abstract_params)
     params: dict[str, Any] = {}
     for entry in key_table(config):
-        flax_shape = tuple(_get(abstract_params, entry.path).shape)
+        flax_shape = tuple(get_path(abstract_params, entry.path).shape)
         if entry.per_layer:
             layers = [entry.to_flax(state[k], flax_shape[1:]) for k in entry.torch_keys(config.num_hidden_layers)]
             value = np.stack(layers)
         else:
             value = entry.to_flax(state[entry.torch_key], flax_shape)
-        _set(params, entry.path, value)
+        set_path(params, entry.path, value)
     return params
 
 
@@ -166,7 +155,7 @@ def torch_state_from_params(params: Mapping[str, Any], config: Cosmos3Config) ->
     """The diffusers state dict (numpy, dtypes as held) for both trees: the inverse of `params_from_torch_state`."""
     state: dict[str, np.ndarray] = {}
     for entry in key_table(config):
-        value = np.asarray(_get(params, entry.path))
+        value = np.asarray(get_path(params, entry.path))
         if entry.per_layer:
             for i, key in enumerate(entry.torch_keys(config.num_hidden_layers)):
                 state[key] = entry.to_torch(value[i])
