@@ -55,6 +55,7 @@ class Cosmos3Config:
     sound_latent_fps: float = 25.0
     extra_json: str = "{}"
     source_keys: tuple[str, ...] | None = None
+    rms_norm_variant: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rope_axes_dim", tuple(int(a) for a in self.rope_axes_dim))
@@ -63,11 +64,12 @@ class Cosmos3Config:
         self.validate()
 
     def __hash__(self) -> int:
-        return hash(json.dumps(self.to_dict(), sort_keys=True))
+        return hash((json.dumps(self.to_dict(), sort_keys=True), self.rms_norm_variant))
 
     def __eq__(self, other: object) -> bool:
-        """Equal when the architecture and the written config.json content are equal."""
-        return isinstance(other, Cosmos3Config) and self.to_dict() == other.to_dict()
+        """Equal when the architecture (the norm rounding included) and the written config.json content are equal."""
+        return (isinstance(other, Cosmos3Config) and self.to_dict() == other.to_dict()
+                and self.rms_norm_variant == other.rms_norm_variant)
 
     def validate(self) -> None:
         """Raise ConfigError naming every inconsistent key."""
@@ -106,6 +108,9 @@ class Cosmos3Config:
             errors.append("attention_bias=True is not used by any released Cosmos 3 model and is not supported")
         if self.rms_norm_eps <= 0:
             errors.append(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if self.rms_norm_variant not in (None, "diffusers", "nemotron", "llama"):
+            errors.append(f"rms_norm_variant must be None, 'diffusers', 'nemotron' or 'llama', "
+                          f"got {self.rms_norm_variant!r}")
         if errors:
             raise ConfigError("invalid Cosmos3 config: " + "; ".join(errors))
 
@@ -115,7 +120,11 @@ class Cosmos3Config:
 
     @property
     def norm_variant(self) -> str:
-        """'nemotron' (fp32 throughout, Edge) or 'diffusers' (rounds to the weight dtype before the scale)."""
+        """The RMSNorm rounding: `rms_norm_variant` when set (transformers' Edge language model uses 'llama'),
+        else as diffusers' transformer: 'nemotron' (fp32 throughout, Edge) or 'diffusers' (rounds to the weight
+        dtype before the scale)."""
+        if self.rms_norm_variant is not None:
+            return self.rms_norm_variant
         return "nemotron" if self.hidden_act == "relu2" else "diffusers"
 
     @property
@@ -188,7 +197,7 @@ class Cosmos3Config:
 
 
 def _config_keys() -> set[str]:
-    return {f.name for f in dataclasses.fields(Cosmos3Config)} - {"extra_json", "source_keys"}
+    return {f.name for f in dataclasses.fields(Cosmos3Config)} - {"extra_json", "source_keys", "rms_norm_variant"}
 
 
 class _FrozenDict(dict):

@@ -73,6 +73,7 @@ class ReasonerConfig:
             rope_axes_dim=tuple(rope.get("mrope_section", (24, 20, 20))),
             vocab_size=text["vocab_size"],
             qk_norm_for_text=not edge,
+            rms_norm_variant="llama",  # transformers' text RMSNorm rounds to the input dtype, then scales
         )
         vision = raw.get("vision_config")
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
