@@ -1,0 +1,295 @@
+"""LeRobot v2 -> cosmos-jax preparation: clip grid, crop, VAE latents, actions, captions, bad episodes, the CLI
+and the training loader reading the result.
+
+The dataset is synthetic (tmp_path): 10 fps, chunks_size 2 (episodes 2.. live in chunk-001), one 32x48 camera
+(h264 mp4, random frames), 2-D actions, two tasks. Episodes 0 (13 frames: 2 clips of 5) and 1 (9 frames: 1 clip)
+are good; 2 (video 7 frames, parquet 9 rows), 3 (NaN action), 4 (no video) and 5 (3-wide actions) are bad.
+The VAE is the demo's tiny random Wan VAE (spatial compression 16). Expected latents are a direct, unjitted,
+unbatched `encode` + `normalize_latents` of the frames decoded from the mp4 and cropped by hand to the centre
+32x32 (no resize: the cover scale is 1); measured max abs difference ~1e-6 on latents of magnitude ~1 (fp32,
+CPU), asserted <= 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import imageio.v3 as iio
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cosmos_jax import cli
+from cosmos_jax.config import load_preset
+from cosmos_jax.convert.keymap_vae import vae_state_from_params
+from cosmos_jax.convert.safetensors_io import write_checkpoint
+from cosmos_jax.demo import TINY_VAE
+from cosmos_jax.modeling.wan_vae import (
+    WanVAEConfig,
+    encode,
+    init_params,
+    normalize_latents,
+)
+from cosmos_jax.sampling.prompts import ChatTokenizer
+from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
+from cosmos_jax.training import data as data_lib
+from cosmos_jax.training.lerobot import (
+    BadEpisode,
+    PrepareConfig,
+    clip_indices,
+    fit_frame,
+    prepare_lerobot,
+    read_info,
+)
+
+FPS = 10
+SRC_H, SRC_W = 32, 48
+SIZE = 32
+FRAMES = 5
+CAMERA = "observation.images.front"
+TASKS = ("push the disc", "open the drawer")
+# episode index -> (parquet rows, video frames or None for no file, action width, task index, NaN row or None)
+EPISODES = {0: (13, 13, 2, 0, None), 1: (9, 9, 2, 1, None), 2: (9, 7, 2, 0, None), 3: (9, 9, 2, 0, 4),
+            4: (9, None, 2, 0, None), 5: (9, 9, 3, 1, None)}
+BAD = {2: "7 frames", 3: "not finite in frame(s) [4]", 4: "is missing", 5: "wrong action width"}
+TOL = 1e-4
+
+
+def _episode_actions(index: int, rows: int, width: int, nan_row: int | None) -> np.ndarray:
+    actions = np.random.default_rng(100 + index).uniform(-1, 1, (rows, width)).astype(np.float32)
+    if nan_row is not None:
+        actions[nan_row, 0] = np.nan
+    return actions
+
+
+def _write_episode(root: Path, index: int) -> None:
+    rows, video_frames, width, task, nan_row = EPISODES[index]
+    chunk = f"chunk-{index // 2:03d}"
+    actions = _episode_actions(index, rows, width, nan_row)
+    table = pa.table({
+        "action": pa.array(actions.tolist(), pa.list_(pa.float32())),
+        "timestamp": pa.array(np.arange(rows, dtype=np.float32) / FPS),
+        "frame_index": pa.array(np.arange(rows, dtype=np.int64)),
+        "episode_index": pa.array(np.full(rows, index, np.int64)),
+        "index": pa.array(np.arange(rows, dtype=np.int64)),
+        "task_index": pa.array(np.full(rows, task, np.int64)),
+    })
+    (root / "data" / chunk).mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, root / "data" / chunk / f"episode_{index:06d}.parquet")
+    if video_frames is not None:
+        frames = np.random.default_rng(index).integers(0, 256, (video_frames, SRC_H, SRC_W, 3), dtype=np.uint8)
+        folder = root / "videos" / chunk / CAMERA
+        folder.mkdir(parents=True, exist_ok=True)
+        iio.imwrite(folder / f"episode_{index:06d}.mp4", frames, fps=FPS, codec="libx264")
+
+
+def _write_lerobot(root: Path, episodes: tuple[int, ...]) -> Path:
+    (root / "meta").mkdir(parents=True)
+    info = {
+        "codebase_version": "v2.1", "robot_type": "test", "total_episodes": len(episodes), "chunks_size": 2,
+        "fps": FPS, "splits": {"train": f"0:{len(episodes)}"},
+        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+        "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
+        "features": {
+            "action": {"dtype": "float32", "shape": [2], "names": ["x", "y"]},
+            CAMERA: {"dtype": "video", "shape": [SRC_H, SRC_W, 3], "names": ["height", "width", "channels"]},
+            "timestamp": {"dtype": "float32", "shape": [1], "names": None},
+            "frame_index": {"dtype": "int64", "shape": [1], "names": None},
+        },
+    }
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    (root / "meta" / "tasks.jsonl").write_text("".join(
+        json.dumps({"task_index": i, "task": t}) + "\n" for i, t in enumerate(TASKS)))
+    (root / "meta" / "episodes.jsonl").write_text("".join(
+        json.dumps({"episode_index": i, "tasks": [TASKS[EPISODES[i][3]]], "length": EPISODES[i][0]}) + "\n"
+        for i in episodes))
+    for index in episodes:
+        _write_episode(root, index)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lerobot_dir(tmp_path_factory) -> Path:
+    return _write_lerobot(tmp_path_factory.mktemp("lerobot"), tuple(EPISODES))
+
+
+@pytest.fixture(scope="module")
+def vae() -> tuple[WanVAEConfig, dict]:
+    """The demo's tiny VAE with random weights: kernels N(0, 1/fan_in), every other leaf 1 + N(0, 0.1²) (norm
+    scales) or N(0, 0.1²) (biases), drawn in numpy from the abstract tree (an eager `init_params` takes minutes)."""
+    config = WanVAEConfig(**TINY_VAE)
+    rng = np.random.default_rng(3)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        noise = rng.standard_normal(leaf.shape).astype(np.float32)
+        if name.startswith("kernel"):
+            return noise / np.sqrt(np.prod(leaf.shape[:-1]))
+        return (name in ("gamma", "scale")) + 0.1 * noise
+
+    abstract = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
+    return config, jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, vae) -> Path:
+    """A model folder with what `prepare` reads: transformer/config.json (tiny preset), vae/, text_tokenizer/."""
+    root = tmp_path_factory.mktemp("model")
+    (root / "transformer").mkdir()
+    (root / "transformer" / "config.json").write_text(json.dumps(load_preset("tiny").to_dict()))
+    config, params = vae
+    state = {k: np.asarray(v, np.float32) for k, v in vae_state_from_params(jax.device_get(params), config).items()}
+    write_checkpoint(root / "vae", state, max_shard_bytes=1 << 30)
+    (root / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan", **config.to_dict()}))
+    write_tiny_tokenizer(root / "text_tokenizer")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir) -> ChatTokenizer:
+    return ChatTokenizer.from_dir(model_dir / "text_tokenizer")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, lerobot_dir, vae, tokenizer):
+    config, params = vae
+    dst = tmp_path_factory.mktemp("out") / "prepared"
+    report = prepare_lerobot(lerobot_dir, dst, config, params, tokenizer.encode,
+                             PrepareConfig(frames=FRAMES, height=SIZE, width=SIZE, domain=4, batch_size=2,
+                                           skip_bad=True),
+                             latent_patch_size=2, action_dim=64, num_domains=32, progress=False)
+    return dst, report
+
+
+def _decoded_clip(root: Path, episode: int, indices: np.ndarray) -> np.ndarray:
+    """[3, F, SIZE, SIZE] in [-1, 1]: the mp4's frames, centre 32 columns, as the pipeline scales pixels."""
+    chunk = f"chunk-{episode // 2:03d}"
+    frames = np.stack(list(iio.imiter(root / "videos" / chunk / CAMERA / f"episode_{episode:06d}.mp4")))
+    left = (SRC_W - SIZE) // 2
+    crop = frames[indices, :, left: left + SIZE].astype(np.float32)
+    return (crop / np.float32(127.5) - np.float32(1.0)).transpose(3, 0, 1, 2)
+
+
+def test_clip_grid():
+    assert [c.tolist() for c in clip_indices(13, 10.0, 5, 5)] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert [c.tolist() for c in clip_indices(13, 10.0, 5, 2)] == [[0, 1, 2, 3, 4], [2, 3, 4, 5, 6],
+                                                                  [4, 5, 6, 7, 8], [6, 7, 8, 9, 10],
+                                                                  [8, 9, 10, 11, 12]]
+    # 30 fps -> 12 fps: grid frame g is source frame round(2.5 g)
+    assert [c.tolist() for c in clip_indices(40, 30.0, 5, 4, fps=12.0)] == [[0, 3, 5, 8, 10], [10, 13, 15, 18, 20],
+                                                                           [20, 23, 25, 28, 30]]
+    assert clip_indices(4, 10.0, 5, 5) == []
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        clip_indices(13, 10.0, 6, 5)
+    with pytest.raises(ValueError, match="no upsampling"):
+        clip_indices(13, 10.0, 5, 5, fps=20.0)
+    with pytest.raises(ValueError, match="stride"):
+        clip_indices(13, 10.0, 5, 0)
+
+
+def test_fit_frame_covers_and_centre_crops():
+    rows, cols = np.meshgrid(np.arange(32), np.arange(48), indexing="ij")
+    frame = np.stack([rows * 4, cols * 4, np.zeros_like(rows)], axis=-1).astype(np.uint8)
+    np.testing.assert_array_equal(fit_frame(frame, 32, 32), frame[:, 8:40])  # scale 1: a pure centre crop
+    half = fit_frame(np.repeat(np.repeat(frame, 2, 0), 2, 1), 32, 32)  # 64x96 -> scale 1/2, then crop
+    assert half.shape == (32, 32, 3)
+    assert np.abs(half.astype(int) - frame[:, 8:40]).max() <= 2
+
+
+def test_prepare_writes_latents_actions_captions(prepared, lerobot_dir, vae, tokenizer):
+    dst, report = prepared
+    assert report.samples == 3 and report.episodes == 2
+    assert [i for i, _ in report.bad_episodes] == [2, 3, 4, 5]
+    for index, reason in report.bad_episodes:
+        assert BAD[index] in reason, (index, reason)
+    meta = data_lib.read_meta(str(dst))
+    assert meta == data_lib.DatasetMeta((48, 2, 2, 2), 10.0, FRAMES - 1, 2)
+    entries = data_lib.read_index(str(dst))
+    assert [e["id"] for e in entries] == ["ep000000_clip0000", "ep000000_clip0001", "ep000001_clip0000"]
+    assert not [p for p in dst.parent.iterdir() if p.name.startswith(".")]  # temporary folder gone
+    config, params = vae
+    expected_clips = {"ep000000_clip0000": (0, np.arange(0, 5)), "ep000000_clip0001": (0, np.arange(5, 10)),
+                      "ep000001_clip0000": (1, np.arange(0, 5))}
+    for entry in entries:
+        episode, indices = expected_clips[entry["id"]]
+        with np.load(dst / entry["file"], allow_pickle=False) as z:
+            sample = {k: z[k] for k in z.files}
+        video = jnp.asarray(_decoded_clip(lerobot_dir, episode, indices)[None])
+        want = np.asarray(normalize_latents(encode(params, video, config), config.latents_mean, config.latents_std,
+                                            jnp.float32))[0]
+        assert sample["latents"].shape == want.shape == (48, 2, 2, 2)
+        err = np.abs(sample["latents"] - want).max()
+        assert err <= TOL * max(1.0, np.abs(want).max()), (entry["id"], err)
+        rows, _, width, task, nan_row = EPISODES[episode]
+        np.testing.assert_array_equal(sample["actions"], _episode_actions(episode, rows, width, nan_row)[indices[:-1]])
+        np.testing.assert_array_equal(sample["caption_ids"], tokenizer.encode(TASKS[task]))
+        assert int(sample["domain"]) == 4
+
+
+def test_bad_episode_is_fatal_without_skip(tmp_path, lerobot_dir, vae, tokenizer):
+    config, params = vae
+    dst = tmp_path / "out"
+    with pytest.raises(BadEpisode, match="bad episode 2: video 'observation.images.front' has 7 frames") as e:
+        prepare_lerobot(lerobot_dir, dst, config, params, tokenizer.encode,
+                        PrepareConfig(frames=FRAMES, height=SIZE, width=SIZE, batch_size=2),
+                        latent_patch_size=2, progress=False)
+    assert e.value.episode == 2
+    assert list(tmp_path.iterdir()) == []  # nothing left behind, not even the temporary folder
+
+
+@pytest.mark.parametrize(("change", "kwargs", "match"), [
+    ({"height": 48}, {}, "multiples of 32"),
+    ({"video_key": "observation.images.wrist"}, {}, "video keys: \\['observation.images.front'\\]"),
+    ({}, {"action_dim": 1}, "action width 2"),
+    ({"domain": 32}, {}, "domain 32 is outside"),
+    ({"frames": 6}, {}, "1 \\+ 4k"),
+    ({"action_key": "effort"}, {}, "no feature 'effort'"),
+])
+def test_config_errors(tmp_path, lerobot_dir, vae, change, kwargs, match):
+    config, params = vae
+    settings = {"frames": FRAMES, "height": SIZE, "width": SIZE} | change
+    with pytest.raises(ValueError, match=match):
+        prepare_lerobot(lerobot_dir, tmp_path / "out", config, params, list,
+                        PrepareConfig(**settings), **{"latent_patch_size": 2, "action_dim": 64, "num_domains": 32,
+                                                      **kwargs})
+
+
+def test_not_a_lerobot_folder(tmp_path):
+    with pytest.raises(ValueError, match="meta/info.json is missing"):
+        read_info(tmp_path)
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "info.json").write_text(json.dumps({"codebase_version": "v3.0"}))
+    with pytest.raises(ValueError, match="v3.0"):
+        read_info(tmp_path)
+
+
+def test_cli_matches_library_and_loader_reads_it(tmp_path, lerobot_dir, model_dir, prepared, capsys):
+    dst = tmp_path / "cli"
+    argv = ["prepare", "lerobot", str(lerobot_dir), str(dst), "--model", str(model_dir), "--frames", str(FRAMES),
+            "--size", f"{SIZE}x{SIZE}", "--domain", "pusht", "--batch", "2", "--no-progress"]
+    assert cli.main(argv) == 1  # episode 2 is bad
+    assert "bad episode 2" in capsys.readouterr().err and not dst.exists()
+    assert cli.main([*argv, "--skip-bad"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 3 and [b["episode"] for b in summary["bad_episodes"]] == [2, 3, 4, 5]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        cli.main([*argv, "--skip-bad"])
+    library_dst, _ = prepared
+    for entry in data_lib.read_index(str(dst)):
+        with np.load(dst / entry["file"]) as ours, np.load(library_dst / entry["file"]) as lib:
+            np.testing.assert_allclose(ours["latents"], lib["latents"], rtol=0, atol=1e-6)
+            np.testing.assert_array_equal(ours["actions"], lib["actions"])
+            assert int(ours["domain"]) == 4  # "pusht"
+
+    model = load_preset("tiny")
+    loader, _, bad = data_lib.make_loader(str(dst), model, data_lib.PipelineConfig(batch_size=2, max_text_len=16),
+                                             shard=data_lib.grain.NoSharding())
+    batch = data_lib.to_train_batch(next(iter(loader)))
+    assert batch.gen.vision.shape == (2, 48, 2, 2, 2)
+    assert batch.gen.action.shape == (2, FRAMES - 1, 64)
+    assert np.all(batch.gen.action[:, :, 2:] == 0) and np.all(batch.gen.action_domain == 4)
+    assert batch.action_width.tolist() == [2, 2] and not bad.skipped
