@@ -1,9 +1,15 @@
 """`load`: a Cosmos 3 model from a Hub-layout folder (safetensors, as published) or a converted folder.
 
 Hub layout (spec §1.3): `model_index.json`, `transformer/` (diffusers flat keys, sharded safetensors + index),
-`vae/`, `sound_tokenizer/`, `scheduler/scheduler_config.json`, `text_tokenizer/`, root reasoner `config.json`
-(its ViT weights, root `model*.safetensors`, are not read here). A bare transformer component folder
-(`config.json` of class Cosmos3OmniTransformer + weights) is accepted too. Both layouts give identical arrays.
+`vae/`, `sound_tokenizer/`, `scheduler/scheduler_config.json`, `text_tokenizer/`, and the reasoner at the root:
+`config.json` (model_type cosmos3_omni) + `model*.safetensors` (+ index) holding the ViT (`blocks.*`, `merger.*`,
+...) and usually the language tower, sometimes the generator tower too (a unified checkpoint). A bare transformer
+component folder (`config.json` of class Cosmos3OmniTransformer + weights) is accepted too. Both layouts give
+identical arrays.
+
+The reasoner ("reasoner" component, not loaded by default) reuses the transformer's reasoner tower when the root
+holds no language tower or one byte-identical to transformer/'s (spec §4: they are the same tensors), so the LM
+is held once; only a root LM that differs is read as its own copy.
 
 Transformer tensors are read lazily through the key table: each stacked layer buffer is allocated once and
 filled layer by layer; with `shardings`, every device reads only its own slice. The time embedder stays f32;
@@ -25,19 +31,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cosmos_jax.config import Cosmos3Config, ConfigError
-from cosmos_jax.convert import orbax_io
+from cosmos_jax.config import ConfigError, Cosmos3Config
+from cosmos_jax.convert import keymap_reasoner, orbax_io
 from cosmos_jax.convert.keymap_audio import audio_params_from_torch_state
-from cosmos_jax.convert.keymap_transformer import DOMAIN, LINEAR, Entry, KeyMapError, check_state, key_table
+from cosmos_jax.convert.keymap_transformer import (
+    DOMAIN,
+    LINEAR,
+    Entry,
+    KeyMapError,
+    check_state,
+    key_table,
+)
 from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
-from cosmos_jax.convert.safetensors_io import CheckpointIndex, Transpose, make_sharded_array, read_stacked
+from cosmos_jax.convert.safetensors_io import (
+    CheckpointIndex,
+    Transpose,
+    make_sharded_array,
+    read_stacked,
+)
 from cosmos_jax.convert.tree_paths import get_path, set_path
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizerConfig
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.modeling.wan_vae import WanVAEConfig
+from cosmos_jax.sampling.reason import Reasoner, ReasonerConfig
 from cosmos_jax.sampling.scheduler import SchedulerConfig
 
-COMPONENTS = ("transformer", "vae", "sound_tokenizer", "scheduler", "tokenizer")
+COMPONENTS = ("transformer", "vae", "sound_tokenizer", "scheduler", "tokenizer", "reasoner")
+DEFAULT_COMPONENTS = tuple(c for c in COMPONENTS if c != "reasoner")
+ROOT_TREE = "root_reasoner"  # orbax tree of the tensors the root reasoner files add (the ViT, a differing LM)
+ROOT_MARKER_KEY = "root_reasoner"  # marker entry recording RootContents and where the reasoner's LM comes from
+LM_FROM_TRANSFORMER = "transformer"
+LM_FROM_ROOT = "root"
 TRANSFORMER_TREES = ("reasoner", "generator")
 FLOAT_DTYPES = frozenset(np.dtype(d) for d in ("float16", jnp.bfloat16, "float32", "float64"))
 TRANSFORMER_CLASS = "Cosmos3OmniTransformer"
@@ -45,6 +69,48 @@ TRANSFORMER_CLASS = "Cosmos3OmniTransformer"
 LeafPath = tuple[str, ...]
 Shardings = Any  # pytree of jax.sharding.Sharding matching params, or Callable[[LeafPath], Sharding]
 Progress = Callable[[str, int], None]  # (torch key, bytes read)
+
+
+@dataclasses.dataclass(frozen=True)
+class RootContents:
+    """What the root reasoner checkpoint holds besides the ViT, so `export` writes the same keys back.
+
+    language_model: the language tower's tensors; generator: the generator tower's too (a unified checkpoint);
+    aliases: Hub key -> stored key where they differ (Edge's `mlp.fc1/fc2`).
+    """
+
+    language_model: bool
+    generator: bool
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"language_model": self.language_model, "generator": self.generator, "aliases": dict(self.aliases)}
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str) -> RootContents:
+        if not isinstance(raw, Mapping) or not isinstance(raw.get("language_model"), bool) \
+                or not isinstance(raw.get("generator"), bool) or not isinstance(raw.get("aliases", {}), Mapping):
+            raise orbax_io.ConvertedCheckpointError(f"{where}: malformed {ROOT_MARKER_KEY!r} entry {raw!r}")
+        return cls(raw["language_model"], raw["generator"], dict(raw.get("aliases", {})))
+
+
+@dataclasses.dataclass
+class ReasonerWeights:
+    """The reasoner of the root files (spec §4), ready for `cosmos_jax.sampling.reason`.
+
+    params: the `Reasoner` tree (embed_tokens, layers, norm, lm_head, and vision unless text-only).
+    language_model_from: "transformer" when its LM leaves are the transformer's reasoner tower (the very arrays of
+    LoadedModel.params["reasoner"] when that was loaded), "root" when the root holds a different LM of its own.
+    """
+
+    config: ReasonerConfig
+    params: dict[str, Any]
+    language_model_from: str
+    contents: RootContents
+
+    def model(self) -> Reasoner:
+        """The `Reasoner` that runs `params` (computing in the dtype the weights are held in)."""
+        return Reasoner(self.config, dtype=self.params["embed_tokens"]["embedding"].dtype)
 
 
 @dataclasses.dataclass
@@ -62,6 +128,7 @@ class LoadedModel:
     model_index: dict[str, Any]
     reasoner_config: dict[str, Any] | None
     source: str  # "hub" or "converted"
+    reasoner: ReasonerWeights | None = None
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -290,11 +357,11 @@ def _flat_shapes(tree: Any) -> dict[LeafPath, tuple[int, ...]]:
     return {tuple(str(k.key) for k in keys): tuple(leaf.shape) for keys, leaf in flat}
 
 
-def _load_converted_transformer(layout: Layout, config: Cosmos3Config, dtype: Any,
-                                shardings: Shardings) -> dict[str, Any]:
+def _load_converted_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, shardings: Shardings,
+                                trees: Sequence[str] = TRANSFORMER_TREES) -> dict[str, Any]:
     abstract = abstract_transformer(config)
     params: dict[str, Any] = {}
-    for tree in TRANSFORMER_TREES:
+    for tree in trees:
         folder = layout.root / orbax_io.ORBAX_DIR / tree
         stored = _validate_converted_tree(folder, _flat_shapes(abstract[tree]))
         target: dict[str, Any] = {}
@@ -304,6 +371,159 @@ def _load_converted_transformer(layout: Layout, config: Cosmos3Config, dtype: An
             set_path(target, path, jax.ShapeDtypeStruct(shape, dt, sharding=sharding))
         params[tree] = orbax_io.restore_tree(folder, target)
     return params
+
+
+# ------------------------------------------------------------------------------------------- reasoner (root files)
+
+
+def has_root_reasoner(layout: Layout) -> bool:
+    """True when the folder has reasoner weights at its root (root safetensors, or their converted tree)."""
+    if layout.transformer_dir == layout.root:
+        return False
+    if layout.converted:
+        return ROOT_MARKER_KEY in orbax_io.read_marker(layout.root)
+    return any(layout.root.glob("*.safetensors")) or any(layout.root.glob("*.safetensors.index.json"))
+
+
+def read_reasoner_config(root: Path) -> ReasonerConfig:
+    """The root config.json as a ReasonerConfig (ConfigError naming the file)."""
+    try:
+        return ReasonerConfig.from_dict(_read_json(root / "config.json"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"{root / 'config.json'}: not a Cosmos 3 reasoner config ({e})") from None
+
+
+def _same_tensor(a: CheckpointIndex, a_key: str, b: CheckpointIndex, b_key: str) -> bool:
+    if a.dtype(a_key) != b.dtype(b_key) or a.shape(a_key) != b.shape(b_key):
+        return False
+    same = np.array_equal(a.read(a_key).reshape(-1).view(np.uint8), b.read(b_key).reshape(-1).view(np.uint8))
+    a.close()
+    b.close()
+    return same
+
+
+def _generator_keys(config: Cosmos3Config) -> list[str]:
+    return [k for e in key_table(config) if e.path[0] == "generator" for k in e.torch_keys(config.num_hidden_layers)]
+
+
+def plan_root_reasoner(root: CheckpointIndex, config: ReasonerConfig, transformer: CheckpointIndex | None,
+                       transformer_config: Cosmos3Config) -> tuple[RootContents, dict[str, str], str]:
+    """Validate the root checkpoint and decide where the reasoner's LM comes from.
+
+    Returns (contents, resolved Hub key -> stored key, "transformer" | "root"). The LM is taken from the transformer
+    when the root holds none, or when every root LM tensor is byte-identical to transformer/'s (read and compared
+    one tensor at a time; `transformer` None: no comparison, a root LM is then used as is). Root generator tensors
+    must equal transformer/'s. KeyMapError lists every missing, unexpected, wrong-shape and wrong-dtype key at once.
+    """
+    shapes = {k: root.shape(k) for k in root.keys()}
+    problems = [p for k in root.keys() for p in _dtype_problems({k: root.dtype(k)}, str(root.info(k).file))]
+    has_lm = keymap_reasoner.stores_language_model(shapes, config)
+    parts = keymap_reasoner.PARTS if has_lm else (keymap_reasoner.VISION,)
+    abstract = Reasoner(config, dtype=jnp.float32).abstract_params()
+    try:
+        resolved = keymap_reasoner.resolve_keys(shapes, config, abstract, parts)
+    except KeyMapError as e:  # its message: a count line, then one problem per line
+        problems = [line.strip() for line in str(e).splitlines()[1:]] + problems
+    if problems:
+        files = ", ".join(f.name for f in root.files)
+        raise KeyMapError(f"{root.source} ({files}): {len(problems)} problem(s) mapping the root reasoner checkpoint:"
+                          "\n  " + "\n  ".join(problems))
+    generator = [k for k in shapes if keymap_reasoner.is_generator_key(k)]
+    contents = RootContents(has_lm, bool(generator), {k: v for k, v in resolved.items() if k != v})
+    if transformer is not None and generator:
+        want = _generator_keys(transformer_config)
+        differ = sorted(set(want) ^ set(generator)) or [
+            k for k in want if not _same_tensor(root, k, transformer, k)]
+        if differ:
+            raise KeyMapError(f"{root.source}: its generator tensors are not those of {transformer.source} "
+                              f"(e.g. {differ[0]}); a root generator tower of its own is not supported")
+    if not has_lm:
+        return contents, resolved, LM_FROM_TRANSFORMER
+    if transformer is None:
+        return contents, resolved, LM_FROM_ROOT
+    lm_keys = [k for t in keymap_reasoner.tensor_table(config, (keymap_reasoner.LANGUAGE_MODEL,)) for k in t.keys()]
+    same = all(k in transformer and _same_tensor(root, resolved[k], transformer, k) for k in lm_keys)
+    return contents, resolved, LM_FROM_TRANSFORMER if same else LM_FROM_ROOT
+
+
+def root_parts(language_model_from: str) -> tuple[str, ...]:
+    """The reasoner parts held in the root tree: the ViT, plus the LM when it is the root's own."""
+    if language_model_from == LM_FROM_ROOT:
+        return keymap_reasoner.PARTS
+    return (keymap_reasoner.VISION,)
+
+
+def _check_shared_tower(config: ReasonerConfig, tower: Mapping[str, Any], where: str) -> None:
+    """The transformer's reasoner tower must have the shapes the root config.json's text_config describes."""
+    abstract = Reasoner(config, dtype=jnp.float32).abstract_params()
+    want = _flat_shapes({k: v for k, v in abstract.items() if k != "vision"})
+    have = _flat_shapes(tower)
+    if want != have:
+        bad = sorted(p for p in set(want) | set(have) if want.get(p) != have.get(p))
+        raise ConfigError(f"{where}: the root config.json's text_config does not describe the transformer's reasoner "
+                          f"tower ({'/'.join(bad[0])}: {want.get(bad[0])} vs {have.get(bad[0])})")
+
+
+def _transformer_tower(layout: Layout, config: Cosmos3Config, dtype: Any,
+                       loaded: dict[str, Any] | None) -> dict[str, Any]:
+    """params["reasoner"]: the loaded arrays themselves, else read from the transformer checkpoint."""
+    if loaded is not None:
+        return dict(loaded)
+    if layout.converted:
+        return _load_converted_transformer(layout, config, dtype, None, trees=("reasoner",))["reasoner"]
+    tower: dict[str, Any] = {}
+    with CheckpointIndex.open(layout.transformer_dir) as index:
+        for _, path, array in iter_transformer_leaves(index, config, dtype, trees=("reasoner",)):
+            set_path(tower, path, jax.device_put(array, _default_sharding()))
+            del array
+    return tower
+
+
+def _with_tower(weights: ReasonerWeights, layout: Layout, config: Cosmos3Config, dtype: Any,
+                loaded: dict[str, Any] | None) -> ReasonerWeights:
+    if weights.language_model_from == LM_FROM_TRANSFORMER:
+        tower = _transformer_tower(layout, config, dtype, loaded)
+        _check_shared_tower(weights.config, tower, str(layout.root))
+        weights.params.update(tower)
+    return weights
+
+
+def _load_hub_reasoner(layout: Layout, config: Cosmos3Config, dtype: Any,
+                       loaded: dict[str, Any] | None) -> ReasonerWeights:
+    reasoner_config = read_reasoner_config(layout.root)
+    with CheckpointIndex.open(layout.root) as root, CheckpointIndex.open(layout.transformer_dir) as transformer:
+        contents, resolved, lm_from = plan_root_reasoner(root, reasoner_config, transformer, config)
+        params: dict[str, Any] = {}
+        for path, array in keymap_reasoner.iter_params(root, reasoner_config, resolved, dtype, root_parts(lm_from)):
+            set_path(params, path, jax.device_put(array, _default_sharding()))
+            del array
+    weights = ReasonerWeights(reasoner_config, params, lm_from, contents)
+    return _with_tower(weights, layout, config, dtype, loaded)
+
+
+def _load_converted_reasoner(layout: Layout, config: Cosmos3Config, dtype: Any,
+                             loaded: dict[str, Any] | None) -> ReasonerWeights:
+    reasoner_config = read_reasoner_config(layout.root)
+    where = str(layout.root / orbax_io.MARKER)
+    entry = orbax_io.read_marker(layout.root)[ROOT_MARKER_KEY]
+    lm_from = entry.get("language_model_from") if isinstance(entry, Mapping) else None
+    if lm_from not in (LM_FROM_TRANSFORMER, LM_FROM_ROOT):
+        raise orbax_io.ConvertedCheckpointError(f"{where}: malformed {ROOT_MARKER_KEY!r} entry {entry!r}")
+    contents = RootContents.from_dict(entry.get("contents"), where)
+    abstract = Reasoner(reasoner_config, dtype=jnp.float32).abstract_params()
+    own_lm = keymap_reasoner.LANGUAGE_MODEL in root_parts(lm_from)
+    want = {k: v for k, v in abstract.items() if k == "vision" or own_lm}
+    params: dict[str, Any] = {}
+    if want:
+        folder = layout.root / orbax_io.ORBAX_DIR / ROOT_TREE
+        stored = _validate_converted_tree(folder, _flat_shapes(want))
+        target: dict[str, Any] = {}
+        for path, shape in _flat_shapes(want).items():
+            dt = np.dtype(stored[path] if dtype is None else dtype)
+            set_path(target, path, jax.ShapeDtypeStruct(shape, dt, sharding=_default_sharding()))
+        params = orbax_io.restore_tree(folder, target)
+    weights = ReasonerWeights(reasoner_config, params, lm_from, contents)
+    return _with_tower(weights, layout, config, dtype, loaded)
 
 
 # ------------------------------------------------------------------------------------------- other components
@@ -363,11 +583,12 @@ def load(
     *,
     dtype: Any = jnp.bfloat16,
     shardings: Shardings = None,
-    components: Sequence[str] = COMPONENTS,
+    components: Sequence[str] = DEFAULT_COMPONENTS,
 ) -> LoadedModel:
     """Load the requested components of a Hub-layout or converted folder.
 
-    dtype: transformer weight dtype (time embedder always f32); None keeps the stored dtypes.
+    components: some of COMPONENTS; the default leaves out "reasoner" (the root ViT, which generation never uses).
+    dtype: transformer and reasoner weight dtype (time embedder always f32); None keeps the stored dtypes.
     shardings: for the transformer params, a pytree of `jax.sharding.Sharding` matching
     {"reasoner": ..., "generator": ...}, or a callable from a leaf path such as
     ("generator", "layers", "mlp", "up_proj", "kernel") to a Sharding; None puts every array on the first device.
@@ -399,9 +620,13 @@ def load(
     reasoner_path = layout.root / "config.json"
     reasoner_config = _read_json(reasoner_path) if layout.transformer_dir != layout.root and reasoner_path.is_file() \
         else None
+    reasoner = None
+    if "reasoner" in components and has_root_reasoner(layout):
+        reader = _load_converted_reasoner if layout.converted else _load_hub_reasoner
+        reasoner = reader(layout, config, dtype, params.get("reasoner"))
     return LoadedModel(
         transformer_config=config, params=params, vae_config=vae_config, vae_params=vae_params,
         sound_config=sound_config, sound_params=sound_params, scheduler_config=scheduler_config,
         tokenizer_dir=tokenizer_dir, model_index=model_index, reasoner_config=reasoner_config,
-        source="converted" if layout.converted else "hub",
+        source="converted" if layout.converted else "hub", reasoner=reasoner,
     )

@@ -1,13 +1,15 @@
 """`cosmos-jax convert SRC DST`: a Hub-layout (safetensors) folder -> a converted (orbax) folder.
 
-The transformer is streamed one stacked parameter at a time (read, transposed, cast, written, released);
-the VAE and sound tokenizer are small and converted whole. Nothing appears at DST unless everything
-succeeded.
+The transformer and the root reasoner files are streamed one stacked parameter at a time (read, transposed,
+cast, written, released); the VAE and sound tokenizer are small and converted whole. The root reasoner files
+become the `root_reasoner` tree: the ViT, plus the language tower only when it differs from the transformer's
+(see cosmos_jax.load). Nothing appears at DST unless everything succeeded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -21,19 +23,26 @@ import jax.numpy as jnp
 import numpy as np
 
 from cosmos_jax.config import Cosmos3Config
-from cosmos_jax.convert import orbax_io
+from cosmos_jax.convert import keymap_reasoner, orbax_io
 from cosmos_jax.convert.keymap_audio import audio_params_from_torch_state
 from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
 from cosmos_jax.convert.safetensors_io import CheckpointIndex
 from cosmos_jax.load import (
+    ROOT_MARKER_KEY,
+    ROOT_TREE,
     TRANSFORMER_TREES,
+    Layout,
     Progress,
+    has_root_reasoner,
     iter_transformer_leaves,
     locate,
     params_from_state,
+    plan_root_reasoner,
+    read_reasoner_config,
     read_sound_config,
     read_state,
     read_vae_config,
+    root_parts,
 )
 
 DTYPES: dict[str, Any] = {"bf16": jnp.bfloat16, "fp32": np.float32, "keep": None}
@@ -91,16 +100,43 @@ def _component_leaves(folder: Path, config_reader: Callable[[Path], Any], from_s
 
 
 def planned_bytes(src: str | os.PathLike[str]) -> tuple[int, int]:
-    """(tensor count, bytes) that `convert` will read from `src`, from headers only."""
+    """(tensor count, bytes) that `convert` will read from `src`, from headers only. Of the root reasoner files only
+    the ViT is counted: their language tower is read on top when it differs from the transformer's."""
     layout = locate(src)
     folders = [layout.transformer_dir] + [f for f in (layout.component("vae"), layout.component("sound_tokenizer"))
                                           if f is not None]
+    folders += [layout.root] if has_root_reasoner(layout) else []
     count = size = 0
     for folder in folders:
         with CheckpointIndex.open(folder) as index:
-            count += len(index)
-            size += sum(index.nbytes(k) for k in index.keys())
+            keys = [k for k in index.keys() if folder != layout.root or keymap_reasoner.is_vision_key(k)]
+            count += len(keys)
+            size += sum(index.nbytes(k) for k in keys)
     return count, size
+
+
+def _root_reasoner_tree(layout: Layout, transformer: CheckpointIndex, config: Cosmos3Config, dtype: Any,
+                        stack: contextlib.ExitStack, progress: Progress
+                        ) -> tuple[Iterator[tuple[tuple[str, ...], np.ndarray]] | None, dict[str, Any]]:
+    """(leaves of the root_reasoner tree or None when it has none, the marker entry) for the root files."""
+    reasoner_config = read_reasoner_config(layout.root)
+    root = stack.enter_context(CheckpointIndex.open(layout.root))
+    contents, resolved, lm_from = plan_root_reasoner(root, reasoner_config, transformer, config)
+    marker = {"language_model_from": lm_from, "contents": contents.to_dict()}
+    parts = root_parts(lm_from)
+    table = keymap_reasoner.tensor_table(reasoner_config, parts)
+    if not table:
+        return None, marker
+    stored_keys = {t.path: [resolved[k] for k in t.keys()] for t in table}
+
+    def leaves() -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+        for path, array in keymap_reasoner.iter_params(root, reasoner_config, resolved, dtype, parts):
+            for key in stored_keys[path]:
+                progress(key, root.nbytes(key))
+            yield path, array
+            del array
+
+    return leaves(), marker
 
 
 def convert(
@@ -113,8 +149,8 @@ def convert(
 ) -> ConvertSummary:
     """Convert the Hub-layout folder `src` into a converted folder `dst` (see cosmos_jax.convert.orbax_io).
 
-    dtype: transformer weight dtype (time embedder always f32); None (default) keeps the stored dtypes,
-    so `export` gives back byte-identical tensors.
+    dtype: transformer and root reasoner weight dtype (time embedder always f32); None (default) keeps the stored
+    dtypes, so `export` gives back byte-identical tensors.
     """
     start = time.perf_counter()
     layout = locate(src)
@@ -131,7 +167,8 @@ def convert(
         if progress is not None:
             progress(key, nbytes)
 
-    with CheckpointIndex.open(layout.transformer_dir) as index:
+    with contextlib.ExitStack() as stack:
+        index = stack.enter_context(CheckpointIndex.open(layout.transformer_dir))
         trees: dict[str, Any] = {
             tree: _tree_leaves(iter_transformer_leaves(index, config, dtype, counted, (tree,)))
             for tree in TRANSFORMER_TREES
@@ -141,9 +178,15 @@ def convert(
             folder = layout.component(name)
             if folder is not None:
                 trees[name] = _component_leaves(folder, reader, from_state, counted)
+        marker_fields = {}
+        if has_root_reasoner(layout):
+            leaves, marker_fields[ROOT_MARKER_KEY] = _root_reasoner_tree(layout, index, config, dtype, stack, counted)
+            if leaves is not None:
+                trees[ROOT_TREE] = leaves
         stats = orbax_io.write_converted(
             dst, trees, transformer_config=config, source=layout.root,
             copy_paths=_copy_paths(layout.root, layout.transformer_dir), overwrite=overwrite,
+            marker_fields=marker_fields,
         )
     return ConvertSummary(stats, read["bytes"], read["tensors"], time.perf_counter() - start)
 

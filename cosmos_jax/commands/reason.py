@@ -1,7 +1,9 @@
 """`cosmos-jax reason`: answer in text about a prompt, images or a video with the Cosmos 3 reasoner, streaming.
 
-Reads the reasoner from the root of a Hub-layout folder (config.json + safetensors, tokenizer files at the root or
-in text_tokenizer/, optional preprocessor_config.json / video_preprocessor_config.json).
+Reads the reasoner from the root of a model folder (config.json + safetensors; tokenizer files at the root or in
+text_tokenizer/, optional preprocessor_config.json / video_preprocessor_config.json): a Hub pipeline folder or a
+converted one through `cosmos_jax.load.load` (the language tower shared with transformer/), or a bare reasoner
+folder as transformers saves it.
 """
 
 from __future__ import annotations
@@ -12,12 +14,16 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from cosmos_jax import reasoner_inputs as ri
+from cosmos_jax.convert import orbax_io
 from cosmos_jax.convert.keymap_reasoner import load_reasoner
+from cosmos_jax.load import load
 from cosmos_jax.sampling import reason
 from cosmos_jax.sampling.prompts import ChatTokenizer
 
@@ -25,7 +31,8 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Hub-layout model folder (reasoner at its root)")
+    parser.add_argument("--model", required=True,
+                        help="Hub-layout or converted model folder, or a bare reasoner folder (reasoner at its root)")
     parser.add_argument("--prompt", required=True, help="the question or instruction")
     parser.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
     parser.add_argument("--video", metavar="PATH", help="a video file or a folder of frames")
@@ -46,6 +53,17 @@ def _tokenizer(model_dir: str) -> ChatTokenizer:
         if os.path.isfile(os.path.join(folder, "tokenizer.json")):
             return ChatTokenizer.from_dir(folder)
     raise ValueError(f"no tokenizer.json at the root of {model_dir} or in its text_tokenizer/ folder")
+
+
+def load_model(model_dir: str, dtype: Any) -> tuple[reason.Reasoner, reason.Params]:
+    """The reasoner and its params from a pipeline folder (Hub or converted) or a bare reasoner folder."""
+    root = Path(model_dir)
+    if not (orbax_io.is_converted(root) or (root / "transformer").is_dir()):
+        return load_reasoner(root, dtype)
+    loaded = load(root, dtype=dtype, components=("reasoner",)).reasoner
+    if loaded is None:
+        raise ValueError(f"{root} has no reasoner weights at its root (config.json + model*.safetensors)")
+    return loaded.model(), loaded.params
 
 
 def _eos_ids(model_dir: str, tokenizer: ChatTokenizer) -> tuple[int, ...]:
@@ -112,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         if not os.path.isdir(args.model):
             raise ValueError(f"model folder not found: {args.model}")
         tokenizer = _tokenizer(args.model)
-        model, params = load_reasoner(args.model, DTYPES[args.dtype])
+        model, params = load_model(args.model, DTYPES[args.dtype])
         _check_special_tokens(tokenizer, model.config)
         prompt = build_prompt(args, tokenizer, model.config)
         pad = tokenizer.special_tokens.get("pad_token")

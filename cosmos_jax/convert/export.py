@@ -1,9 +1,11 @@
 """Parameters -> the Hub's diffusers safetensors layout, so weights trained here go back to PyTorch users.
 
 Writes `transformer/diffusion_pytorch_model*.safetensors` (+ index when sharded) and `config.json`, and the
-same for `vae/` and `sound_tokenizer/` when present, plus `scheduler/`, `text_tokenizer/`, `model_index.json`
-and the root reasoner config. Keys, shapes and dtypes are the reference's; tensors are exported in the dtype
-they are held in, so a `convert` (dtype kept) then `export` gives back byte-identical tensors.
+same for `vae/` and `sound_tokenizer/` when present, plus `scheduler/`, `text_tokenizer/`, `model_index.json`,
+the root reasoner config and, when the reasoner was loaded, the root `model*.safetensors` (+ index) with the keys
+the original root files held (the ViT; the language tower and the generator tower when they were there). Keys,
+shapes and dtypes are the reference's; tensors are exported in the dtype they are held in, so a `convert` (dtype
+kept) then `export` gives back byte-identical tensors.
 """
 
 from __future__ import annotations
@@ -11,20 +13,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cosmos_jax.config import Cosmos3Config
-from cosmos_jax.convert import orbax_io
+from cosmos_jax.convert import keymap_reasoner, orbax_io
 from cosmos_jax.convert.keymap_audio import audio_state_from_params
 from cosmos_jax.convert.keymap_transformer import key_table
 from cosmos_jax.convert.keymap_vae import vae_state_from_params
 from cosmos_jax.convert.safetensors_io import atomic_output_dir, write_checkpoint
 from cosmos_jax.convert.tree_paths import get_path
-from cosmos_jax.load import COMPONENTS, LoadedModel, load
+from cosmos_jax.load import COMPONENTS, TRANSFORMER_TREES, LoadedModel, load
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # diffusers' "5GB"
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -47,15 +49,34 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def transformer_tensors(params: Mapping[str, Any], config: Cosmos3Config) -> Iterator[tuple[str, np.ndarray]]:
-    """The diffusers state dict of both trees, one tensor at a time (dtypes as held)."""
+def transformer_tensors(params: Mapping[str, Any], config: Cosmos3Config,
+                        trees: Sequence[str] = TRANSFORMER_TREES) -> Iterator[tuple[str, np.ndarray]]:
+    """The diffusers state dict of `trees` (default both), one tensor at a time (dtypes as held)."""
     for entry in key_table(config):
+        if entry.path[0] not in trees:
+            continue
         value = get_path(params, entry.path)
         if entry.per_layer:
             for i, key in enumerate(entry.torch_keys(config.num_hidden_layers)):
                 yield key, np.ascontiguousarray(entry.to_torch(np.asarray(value[i])))
         else:
             yield entry.torch_key, np.ascontiguousarray(entry.to_torch(np.asarray(value)))
+
+
+def root_reasoner_tensors(model: LoadedModel) -> Iterator[tuple[str, np.ndarray]]:
+    """The root reasoner checkpoint's tensors under their stored names, one at a time (dtypes as held): the ViT,
+    the language tower if the original held it, the generator tower if it was a unified checkpoint."""
+    reasoner = model.reasoner
+    if reasoner is None:
+        raise ValueError("the model was loaded without its root reasoner (components without 'reasoner')")
+    contents = reasoner.contents
+    parts = keymap_reasoner.PARTS if contents.language_model else (keymap_reasoner.VISION,)
+    for key, value in keymap_reasoner.iter_state(reasoner.params, reasoner.config, parts):
+        yield contents.aliases.get(key, key), np.ascontiguousarray(value)
+    if contents.generator:
+        if not model.params:
+            raise ValueError("the root checkpoint held the generator tower, but the transformer was not loaded")
+        yield from transformer_tensors(model.params, model.transformer_config, ("generator",))
 
 
 def _write_json(path: Path, value: Mapping[str, Any]) -> None:
@@ -96,6 +117,10 @@ def export_model(
             _merge_into(tmp / "sound.weights", tmp / "sound_tokenizer")
             if not (tmp / "sound_tokenizer" / "config.json").is_file():
                 model.sound_config.to_json_file(tmp / "sound_tokenizer" / "config.json")
+        if model.reasoner is not None:
+            write_checkpoint(tmp / "reasoner.weights", root_reasoner_tensors(model), max_shard_bytes=max_shard_bytes,
+                             weights_name="model")
+            _merge_into(tmp / "reasoner.weights", tmp)
         if model.scheduler_config is not None and not (tmp / "scheduler").exists():
             (tmp / "scheduler").mkdir()
             model.scheduler_config.to_json_file(tmp / "scheduler" / "scheduler_config.json")

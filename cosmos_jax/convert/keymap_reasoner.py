@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cosmos_jax.convert.keymap_transformer import LINEAR, KeyMapError, key_table
-from cosmos_jax.convert.safetensors_io import CheckpointIndex
+from cosmos_jax.convert.safetensors_io import CheckpointIndex, read_stacked
 from cosmos_jax.convert.tree_paths import get_path, set_path
 from cosmos_jax.sampling.reason import Reasoner, ReasonerConfig
 
@@ -34,6 +34,9 @@ GENERATOR_KEYS = re.compile(
     r"^audio_modality_embed$|^action_proj_out\.|^action_proj_in\.|^action_modality_embed$"
 )
 EDGE_MLP_ALIASES = {".mlp.up_proj.": ".mlp.fc1.", ".mlp.down_proj.": ".mlp.fc2."}
+LANGUAGE_MODEL = "language_model"  # embed_tokens, layers, norm, lm_head
+VISION = "vision"  # patch_embed, pos_embed, blocks, merger, deepstack_merger_list
+PARTS = (LANGUAGE_MODEL, VISION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,15 +88,35 @@ def _merger(prefix: str, path: tuple[str, ...], count: int | None) -> list[Tenso
             + _linear(f"{prefix}.linear_fc2", path + ("linear_fc2",), count))
 
 
-def tensor_table(config: ReasonerConfig) -> list[Tensor]:
-    """Every tensor of the reasoner checkpoint for this config."""
+VISION_KEYS = re.compile(r"^(blocks\.|merger\.|patch_embed\.|pos_embed\.|deepstack_merger_list\.)")
+
+
+def is_vision_key(key: str) -> bool:
+    """True for a ViT tensor of the root checkpoint (`blocks.*`, `merger.*`, ...)."""
+    return VISION_KEYS.search(key) is not None
+
+
+def is_generator_key(key: str) -> bool:
+    """True for a generator-tower tensor of a unified checkpoint (skipped by the reasoner)."""
+    return GENERATOR_KEYS.search(key) is not None
+
+
+def _check_parts(parts: Sequence[str]) -> None:
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"unknown reasoner part(s) {unknown}; choose from {PARTS}")
+
+
+def tensor_table(config: ReasonerConfig, parts: Sequence[str] = PARTS) -> list[Tensor]:
+    """Every tensor of the reasoner checkpoint for this config, restricted to `parts` (LANGUAGE_MODEL, VISION)."""
+    _check_parts(parts)
     table = []
-    for entry in key_table(config.text):
+    for entry in key_table(config.text) if LANGUAGE_MODEL in parts else []:
         if entry.path[0] != "reasoner":
             continue
         count = config.text.num_hidden_layers if entry.per_layer else None
         table.append(Tensor(entry.torch_key, entry.path[1:], entry.transform, count))
-    if config.vision is not None:
+    if config.vision is not None and VISION in parts:
         depth, deep = config.vision.depth, len(config.vision.deepstack_visual_indexes)
         blocks = ("vision", "blocks")
         table += [
@@ -123,11 +146,21 @@ def _stored_name(key: str, available: Mapping[str, Any], edge: bool) -> str:
     return key
 
 
-def resolve_keys(shapes: Mapping[str, tuple[int, ...]], config: ReasonerConfig, abstract: Any) -> dict[str, str]:
-    """Map each expected key to the stored key; KeyMapError listing every missing, unexpected, wrong-shape key."""
+def stores_language_model(keys: Sequence[str] | Mapping[str, Any], config: ReasonerConfig) -> bool:
+    """True when a checkpoint with these keys holds (some of) the language tower, under Hub or Edge alias names."""
+    available = keys if isinstance(keys, Mapping) else dict.fromkeys(keys)
+    edge = config.model_type == "cosmos3_edge"
+    return any(_stored_name(key, available, edge) in available
+               for tensor in tensor_table(config, (LANGUAGE_MODEL,)) for key in tensor.keys())
+
+
+def resolve_keys(shapes: Mapping[str, tuple[int, ...]], config: ReasonerConfig, abstract: Any,
+                 parts: Sequence[str] = PARTS) -> dict[str, str]:
+    """Map each expected key of `parts` to the stored key; KeyMapError listing every missing, unexpected and
+    wrong-shape key (generator tensors of a unified checkpoint are skipped)."""
     problems, resolved = [], {}
     edge = config.model_type == "cosmos3_edge"
-    for tensor in tensor_table(config):
+    for tensor in tensor_table(config, parts):
         flax_shape = tuple(get_path(abstract, tensor.path).shape)
         want = tensor.torch_shape(flax_shape if tensor.count is None else flax_shape[1:], config)
         for key in tensor.keys():
@@ -137,12 +170,11 @@ def resolve_keys(shapes: Mapping[str, tuple[int, ...]], config: ReasonerConfig, 
                 problems.append(f"missing key {key} (expected shape {want})")
             elif tuple(shapes[stored]) != want:
                 problems.append(f"wrong shape for {stored}: got {tuple(shapes[stored])}, expected {want}")
-    vision_keys = re.compile(r"^(blocks\.|merger\.|patch_embed\.|pos_embed\.|deepstack_merger_list\.)")
     for key in sorted(set(shapes) - set(resolved.values())):
-        skipped = GENERATOR_KEYS.search(key) or (config.vision is None and edge and not key.startswith(
+        skipped = is_generator_key(key) or (config.vision is None and edge and not key.startswith(
             ("layers.", "embed_tokens.", "norm.", "lm_head.")))
         if not skipped:
-            kind = "vision " if vision_keys.search(key) else ""
+            kind = "vision " if is_vision_key(key) else ""
             problems.append(f"unexpected {kind}key {key} (shape {tuple(shapes[key])})")
     if problems:
         raise KeyMapError(f"{len(problems)} problem(s) mapping the reasoner checkpoint:\n  " + "\n  ".join(problems))
@@ -160,19 +192,43 @@ def params_from_state(state: Mapping[str, np.ndarray], model: Reasoner) -> dict[
     return params
 
 
-def state_from_params(params: Mapping[str, Any], config: ReasonerConfig) -> dict[str, np.ndarray]:
-    """The flat Hub-named state dict (numpy) of params["reasoner"]: the inverse of `params_from_state`."""
-    state = {}
-    for tensor in tensor_table(config):
-        value = np.asarray(get_path(params, tensor.path))
-        per_item = value.shape if tensor.count is None else value.shape[1:]
+def iter_state(params: Mapping[str, Any], config: ReasonerConfig,
+               parts: Sequence[str] = PARTS) -> Iterator[tuple[str, np.ndarray]]:
+    """The Hub-named tensors (numpy, dtypes as held) of `parts` of params["reasoner"], one at a time."""
+    for tensor in tensor_table(config, parts):
+        value = get_path(params, tensor.path)
+        per_item = tuple(value.shape) if tensor.count is None else tuple(value.shape[1:])
         torch_shape = tensor.torch_shape(per_item, config)
         if tensor.count is None:
-            state[tensor.key] = tensor.to_torch(value, torch_shape)
+            yield tensor.key, tensor.to_torch(np.asarray(value), torch_shape)
         else:
             for i, key in enumerate(tensor.keys()):
-                state[key] = tensor.to_torch(value[i], torch_shape)
-    return state
+                yield key, tensor.to_torch(np.asarray(value[i]), torch_shape)
+
+
+def state_from_params(params: Mapping[str, Any], config: ReasonerConfig) -> dict[str, np.ndarray]:
+    """The flat Hub-named state dict (numpy) of params["reasoner"]: the inverse of `params_from_state`."""
+    return dict(iter_state(params, config))
+
+
+def iter_params(index: CheckpointIndex, config: ReasonerConfig, resolved: Mapping[str, str], dtype: Any,
+                parts: Sequence[str] = PARTS) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """(path in params["reasoner"], numpy array) for every leaf of `parts`, read lazily from `index` through the
+    `resolve_keys` map; stacked leaves are filled item by item into one buffer. dtype None keeps the stored one."""
+    for tensor in tensor_table(config, parts):
+        stored = [resolved[k] for k in tensor.keys()]
+        target = np.dtype(index.dtype(stored[0]) if dtype is None else dtype)
+
+        def transform(array: np.ndarray, tensor: Tensor = tensor, target: np.dtype = target) -> np.ndarray:
+            return tensor.to_flax(array).astype(target, copy=False)
+
+        if tensor.count is None:
+            value = np.ascontiguousarray(transform(index.read(stored[0])))
+        else:
+            value = read_stacked(index, stored, transform=transform)
+        index.close()  # unmap the files: pages read so far would otherwise stay resident
+        yield tensor.path, value
+        del value
 
 
 def load_reasoner(model_dir: str | os.PathLike, dtype: Any = jnp.bfloat16) -> tuple[Reasoner, dict[str, Any]]:
@@ -186,8 +242,6 @@ def load_reasoner(model_dir: str | os.PathLike, dtype: Any = jnp.bfloat16) -> tu
     with CheckpointIndex.open(root) as index:
         resolved = resolve_keys({k: index.shape(k) for k in index.keys()}, config, abstract)
         params: dict[str, Any] = {}
-        for tensor in tensor_table(config):
-            arrays = [tensor.to_flax(index.read(resolved[k])) for k in tensor.keys()]
-            value = arrays[0] if tensor.count is None else np.stack(arrays)
-            set_path(params, tensor.path, jnp.asarray(value, dtype=get_path(abstract, tensor.path).dtype))
+        for path, value in iter_params(index, config, resolved, dtype):
+            set_path(params, path, jnp.asarray(value))
     return model, params

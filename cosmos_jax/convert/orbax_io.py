@@ -3,7 +3,8 @@
 Layout written by `write_converted` (configs keep the Hub's paths, so the same readers serve both layouts):
 
     DST/cosmos_jax.json                  marker: format, version, per-tree statistics
-    DST/orbax/{reasoner,generator,vae,sound_tokenizer}/   one orbax (OCDBT) checkpoint per tree present
+    DST/orbax/{reasoner,generator,vae,sound_tokenizer,root_reasoner}/   one orbax (OCDBT) checkpoint per tree
+                                         present (root_reasoner: what the root reasoner files add, see load.py)
     DST/transformer/config.json          Cosmos3Config.to_json (the reference's keys)
     DST/model_index.json, vae/config.json, sound_tokenizer/config.json, scheduler/scheduler_config.json,
     DST/text_tokenizer/, root config.json and other root files: copied verbatim from the source
@@ -35,7 +36,7 @@ MARKER = "cosmos_jax.json"
 FORMAT = "cosmos-jax-converted"
 VERSION = 1
 ORBAX_DIR = "orbax"
-TREES = ("reasoner", "generator", "vae", "sound_tokenizer")
+TREES = ("reasoner", "generator", "vae", "sound_tokenizer", "root_reasoner")
 DEFAULT_GROUP_BYTES = 64 * 2**20
 
 LeafPath = tuple[str, ...]
@@ -198,15 +199,20 @@ def write_converted(
     overwrite: bool = False,
     group_bytes: int = DEFAULT_GROUP_BYTES,
     on_leaf: Callable[[str, LeafPath, np.ndarray], None] | None = None,
+    marker_fields: Mapping[str, Any] | None = None,
 ) -> dict[str, TreeStats]:
     """Write a converted folder at `dst` atomically (nothing at `dst` unless everything succeeded).
 
     trees: tree name (one of TREES) -> lazily produced (path, array) leaves.
     copy_paths: files or folders, relative to `source`, copied verbatim (configs, tokenizer, root files).
+    marker_fields: extra JSON-serialisable entries of the marker (e.g. what the root reasoner files held).
     """
     unknown = sorted(set(trees) - set(TREES))
     if unknown:
         raise ValueError(f"unknown tree name(s) {unknown}; expected some of {TREES}")
+    reserved = sorted(set(marker_fields or {}) & {"format", "version", "source", "trees"})
+    if reserved:
+        raise ValueError(f"marker_fields may not override {reserved}")
     stats: dict[str, TreeStats] = {}
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
         for rel in copy_paths:
@@ -222,6 +228,7 @@ def write_converted(
             "version": VERSION,
             "source": str(source),
             "trees": {name: s.to_dict() for name, s in stats.items()},
+            **(marker_fields or {}),
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return stats
