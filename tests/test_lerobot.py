@@ -6,8 +6,8 @@ The dataset is synthetic (tmp_path): 10 fps, chunks_size 2 (episodes 2.. live in
 are good; 2 (video 7 frames, parquet 9 rows), 3 (NaN action), 4 (no video) and 5 (3-wide actions) are bad.
 The VAE is the demo's tiny random Wan VAE (spatial compression 16). Expected latents are a direct, unjitted,
 unbatched `encode` + `normalize_latents` of the frames decoded from the mp4 and cropped by hand to the centre
-32x32 (no resize: the cover scale is 1); measured max abs difference ~1e-6 on latents of magnitude ~1 (fp32,
-CPU), asserted <= 1e-4.
+32x32 (no resize: the cover scale is 1); measured max abs difference 1.2e-6 on latents of magnitude ~2 (fp32,
+CPU), asserted <= 1e-4 x max(1, max |expected|).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from cosmos_jax.modeling.wan_vae import (
     init_params,
     normalize_latents,
 )
-from cosmos_jax.sampling.prompts import ChatTokenizer
+from cosmos_jax.sampling.prompts import ChatTokenizer, build_prompt_ids
 from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
 from cosmos_jax.training import data as data_lib
 from cosmos_jax.training.lerobot import (
@@ -230,6 +230,24 @@ def test_prepare_writes_latents_actions_captions(prepared, lerobot_dir, vae, tok
         assert int(sample["domain"]) == 4
 
 
+def test_video_only_and_overwrite(tmp_path, lerobot_dir, vae, tokenizer, prepared):
+    config, params = vae
+    dst = tmp_path / "video"
+    dst.mkdir()
+    (dst / "stale.txt").write_text("replaced")
+    report = prepare_lerobot(lerobot_dir, dst, config, params, tokenizer.encode,
+                             PrepareConfig(frames=FRAMES, height=SIZE, width=SIZE, action_key=None, batch_size=3,
+                                           skip_bad=True), latent_patch_size=2, overwrite=True, progress=False)
+    assert [i for i, _ in report.bad_episodes] == [2, 4]  # actions are not read: episodes 3 and 5 are fine
+    assert report.samples == 5 and not (dst / "stale.txt").exists()
+    assert data_lib.read_meta(str(dst)) == data_lib.DatasetMeta((48, 2, 2, 2), 10.0, None, None)
+    with np.load(dst / "samples" / "ep000000_clip0001.npz") as z, \
+            np.load(prepared[0] / "samples" / "ep000000_clip0001.npz") as ref:
+        assert sorted(z.files) == ["caption_ids", "latents"]
+        # batch of 3 vs batch of 2 compile to different programs: measured 1e-6 apart
+        np.testing.assert_allclose(z["latents"], ref["latents"], rtol=0, atol=1e-5)
+
+
 def test_bad_episode_is_fatal_without_skip(tmp_path, lerobot_dir, vae, tokenizer):
     config, params = vae
     dst = tmp_path / "out"
@@ -278,6 +296,13 @@ def test_cli_matches_library_and_loader_reads_it(tmp_path, lerobot_dir, model_di
     assert summary["samples"] == 3 and [b["episode"] for b in summary["bad_episodes"]] == [2, 3, 4, 5]
     with pytest.raises(FileExistsError, match="--overwrite"):
         cli.main([*argv, "--skip-bad"])
+    chat_dst = tmp_path / "chat"
+    assert cli.main([*argv[:3], str(chat_dst), *argv[4:], "--skip-bad", "--caption", "chat"]) == 0
+    capsys.readouterr()
+    with np.load(chat_dst / "samples" / "ep000001_clip0000.npz") as z:
+        want = build_prompt_ids(model_dir / "text_tokenizer", TASKS[1], num_frames=FRAMES, height=SIZE, width=SIZE,
+                                fps=FPS)
+        np.testing.assert_array_equal(z["caption_ids"], want)
     library_dst, _ = prepared
     for entry in data_lib.read_index(str(dst)):
         with np.load(dst / entry["file"]) as ours, np.load(library_dst / entry["file"]) as lib:

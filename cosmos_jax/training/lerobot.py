@@ -481,8 +481,12 @@ def prepare_lerobot(
                            float(config.fps or info.fps), None if width is None else config.frames - 1, width)
         write_dataset(str(tmp), meta, entries)
         if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
+            old = tmp.with_name(tmp.name + ".old")
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, dst)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
