@@ -3,12 +3,13 @@
 Public entry points work on the reference's channels-first layout:
 
     encode(params, video [B,3,F,H,W] in [-1,1], config) -> posterior mean [B,z,T,H/16,W/16],  F = 1 + 4(T-1)
-    decode(params, z [B,z,T,h,w], config)               -> video [B,3,1+4(T-1),16h,16w] clamped to [-1,1]
+    decode(params, z [B,z,T,h,w], config, tiling=None) -> video [B,3,1+4(T-1),16h,16w] clamped to [-1,1]
 
 Both reproduce the reference's chunked causal streaming: the encoder sees frame 0 alone, then chunks of 4 frames;
 the decoder sees one latent frame at a time. The chunks after the first run in one `jax.lax.scan` that carries the
-per-layer time caches, so memory stays flat in the frame count (beyond the input and output buffers) and the chunk
-step compiles once. Spatial tiling is not implemented (the reference leaves it off by default).
+per-layer time caches (and, for decode, the output buffer) in donated buffers, so memory stays flat in the frame
+count (beyond the input and output buffers) and the chunk step compiles once. Optional spatial tiling for decode
+(`VAETiling`, off by default as in the reference) bounds memory by the tile area for large frames.
 
 `params` is this model's own tree (`{"encoder", "quant_conv", "post_quant_conv", "decoder"}`); see
 `cosmos_jax.convert.keymap_vae` for loading diffusers weights into it.
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cosmos_jax.modeling.wan_vae_blocks import Decoder, Encoder, PointwiseConv, round_to
+from cosmos_jax.modeling.wan_vae_tiling import VAETiling, check_tiling, tiled_decode, tiling_applies
 
 RGB_CHANNELS = 3
 FRAMES_PER_LATENT = 4  # temporal compression; also the length of the reference's encoder chunks
@@ -245,7 +247,9 @@ def _from_patches(frames: jax.Array, config: WanVAEConfig) -> jax.Array:
 
 
 # The first chunk and the scan over the remaining chunks are compiled separately, so that videos of different
-# lengths share the first chunk's program.
+# lengths share the first chunk's program. The scans take their carried state (the per-layer time caches and, for
+# decode, the output buffer) as donated arguments and return it, so XLA runs the loop in the caller's buffers
+# instead of copying them into fresh loop buffers: the scratch stays flat in the frame count.
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def _encode_first(params: Any, video: jax.Array, config: WanVAEConfig, dtype: Any) -> tuple[jax.Array, Any]:
     """Frame 0 `[B,3,1,H,W]` -> (mean `[B,z,1,h,w]`, cache)."""
@@ -253,9 +257,10 @@ def _encode_first(params: Any, video: jax.Array, config: WanVAEConfig, dtype: An
     return jnp.transpose(mean, (0, 4, 1, 2, 3)), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _encode_rest(params: Any, cache: Any, video: jax.Array, config: WanVAEConfig, dtype: Any) -> jax.Array:
-    """Whole video `[B,3,1+4K,H,W]`, first chunk's cache -> mean of frames 1.. `[B,z,K,h,w]`.
+@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
+def _encode_rest(params: Any, cache: Any, video: jax.Array, config: WanVAEConfig,
+                 dtype: Any) -> tuple[jax.Array, Any]:
+    """Whole video `[B,3,1+4K,H,W]`, first chunk's cache (donated) -> (mean of frames 1.. `[B,z,K,h,w]`, cache).
 
     Each scan step slices and patchifies its own 4 frames, so the input is never copied whole.
     """
@@ -267,40 +272,58 @@ def _encode_rest(params: Any, cache: Any, video: jax.Array, config: WanVAEConfig
         return carry, mean[:, 0]
 
     chunks = (video.shape[2] - 1) // FRAMES_PER_LATENT
-    means = jax.lax.scan(body, cache, jnp.arange(chunks))[1]  # [K,B,h,w,z]
-    return jnp.transpose(means, (1, 4, 0, 2, 3))
+    cache, means = jax.lax.scan(body, cache, jnp.arange(chunks))  # means [K,B,h,w,z]
+    return jnp.transpose(means, (1, 4, 0, 2, 3)), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _decode_first(params: Any, z: jax.Array, config: WanVAEConfig, dtype: Any) -> tuple[jax.Array, Any]:
-    """Latent frame 0 `[B,z,1,h,w]` -> (video frame `[B,3,1,H,W]`, cache)."""
+def _frames_out(frames: jax.Array, config: WanVAEConfig, pixels: bool) -> jax.Array:
+    """Decoder output `[B,T,h,w,3p²]` as video `[B,3,T,H,W]` clamped (pixels) or unchanged (patch space)."""
+    return _from_patches(frames, config) if pixels else frames
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "pixels"))
+def _decode_first(params: Any, z: jax.Array, config: WanVAEConfig, dtype: Any,
+                  pixels: bool) -> tuple[jax.Array, Any]:
+    """Latent frame 0 `[B,z,1,h,w]` -> (frame 0 in the `_frames_out` layout, cache)."""
     frames, cache = _step(params, config, dtype, WanVAEModel.decode_chunk)(
         jnp.transpose(z, (0, 2, 3, 4, 1)).astype(dtype), None
     )
-    return _from_patches(frames, config), cache
+    return _frames_out(frames, config, pixels), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _decode_rest(params: Any, cache: Any, first: jax.Array, z: jax.Array, config: WanVAEConfig,
-                 dtype: Any) -> jax.Array:
-    """Decoded frame 0 `[B,3,1,H,W]`, its cache, latent frames 1.. `[B,z,K,h,w]` -> video `[B,3,1+4K,H,W]`.
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "pixels"), donate_argnames=("cache", "video"))
+def _decode_rest(params: Any, cache: Any, video: jax.Array, z: jax.Array, config: WanVAEConfig, dtype: Any,
+                 pixels: bool) -> tuple[jax.Array, Any]:
+    """Frame 0's cache and the output buffer (both donated), latent frames 1.. `[B,z,K,h,w]` -> (video, cache).
 
-    The output buffer rides in the scan carry and each step writes its 4 frames into it; per-chunk activations do
-    not grow with the frame count (see `decode_memory_plan` for what XLA plans around the carried buffer).
+    `video` is `[B,3,1+4K,H,W]` (pixels) or `[B,1+4K,h,w,3p²]` (patch space) with frame 0 already in place; each
+    scan step writes its 4 frames into it. Per-chunk activations do not grow with the frame count.
     """
     step = _step(params, config, dtype, WanVAEModel.decode_chunk)
+    time_axis = 2 if pixels else 1
 
     def body(carry: tuple[Any, jax.Array], index: jax.Array) -> tuple[tuple[Any, jax.Array], None]:
         cache, video = carry
         latent = jnp.transpose(jax.lax.dynamic_slice_in_dim(z, index, 1, axis=2), (0, 2, 3, 4, 1)).astype(dtype)
         frames, cache = step(latent, cache)
         start = 1 + FRAMES_PER_LATENT * index
-        video = jax.lax.dynamic_update_slice_in_dim(video, _from_patches(frames, config), start, axis=2)
+        video = jax.lax.dynamic_update_slice_in_dim(video, _frames_out(frames, config, pixels), start, time_axis)
         return (cache, video), None
 
-    chunks = z.shape[2]
-    video = jnp.pad(first, ((0, 0), (0, 0), (0, FRAMES_PER_LATENT * chunks), (0, 0), (0, 0)))
-    return jax.lax.scan(body, (cache, video), jnp.arange(chunks))[0][1]
+    cache, video = jax.lax.scan(body, (cache, video), jnp.arange(z.shape[2]))[0]
+    return video, cache
+
+
+def _decode_stream(params: Any, z: jax.Array, config: WanVAEConfig, dtype: Any, pixels: bool) -> jax.Array:
+    """Latents `[B,z,T,h,w]` -> every frame, decoded one latent frame at a time (layout as `_frames_out`)."""
+    first, cache = _decode_first(params, z[:, :, :1], config, dtype, pixels)
+    chunks = z.shape[2] - 1
+    if chunks == 0:
+        return first
+    time_axis = 2 if pixels else 1
+    pad = [(0, 0)] * first.ndim
+    pad[time_axis] = (0, FRAMES_PER_LATENT * chunks)
+    return _decode_rest(params, cache, jnp.pad(first, pad), z[:, :, 1:], config, dtype, pixels)[0]
 
 
 def _check_finite(x: Any, what: str) -> None:
@@ -345,17 +368,28 @@ def encode(params: Any, video: Any, config: WanVAEConfig, dtype: Any = jnp.float
     mean, cache = _encode_first(params, video[:, :, :1], config, dtype)
     if video.shape[2] == 1:
         return mean
-    return jnp.concatenate([mean, _encode_rest(params, cache, video, config, dtype)], axis=2)
+    return jnp.concatenate([mean, _encode_rest(params, cache, video, config, dtype)[0]], axis=2)
 
 
-def decode(params: Any, z: Any, config: WanVAEConfig, dtype: Any = jnp.float32) -> jax.Array:
-    """Latents `[B,z_dim,T,h,w]` -> video `[B,3,1+4(T-1),16h,16w]` clamped to [-1,1], in `dtype`."""
+_pixels_from_patches = jax.jit(_from_patches, static_argnames=("config",))
+
+
+def decode(params: Any, z: Any, config: WanVAEConfig, dtype: Any = jnp.float32,
+           tiling: VAETiling | None = None) -> jax.Array:
+    """Latents `[B,z_dim,T,h,w]` -> video `[B,3,1+4(T-1),16h,16w]` clamped to [-1,1], in `dtype`.
+
+    With `tiling`, latents larger than one tile are decoded in overlapping spatial tiles (see `wan_vae_tiling`).
+    """
     validate_latents(z, config)
     dtype = jnp.dtype(dtype)
-    video, cache = _decode_first(params, z[:, :, :1], config, dtype)
-    if z.shape[2] == 1:
-        return video
-    return _decode_rest(params, cache, video, z[:, :, 1:], config, dtype)
+    compression = config.spatial_compression
+    if tiling is not None:
+        check_tiling(tiling, compression)
+    if tiling is None or not tiling_applies(tiling, tuple(z.shape[3:]), compression):
+        return _decode_stream(params, z, config, dtype, pixels=True)
+    frames = tiled_decode(lambda tile: _decode_stream(params, tile, config, dtype, pixels=False), z, tiling,
+                          compression, config.patch)
+    return _pixels_from_patches(frames, config)
 
 
 def init_params(config: WanVAEConfig, rng: jax.Array, param_dtype: Any = jnp.float32) -> Any:
@@ -369,40 +403,50 @@ def init_params(config: WanVAEConfig, rng: jax.Array, param_dtype: Any = jnp.flo
 
 def decode_memory_plan(config: WanVAEConfig, latent_shape: tuple[int, ...], dtype: Any = jnp.float32,
                        param_dtype: Any = jnp.float32) -> dict[str, int]:
-    """Bytes XLA plans for `decode` of latents `[B,z,T,h,w]` on the default backend, without weights or data.
+    """Bytes XLA plans for an untiled `decode` of latents `[B,z,T,h,w]` on the default backend, without data.
 
-    Returns `output_bytes`, `param_bytes` and `temp_bytes` (the larger scratch of the first-frame and scanned
-    programs). Per-chunk activations do not depend on T; on the CPU backend XLA still plans scratch that grows with
-    the output buffer (about 1x it at 256x256 px, about 4.8x it at 704x1280 px), so check the target backend.
+    Returns `output_bytes` (the video), `param_bytes`, `cache_bytes` (the per-layer time caches carried from one
+    latent frame to the next, held in donated buffers) and `temp_bytes` (the larger scratch of the first-frame and
+    the scanned programs; it does not depend on T once T ≥ 2). A decode needs about the sum of the four.
     """
     dtype = jnp.dtype(dtype)
     params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), param_dtype))
     b, c, t, h, w = latent_shape
     first_z = jax.ShapeDtypeStruct((b, c, 1, h, w), jnp.float32)
-    first = _decode_first.lower(params, first_z, config, dtype).compile().memory_analysis()
+    first = _decode_first.lower(params, first_z, config, dtype, True).compile().memory_analysis()
+    frame, cache = jax.eval_shape(functools.partial(_decode_first, config=config, dtype=dtype, pixels=True),
+                                  params, first_z)
     plan = {"output_bytes": first.output_size_in_bytes, "temp_bytes": first.temp_size_in_bytes,
-            "param_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))}
+            "param_bytes": _nbytes(params), "cache_bytes": _nbytes(cache)}
     if t > 1:
-        frame, cache = jax.eval_shape(functools.partial(_decode_first, config=config, dtype=dtype), params, first_z)
+        video = jax.ShapeDtypeStruct((*frame.shape[:2], 1 + FRAMES_PER_LATENT * (t - 1), *frame.shape[3:]),
+                                     frame.dtype)
         rest_z = jax.ShapeDtypeStruct((b, c, t - 1, h, w), jnp.float32)
-        rest = _decode_rest.lower(params, cache, frame, rest_z, config, dtype).compile().memory_analysis()
-        plan["output_bytes"] = rest.output_size_in_bytes
+        rest = _decode_rest.lower(params, cache, video, rest_z, config, dtype, True).compile().memory_analysis()
+        plan["output_bytes"] = _nbytes(video)
         plan["temp_bytes"] = max(plan["temp_bytes"], rest.temp_size_in_bytes)
+    else:
+        plan["output_bytes"] = _nbytes(frame)
     return plan
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 @dataclasses.dataclass(frozen=True)
 class WanVAE:
-    """A config and a compute dtype bundled: `vae.encode(params, video)`, `vae.decode(params, z)`."""
+    """Config, compute dtype and optional decode tiling bundled: `vae.encode(params, v)`, `vae.decode(params, z)`."""
 
     config: WanVAEConfig = WanVAEConfig()
     dtype: Any = jnp.float32
+    tiling: VAETiling | None = None
 
     def encode(self, params: Any, video: Any) -> jax.Array:
         return encode(params, video, self.config, self.dtype)
 
     def decode(self, params: Any, z: Any) -> jax.Array:
-        return decode(params, z, self.config, self.dtype)
+        return decode(params, z, self.config, self.dtype, self.tiling)
 
     def normalize(self, mu: jax.Array) -> jax.Array:
         return normalize_latents(mu, self.config.latents_mean, self.config.latents_std, self.dtype)
