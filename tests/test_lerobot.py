@@ -248,6 +248,23 @@ def test_video_only_and_overwrite(tmp_path, lerobot_dir, vae, tokenizer, prepare
         np.testing.assert_allclose(z["latents"], ref["latents"], rtol=0, atol=1e-5)
 
 
+def test_resampled_clips_take_the_grid_frames_actions(tmp_path, lerobot_dir, vae, tokenizer):
+    config, params = vae
+    dst = tmp_path / "5fps"
+    report = prepare_lerobot(lerobot_dir, dst, config, params, tokenizer.encode,
+                             PrepareConfig(frames=FRAMES, height=SIZE, width=SIZE, fps=5.0, batch_size=2, skip_bad=True),
+                             latent_patch_size=2, progress=False)
+    assert report.samples == 2 and data_lib.read_meta(str(dst)).fps == 5.0
+    grid = np.arange(0, 10, 2)  # 10 fps -> 5 fps: source frames 0, 2, 4, 6, 8; one clip per good episode
+    for episode in (0, 1):
+        rows, _, width, _, nan_row = EPISODES[episode]
+        with np.load(dst / "samples" / f"ep{episode:06d}_clip0000.npz") as z:
+            np.testing.assert_array_equal(z["actions"], _episode_actions(episode, rows, width, nan_row)[grid[:-1]])
+            want = normalize_latents(encode(params, jnp.asarray(_decoded_clip(lerobot_dir, episode, grid)[None]),
+                                            config), config.latents_mean, config.latents_std, jnp.float32)
+            np.testing.assert_allclose(z["latents"], np.asarray(want)[0], rtol=0, atol=TOL)
+
+
 def test_bad_episode_is_fatal_without_skip(tmp_path, lerobot_dir, vae, tokenizer):
     config, params = vae
     dst = tmp_path / "out"
