@@ -386,11 +386,19 @@ def _check_config(config: PrepareConfig, vae_config: WanVAEConfig, size_multiple
 
 
 @dataclasses.dataclass(frozen=True)
-class _Clip:
+class Clip:
+    """One sample before encoding: frames [F, H, W, 3] uint8, caption ids [L] int32, actions [F-1, A] or None."""
+
     sample_id: str
-    pixels: np.ndarray  # [3, F, H, W] float32 in [-1, 1]
+    frames: np.ndarray
     caption_ids: np.ndarray
     actions: np.ndarray | None
+
+
+def clip_pixels(clips: Sequence[Clip]) -> np.ndarray:
+    """[n, 3, F, H, W] float32 in [-1, 1] (x / 127.5 − 1, as the pipeline scales pixels)."""
+    frames = np.stack([c.frames for c in clips]).astype(np.float32)
+    return (frames / np.float32(127.5) - np.float32(1.0)).transpose(0, 4, 1, 2, 3)
 
 
 def _caption(episode: Episode, table: EpisodeTable, first_frame: int, tasks: dict[int, str]) -> str:
@@ -403,7 +411,7 @@ def _caption(episode: Episode, table: EpisodeTable, first_frame: int, tasks: dic
 
 
 def episode_clips(info: LeRobotInfo, episode: Episode, tasks: dict[int, str], config: PrepareConfig,
-                  video_key: str, tokenize: Tokenize) -> list[_Clip]:
+                  video_key: str, tokenize: Tokenize) -> list[Clip]:
     """Every clip of one episode, checked; raises BadEpisode."""
     table = read_episode_table(info, episode.index, config.action_key)
     if table.rows != episode.length:
@@ -420,14 +428,14 @@ def episode_clips(info: LeRobotInfo, episode: Episode, tasks: dict[int, str], co
         ids = np.asarray(list(tokenize(text)), np.int32)
         if ids.size == 0:
             raise BadEpisode(episode.index, f"task text {text!r} tokenizes to no tokens")
-        pixels = np.stack([frames[int(i)] for i in clip]).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
         actions = None if table.actions is None else table.actions[clip[:-1]]
-        clips.append(_Clip(f"ep{episode.index:06d}_clip{number:04d}", pixels.transpose(3, 0, 1, 2), ids, actions))
+        clips.append(Clip(f"ep{episode.index:06d}_clip{number:04d}", np.stack([frames[int(i)] for i in clip]), ids,
+                          actions))
     return clips
 
 
-def _batches(items: Iterator[_Clip], size: int) -> Iterator[list[_Clip]]:
-    batch: list[_Clip] = []
+def _batches(items: Iterator[Clip], size: int) -> Iterator[list[Clip]]:
+    batch: list[Clip] = []
     for item in items:
         batch.append(item)
         if len(batch) == size:
@@ -500,7 +508,7 @@ def _write_all(info: LeRobotInfo, episodes: list[Episode], tasks: dict[int, str]
     report, entries = PrepareReport(), []
     bar = tqdm(episodes, disable=not progress, desc="episodes", unit="ep")
 
-    def clips() -> Iterator[_Clip]:
+    def clips() -> Iterator[Clip]:
         for episode in bar:
             try:
                 found = episode_clips(info, episode, tasks, config, video_key, tokenize)
@@ -516,7 +524,7 @@ def _write_all(info: LeRobotInfo, episodes: list[Episode], tasks: dict[int, str]
             yield from found
 
     for batch in _batches(clips(), config.batch_size):
-        latents = encoder(np.stack([c.pixels for c in batch]))
+        latents = encoder(clip_pixels(batch))
         for clip, z in zip(batch, latents):
             entries.append(write_sample(str(out), clip.sample_id, z, clip.caption_ids, clip.actions,
                                         None if clip.actions is None else config.domain))
