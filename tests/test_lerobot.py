@@ -293,6 +293,20 @@ def test_config_errors(tmp_path, lerobot_dir, vae, change, kwargs, match):
                                                       **kwargs})
 
 
+def test_path_templates(tmp_path):
+    (tmp_path / "meta").mkdir()
+    info = {"codebase_version": "v2.0", "fps": 10, "chunks_size": 1000, "total_episodes": 206, "features": {},
+            "data_path": "data/chunk-{episode_chunk:03d}/train-{episode_index:05d}-of-{total_episodes:05d}.parquet",
+            "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"}
+    (tmp_path / "meta" / "info.json").write_text(json.dumps(info))
+    parsed = read_info(tmp_path)
+    assert parsed.parquet_path(1205) == tmp_path / "data/chunk-001/train-01205-of-00206.parquet"
+    assert parsed.video_file(7, "cam") == tmp_path / "videos/chunk-000/cam/episode_000007.mp4"
+    (tmp_path / "meta" / "info.json").write_text(json.dumps({**info, "data_path": "data/{episode_number}.parquet"}))
+    with pytest.raises(ValueError, match="cannot fill path template 'data/{episode_number}.parquet'"):
+        read_info(tmp_path).parquet_path(0)
+
+
 def test_not_a_lerobot_folder(tmp_path):
     with pytest.raises(ValueError, match="meta/info.json is missing"):
         read_info(tmp_path)

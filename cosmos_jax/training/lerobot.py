@@ -79,6 +79,7 @@ class LeRobotInfo:
     data_path: str
     video_path: str | None
     features: dict[str, Any]
+    total_episodes: int | None = None
 
     @property
     def video_keys(self) -> list[str]:
@@ -94,10 +95,14 @@ class LeRobotInfo:
         return shape[0]
 
     def _format(self, template: str, episode: int, video_key: str | None) -> Path:
-        fields = {"episode_chunk": episode // self.chunks_size, "episode_index": episode}
-        if video_key is not None:
-            fields["video_key"] = video_key
-        return self.root / template.format(**fields)
+        """A path template filled with episode_chunk, episode_index, total_episodes and video_key."""
+        fields = {"episode_chunk": episode // self.chunks_size, "episode_index": episode,
+                  "total_episodes": self.total_episodes, "video_key": video_key}
+        try:
+            return self.root / template.format(**fields)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{self.root}/meta/info.json: cannot fill path template {template!r} ({e!r}); "
+                             f"known fields: {sorted(fields)}") from None
 
     def parquet_path(self, episode: int) -> Path:
         return self._format(self.data_path, episode, None)
@@ -149,7 +154,9 @@ def read_info(root: str | os.PathLike[str]) -> LeRobotInfo:
         raise ValueError(f"{path}: fps must be a positive number, got {fps!r}")
     if not isinstance(chunks, int) or chunks <= 0:
         raise ValueError(f"{path}: chunks_size must be a positive int, got {chunks!r}")
-    return LeRobotInfo(root, float(fps), chunks, str(raw["data_path"]), raw.get("video_path"), dict(raw["features"]))
+    total = raw.get("total_episodes")
+    return LeRobotInfo(root, float(fps), chunks, str(raw["data_path"]), raw.get("video_path"), dict(raw["features"]),
+                       total if isinstance(total, int) else None)
 
 
 @dataclasses.dataclass(frozen=True)
