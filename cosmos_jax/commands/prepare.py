@@ -80,7 +80,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                          help="raw: token ids of the task text; chat: the generation prompt built around it "
                               "(system prompt, duration and resolution sentences, as at inference)")
     lerobot.add_argument("--batch", type=int, default=4, help="clips per VAE call")
-    lerobot.add_argument("--vae-dtype", choices=("float32", "bfloat16"), default="float32")
+    lerobot.add_argument("--vae-dtype", choices=("float32", "bfloat16"), default="float32",
+                         help="VAE compute dtype (latents are stored as float32)")
     lerobot.add_argument("--skip-bad", action="store_true", help="list and skip bad episodes instead of stopping")
     lerobot.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     lerobot.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
