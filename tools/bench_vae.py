@@ -1,13 +1,19 @@
-"""Wan VAE decode: memory versus frame count, and JAX versus the diffusers PyTorch reference.
+"""Wan VAE decode: memory versus frame count and tiling, and JAX versus the diffusers PyTorch reference.
 
     python tools/bench_vae.py [--latent-frames 4 16] [--latent-size 4 4] [--base-dim 32] [--decoder-base-dim 64]
-                              [--repeats 3]
+                              [--repeats 2] [--tiling TH TW SH SW] [--no-torch]
+                              [--plan-latent-size 30 52 --plan-frames 2 8 16 32]
 
 Every (backend, latent frame count) case runs in its own subprocess on the same random weights and latents. Each
 reports the process peak RSS (`ru_maxrss`: weights, compile and decode together), the decode working set (the
 highest RSS sampled every 2 ms during the timed decodes minus the RSS just before them), for JAX the scratch
 memory XLA plans for the decode (`decode_memory_plan`), and the median decode time after one warm-up call (which
-compiles, for JAX). Prints one markdown table and the JAX/torch time ratios.
+compiles, for JAX). `--tiling` adds a tiled JAX case (tile and stride in pixels, as diffusers' `enable_tiling`).
+Prints one markdown table and the JAX/torch time ratios.
+
+`--plan-latent-size` instead prints what XLA plans (no weights, no data; compile only) for decoding at the
+published Cosmos 3 widths: scratch, carried caches and output per latent frame count, untiled and, with
+`--tiling`, tiled.
 """
 
 from __future__ import annotations
@@ -31,6 +37,12 @@ def _tiny_config(args: argparse.Namespace) -> Any:
     from cosmos_jax.modeling.wan_vae import WanVAEConfig
 
     return WanVAEConfig(base_dim=args.base_dim, decoder_base_dim=args.decoder_base_dim)
+
+
+def _tiling(args: argparse.Namespace) -> Any:
+    from cosmos_jax.modeling.wan_vae_tiling import VAETiling
+
+    return VAETiling(*args.tiling) if args.tiling else None
 
 
 def _peak_rss_while(fn: Callable[[], Any], repeats: int) -> tuple[float, float, float]:
@@ -91,12 +103,13 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
         params = jax.device_put(vae_params_from_torch_state(state, config))
         del reference, state
         z = jax.device_put(latents)
+        tiling = _tiling(args) if args.case == "jax-tiled" else None
 
         def decode_once() -> Any:
-            return np.asarray(jax.block_until_ready(decode(params, z, config)))
+            return np.asarray(jax.block_until_ready(decode(params, z, config, tiling=tiling)))
 
         def xla_temp_mib() -> float:
-            return decode_memory_plan(config, latents.shape)["temp_bytes"] / MIB
+            return decode_memory_plan(config, latents.shape, tiling=tiling)["temp_bytes"] / MIB
 
     start = time.perf_counter()
     out = decode_once()
@@ -115,8 +128,32 @@ def _spawn(args: argparse.Namespace, case: str, frames: int) -> dict[str, Any]:
     command = [sys.executable, __file__, "--case", case, "--case-frames", str(frames),
                "--latent-size", *map(str, args.latent_size), "--base-dim", str(args.base_dim),
                "--decoder-base-dim", str(args.decoder_base_dim), "--repeats", str(args.repeats)]  # fmt: skip
+    if args.tiling:
+        command += ["--tiling", *map(str, args.tiling)]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_plans(args: argparse.Namespace) -> None:
+    """XLA's plan for decoding at the published widths, per latent frame count, untiled and tiled."""
+    from cosmos_jax.modeling.wan_vae import WanVAEConfig, decode_memory_plan
+
+    config, (h, w) = WanVAEConfig(), args.plan_latent_size
+    s = config.spatial_compression
+    print(f"Wan VAE decode memory plan (XLA, {platform.machine()}), published Cosmos 3 VAE widths, fp32, batch 1, "
+          f"latents 48x{h}x{w} -> video {s * h}x{s * w}; parameters "
+          f"{decode_memory_plan(config, (1, 48, 1, 1, 1))['param_bytes'] / MIB:.0f} MiB\n")
+    print("| tiling | latent frames | video frames | output MiB | carried caches MiB | XLA scratch MiB "
+          "| tile buffers MiB | total without params MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for tiling in (None, _tiling(args)) if args.tiling else (None,):
+        for frames in args.plan_frames:
+            plan = {k: v / MIB for k, v in decode_memory_plan(config, (1, 48, frames, h, w), tiling=tiling).items()}
+            total = plan["output_bytes"] + plan["cache_bytes"] + plan["temp_bytes"] + plan["tile_buffer_bytes"]
+            name = "none" if tiling is None else "{}x{} every {}x{}".format(*args.tiling)
+            print(f"| {name} | {frames} | {1 + 4 * (frames - 1)} | {plan['output_bytes']:.0f} "
+                  f"| {plan['cache_bytes']:.0f} | {plan['temp_bytes']:.0f} | {plan['tile_buffer_bytes']:.0f} "
+                  f"| {total:.0f} |")
 
 
 def main() -> None:
@@ -126,18 +163,29 @@ def main() -> None:
     parser.add_argument("--base-dim", type=int, default=32, help="encoder width (160 in the real model)")
     parser.add_argument("--decoder-base-dim", type=int, default=64, help="decoder width (256 in the real model)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--case", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--tiling", type=int, nargs=4, metavar=("TH", "TW", "SH", "SW"),
+                        help="also decode in tiles of TH x TW pixels every SH x SW pixels")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference cases")
+    parser.add_argument("--plan-latent-size", type=int, nargs=2, metavar=("H", "W"),
+                        help="print XLA's memory plan at the published widths for this latent size instead")
+    parser.add_argument("--plan-frames", type=int, nargs="+", default=[2, 8, 16, 32])
+    parser.add_argument("--case", choices=["jax", "jax-tiled", "torch"], help=argparse.SUPPRESS)
     parser.add_argument("--case-frames", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args)))
         return
+    if args.plan_latent_size:
+        print_plans(args)
+        return
 
-    rows = [_spawn(args, case, frames) for frames in args.latent_frames for case in ("jax", "torch")]
+    cases = ["jax"] + (["jax-tiled"] if args.tiling else []) + ([] if args.no_torch else ["torch"])
+    rows = [_spawn(args, case, frames) for frames in args.latent_frames for case in cases]
     h, w = args.latent_size
+    tiles = "; tiles {}x{} px every {}x{} px".format(*args.tiling) if args.tiling else ""
     print(f"Wan VAE decode, base_dim {args.base_dim} / decoder_base_dim {args.decoder_base_dim}, latents "
-          f"48x{h}x{w} -> video {16 * h}x{16 * w}, fp32, batch 1; {platform.processor() or platform.machine()}, "
-          f"{len(os.sched_getaffinity(0))} CPU cores\n")  # fmt: skip
+          f"48x{h}x{w} -> video {16 * h}x{16 * w}, fp32, batch 1{tiles}; "
+          f"{platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores\n")
     print("| backend | latent frames | video frames | output MiB | XLA scratch MiB | decode working set MiB "
           "| process peak RSS MiB | first call s | decode s (median) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -146,14 +194,14 @@ def main() -> None:
         print(f"| {r['case']} | {r['latent_frames']} | {r['video_frames']} | {r['output_mib']:.1f} | {temp} "
               f"| {r['working_set_mib']:.1f} | {r['peak_rss_mib']:.0f} | {r['warmup_s']:.2f} | {r['decode_s']:.3f} |")
     print()
-    for frames in args.latent_frames:
-        jax_row, torch_row = (next(r for r in rows if r["case"] == c and r["latent_frames"] == frames)
-                              for c in ("jax", "torch"))
-        ratio = jax_row["decode_s"] / torch_row["decode_s"]
-        print(f"- {frames} latent frames: JAX/torch decode time ratio {ratio:.2f}")
+    row = {(r["case"], r["latent_frames"]): r for r in rows}
+    if "torch" in cases:
+        for frames in args.latent_frames:
+            ratio = row["jax", frames]["decode_s"] / row["torch", frames]["decode_s"]
+            print(f"- {frames} latent frames: JAX/torch decode time ratio {ratio:.2f}")
     first, last = args.latent_frames[0], args.latent_frames[-1]
-    for case in ("jax", "torch"):
-        a, b = (next(r for r in rows if r["case"] == case and r["latent_frames"] == f) for f in (first, last))
+    for case in cases:
+        a, b = row[case, first], row[case, last]
         print(f"- {case}: peak RSS grows {b['peak_rss_mib'] - a['peak_rss_mib']:.1f} MiB from {first} to {last} "
               f"latent frames; the output grows {b['output_mib'] - a['output_mib']:.1f} MiB")
 

@@ -2,13 +2,13 @@
 
 Public entry points work on the reference's channels-first layout:
 
-    encode(params, video [B,3,F,H,W] in [-1,1], config) -> posterior mean [B,z,T,H/16,W/16],  F = 1 + 4(T-1)
+    encode(params, video [B,3,F,H,W] in [-1,1], config, tiling=None) -> mean [B,z,T,H/16,W/16], F = 1 + 4(T-1)
     decode(params, z [B,z,T,h,w], config, tiling=None) -> video [B,3,1+4(T-1),16h,16w] clamped to [-1,1]
 
 Both reproduce the reference's chunked causal streaming: the encoder sees frame 0 alone, then chunks of 4 frames;
 the decoder sees one latent frame at a time. The chunks after the first run in one `jax.lax.scan` that carries the
 per-layer time caches (and, for decode, the output buffer) in donated buffers, so memory stays flat in the frame
-count (beyond the input and output buffers) and the chunk step compiles once. Optional spatial tiling for decode
+count (beyond the input and output buffers) and the chunk step compiles once. Optional spatial tiling
 (`VAETiling`, off by default as in the reference) bounds memory by the tile area for large frames.
 
 `params` is this model's own tree (`{"encoder", "quant_conv", "post_quant_conv", "decoder"}`); see
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cosmos_jax.modeling.wan_vae_blocks import Decoder, Encoder, PointwiseConv, round_to
-from cosmos_jax.modeling.wan_vae_tiling import VAETiling, check_tiling, tiled_decode, tiling_applies
+from cosmos_jax.modeling.wan_vae_tiling import VAETiling, check_tiling, tiled_decode, tiled_encode, tiling_applies
 
 RGB_CHANNELS = 3
 FRAMES_PER_LATENT = 4  # temporal compression; also the length of the reference's encoder chunks
@@ -361,14 +361,32 @@ def validate_latents(z: Any, config: WanVAEConfig) -> None:
     _check_finite(z, "latents")
 
 
-def encode(params: Any, video: Any, config: WanVAEConfig, dtype: Any = jnp.float32) -> jax.Array:
-    """Posterior mean: video `[B,3,F,H,W]` in [-1,1], F = 1+4k -> `[B,z_dim,1+k,H/16,W/16]` in `dtype`."""
-    validate_video(video, config)
-    dtype = jnp.dtype(dtype)
+def _encode_stream(params: Any, video: jax.Array, config: WanVAEConfig, dtype: Any) -> jax.Array:
+    """Video `[B,3,1+4k,H,W]` -> posterior mean `[B,z,1+k,h,w]`, frame 0 alone, then chunks of 4 frames."""
     mean, cache = _encode_first(params, video[:, :, :1], config, dtype)
     if video.shape[2] == 1:
         return mean
     return jnp.concatenate([mean, _encode_rest(params, cache, video, config, dtype)[0]], axis=2)
+
+
+def encode(params: Any, video: Any, config: WanVAEConfig, dtype: Any = jnp.float32,
+           tiling: VAETiling | None = None) -> jax.Array:
+    """Posterior mean: video `[B,3,F,H,W]` in [-1,1], F = 1+4k -> `[B,z_dim,1+k,H/16,W/16]` in `dtype`.
+
+    With `tiling`, videos larger than one tile are encoded in overlapping spatial tiles (see `wan_vae_tiling`).
+    """
+    validate_video(video, config)
+    dtype = jnp.dtype(dtype)
+    s = config.spatial_compression
+    if tiling is not None:
+        check_tiling(tiling, s)
+    if tiling is None or not tiling_applies(tiling, (video.shape[3] // s, video.shape[4] // s), s):
+        return _encode_stream(params, video, config, dtype)
+
+    def encode_tile(tile: jax.Array) -> jax.Array:
+        return jnp.transpose(_encode_stream(params, tile, config, dtype), (0, 2, 3, 4, 1))
+
+    return jnp.transpose(tiled_encode(encode_tile, video, tiling, s), (0, 4, 1, 2, 3))
 
 
 _pixels_from_patches = jax.jit(_from_patches, static_argnames=("config",))
@@ -402,31 +420,42 @@ def init_params(config: WanVAEConfig, rng: jax.Array, param_dtype: Any = jnp.flo
 
 
 def decode_memory_plan(config: WanVAEConfig, latent_shape: tuple[int, ...], dtype: Any = jnp.float32,
-                       param_dtype: Any = jnp.float32) -> dict[str, int]:
-    """Bytes XLA plans for an untiled `decode` of latents `[B,z,T,h,w]` on the default backend, without data.
+                       param_dtype: Any = jnp.float32, tiling: VAETiling | None = None) -> dict[str, int]:
+    """Bytes XLA plans for `decode` of latents `[B,z,T,h,w]` on the default backend, without weights or data.
 
     Returns `output_bytes` (the video), `param_bytes`, `cache_bytes` (the per-layer time caches carried from one
-    latent frame to the next, held in donated buffers) and `temp_bytes` (the larger scratch of the first-frame and
-    the scanned programs; it does not depend on T once T ≥ 2). A decode needs about the sum of the four.
+    latent frame to the next, held in donated buffers), `temp_bytes` (the larger scratch of the first-frame and the
+    scanned programs; it does not depend on T once T ≥ 2) and `tile_buffer_bytes`. Untiled, a decode needs about
+    the sum. With `tiling` (when it applies), cache and scratch are those of one full tile, and `tile_buffer_bytes`
+    bounds the decoded tiles held for blending (two whole tiles and the bottom overlap strips of a row of tiles).
     """
     dtype = jnp.dtype(dtype)
     params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0), param_dtype))
     b, c, t, h, w = latent_shape
+    plan = {"param_bytes": _nbytes(params), "tile_buffer_bytes": 0,
+            "output_bytes": b * RGB_CHANNELS * (1 + FRAMES_PER_LATENT * (t - 1)) * h * w
+            * config.spatial_compression**2 * dtype.itemsize}
+    s, pixels = config.spatial_compression, True
+    if tiling is not None and tiling_applies(tiling, (h, w), s):
+        check_tiling(tiling, s)
+        columns = -(-w // (tiling.stride_width // s))
+        h, w, pixels = min(h, tiling.tile_height // s), min(w, tiling.tile_width // s), False
     first_z = jax.ShapeDtypeStruct((b, c, 1, h, w), jnp.float32)
-    first = _decode_first.lower(params, first_z, config, dtype, True).compile().memory_analysis()
-    frame, cache = jax.eval_shape(functools.partial(_decode_first, config=config, dtype=dtype, pixels=True),
+    first = _decode_first.lower(params, first_z, config, dtype, pixels).compile().memory_analysis()
+    frame, cache = jax.eval_shape(functools.partial(_decode_first, config=config, dtype=dtype, pixels=pixels),
                                   params, first_z)
-    plan = {"output_bytes": first.output_size_in_bytes, "temp_bytes": first.temp_size_in_bytes,
-            "param_bytes": _nbytes(params), "cache_bytes": _nbytes(cache)}
+    plan.update(cache_bytes=_nbytes(cache), temp_bytes=first.temp_size_in_bytes)
+    frames = 1 + FRAMES_PER_LATENT * (t - 1)
+    video = jax.ShapeDtypeStruct((*frame.shape[:2], frames, *frame.shape[3:]) if pixels else
+                                 (frame.shape[0], frames, *frame.shape[2:]), frame.dtype)
     if t > 1:
-        video = jax.ShapeDtypeStruct((*frame.shape[:2], 1 + FRAMES_PER_LATENT * (t - 1), *frame.shape[3:]),
-                                     frame.dtype)
         rest_z = jax.ShapeDtypeStruct((b, c, t - 1, h, w), jnp.float32)
-        rest = _decode_rest.lower(params, cache, video, rest_z, config, dtype, True).compile().memory_analysis()
-        plan["output_bytes"] = _nbytes(video)
+        rest = _decode_rest.lower(params, cache, video, rest_z, config, dtype, pixels).compile().memory_analysis()
         plan["temp_bytes"] = max(plan["temp_bytes"], rest.temp_size_in_bytes)
-    else:
-        plan["output_bytes"] = _nbytes(frame)
+    if not pixels:
+        rows = video.shape[2]
+        strip = min(rows, (tiling.tile_height - tiling.stride_height) // config.patch)
+        plan["tile_buffer_bytes"] = 2 * _nbytes(video) + _nbytes(video) * columns * strip // rows
     return plan
 
 
@@ -436,14 +465,14 @@ def _nbytes(tree: Any) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class WanVAE:
-    """Config, compute dtype and optional decode tiling bundled: `vae.encode(params, v)`, `vae.decode(params, z)`."""
+    """Config, compute dtype and optional spatial tiling bundled: `vae.encode(params, v)`, `vae.decode(params, z)`."""
 
     config: WanVAEConfig = WanVAEConfig()
     dtype: Any = jnp.float32
     tiling: VAETiling | None = None
 
     def encode(self, params: Any, video: Any) -> jax.Array:
-        return encode(params, video, self.config, self.dtype)
+        return encode(params, video, self.config, self.dtype, self.tiling)
 
     def decode(self, params: Any, z: Any) -> jax.Array:
         return decode(params, z, self.config, self.dtype, self.tiling)

@@ -1,10 +1,13 @@
-"""Spatial tiling for the Wan VAE decoder: overlapping latent tiles decoded apart and linearly blended.
+"""Spatial tiling for the Wan VAE: overlapping tiles run apart and linearly blended.
 
-Follows diffusers `AutoencoderKLWan.tiled_decode`: tiles start every `stride` latent pixels and span `tile` latent
-pixels (cropped at the frame edge); each decoded tile is blended, in the decoder's patch space and before the
-clamp, with its already blended upper and left neighbours over `(tile - stride)` output rows/columns (weight of the
-new tile rising linearly from 0), and contributes its first `stride` rows and columns to the result. Every tile is
-decoded with the full temporal streaming, so memory scales with the tile area instead of the frame area.
+Follows diffusers `AutoencoderKLWan.tiled_decode` / `tiled_encode`: tiles start every `stride` pixels and span
+`tile` pixels (cropped at the frame edge); each tile's output is blended with its already blended upper and left
+neighbours over the overlap (weight of the new tile rising linearly from 0) and contributes its first `stride`
+rows and columns to the result. Decode blends in the decoder's patch space before the clamp; encode blends the
+posterior mean. Every tile runs the full temporal streaming, so memory scales with the tile area, not the frame's.
+
+Sizes count output pixels for decode and input pixels for encode. (diffusers' `tiled_encode` reads its tile
+sizes in patchified pixels, so its encode tiles are `patch_size` times larger than the same numbers here.)
 """
 
 from __future__ import annotations
@@ -74,30 +77,58 @@ def blend_edge(previous: jax.Array, tile: jax.Array, extent: int, axis: int) -> 
     return jax.lax.dynamic_update_slice_in_dim(tile, mixed.astype(tile.dtype), 0, axis=axis)
 
 
+def _blend_grid(run_tile: Callable[[slice, slice], jax.Array], size: tuple[int, int], tile: tuple[int, int],
+                step: tuple[int, int], out_step: tuple[int, int], blend: tuple[int, int],
+                out_size: tuple[int, int]) -> jax.Array:
+    """Tiles of an input of spatial `size`, starting every `step` and spanning `tile`, mapped by
+    `run_tile(rows, columns) -> [B,T,h,w,C]`, blended over `blend` output entries, each keeping its first
+    `out_step` ones; returns `[B,T,out_size...,C]`. Besides the kept pieces, only the left neighbour and the
+    bottom `blend` rows of the row above are held."""
+    rows, above = [], None
+    for top in range(0, size[0], step[0]):
+        pieces, strips, previous = [], [], None
+        for column, left in enumerate(range(0, size[1], step[1])):
+            out = run_tile(slice(top, top + tile[0]), slice(left, left + tile[1]))
+            if above is not None:
+                out = blend_edge(above[column], out, blend[0], axis=2)
+            if previous is not None:
+                out = blend_edge(previous, out, blend[1], axis=3)
+            pieces.append(out[:, :, : out_step[0], : out_step[1]])
+            strips.append(out[:, :, out.shape[2] - min(blend[0], out.shape[2]) :])
+            previous = out
+        rows.append(jnp.concatenate(pieces, axis=3))
+        above = strips
+    return jnp.concatenate(rows, axis=2)[:, :, : out_size[0], : out_size[1]]
+
+
 def tiled_decode(decode_tile: Callable[[jax.Array], jax.Array], z: jax.Array, tiling: VAETiling,
                  compression: int, patch: int) -> jax.Array:
     """Latents `[B,z,T,h,w]` -> blended decoder output `[B,F,h·s,w·s,C]` (s = compression / patch).
 
     `decode_tile` maps a latent tile `[B,z,T,th,tw]` to its unclamped patch-space frames `[B,F,th·s,tw·s,C]`.
-    Only the previous row of tiles is kept for blending.
     """
     check_tiling(tiling, compression)
     scale = compression // patch
-    tile_h, tile_w = tiling.tile_height // compression, tiling.tile_width // compression
-    step_h, step_w = tiling.stride_height // compression, tiling.stride_width // compression
-    blend_h = (tiling.tile_height - tiling.stride_height) // patch
-    blend_w = (tiling.tile_width - tiling.stride_width) // patch
-    height, width = z.shape[3], z.shape[4]
-    rows, above = [], None
-    for top in range(0, height, step_h):
-        current = []
-        for column, left in enumerate(range(0, width, step_w)):
-            tile = decode_tile(z[:, :, :, top : top + tile_h, left : left + tile_w])
-            if above is not None:
-                tile = blend_edge(above[column], tile, blend_h, axis=2)
-            if current:
-                tile = blend_edge(current[-1], tile, blend_w, axis=3)
-            current.append(tile)
-        rows.append(jnp.concatenate([t[:, :, : step_h * scale, : step_w * scale] for t in current], axis=3))
-        above = current
-    return jnp.concatenate(rows, axis=2)[:, :, : height * scale, : width * scale]
+    tile = (tiling.tile_height // compression, tiling.tile_width // compression)
+    step = (tiling.stride_height // compression, tiling.stride_width // compression)
+    blend = ((tiling.tile_height - tiling.stride_height) // patch,
+             (tiling.tile_width - tiling.stride_width) // patch)
+    size = (z.shape[3], z.shape[4])
+    return _blend_grid(lambda rows, columns: decode_tile(z[:, :, :, rows, columns]), size, tile, step,
+                       (step[0] * scale, step[1] * scale), blend, (size[0] * scale, size[1] * scale))
+
+
+def tiled_encode(encode_tile: Callable[[jax.Array], jax.Array], video: jax.Array, tiling: VAETiling,
+                 compression: int) -> jax.Array:
+    """Video `[B,3,F,H,W]` -> blended posterior mean `[B,T,H/s,W/s,z]` (s = compression).
+
+    `encode_tile` maps a pixel tile `[B,3,F,th,tw]` to its mean `[B,T,th/s,tw/s,z]`.
+    """
+    check_tiling(tiling, compression)
+    tile = (tiling.tile_height, tiling.tile_width)
+    step = (tiling.stride_height, tiling.stride_width)
+    blend = ((tile[0] - step[0]) // compression, (tile[1] - step[1]) // compression)
+    out_size = (video.shape[3] // compression, video.shape[4] // compression)
+    size = (video.shape[3], video.shape[4])
+    return _blend_grid(lambda rows, columns: encode_tile(video[:, :, :, rows, columns]), size, tile, step,
+                       (step[0] // compression, step[1] // compression), blend, out_size)
