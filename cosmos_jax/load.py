@@ -34,21 +34,9 @@ import numpy as np
 from cosmos_jax.config import ConfigError, Cosmos3Config
 from cosmos_jax.convert import keymap_reasoner, orbax_io
 from cosmos_jax.convert.keymap_audio import audio_params_from_torch_state
-from cosmos_jax.convert.keymap_transformer import (
-    DOMAIN,
-    LINEAR,
-    Entry,
-    KeyMapError,
-    check_state,
-    key_table,
-)
+from cosmos_jax.convert.keymap_transformer import DOMAIN, LINEAR, Entry, KeyMapError, check_state, key_table
 from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
-from cosmos_jax.convert.safetensors_io import (
-    CheckpointIndex,
-    Transpose,
-    make_sharded_array,
-    read_stacked,
-)
+from cosmos_jax.convert.safetensors_io import CheckpointIndex, Transpose, make_sharded_array, read_stacked, shard_name
 from cosmos_jax.convert.tree_paths import get_path, set_path
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizerConfig
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
@@ -73,25 +61,30 @@ Progress = Callable[[str, int], None]  # (torch key, bytes read)
 
 @dataclasses.dataclass(frozen=True)
 class RootContents:
-    """What the root reasoner checkpoint holds besides the ViT, so `export` writes the same keys back.
+    """What the root reasoner checkpoint holds besides the ViT and where, so `export` writes the same keys back.
 
     language_model: the language tower's tensors; generator: the generator tower's too (a unified checkpoint);
-    aliases: Hub key -> stored key where they differ (Edge's `mlp.fc1/fc2`).
+    linked: the root index names transformer/'s own shards for those (no copies on disk); vision_dir: the folder,
+    relative to the root, of the ViT's files ("" = the root itself); aliases: Hub key -> stored key where they
+    differ (Edge's `mlp.fc1/fc2`).
     """
 
     language_model: bool
     generator: bool
+    linked: bool = False
+    vision_dir: str = ""
     aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"language_model": self.language_model, "generator": self.generator, "aliases": dict(self.aliases)}
+        return {"language_model": self.language_model, "generator": self.generator, "linked": self.linked,
+                "vision_dir": self.vision_dir, "aliases": dict(self.aliases)}
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> RootContents:
-        if not isinstance(raw, Mapping) or not isinstance(raw.get("language_model"), bool) \
-                or not isinstance(raw.get("generator"), bool) or not isinstance(raw.get("aliases", {}), Mapping):
+        types = {"language_model": bool, "generator": bool, "linked": bool, "vision_dir": str, "aliases": Mapping}
+        if not isinstance(raw, Mapping) or not all(isinstance(raw.get(k), t) for k, t in types.items()):
             raise orbax_io.ConvertedCheckpointError(f"{where}: malformed {ROOT_MARKER_KEY!r} entry {raw!r}")
-        return cls(raw["language_model"], raw["generator"], dict(raw.get("aliases", {})))
+        return cls(raw["language_model"], raw["generator"], raw["linked"], raw["vision_dir"], dict(raw["aliases"]))
 
 
 @dataclasses.dataclass
@@ -394,6 +387,9 @@ def read_reasoner_config(root: Path) -> ReasonerConfig:
 
 
 def _same_tensor(a: CheckpointIndex, a_key: str, b: CheckpointIndex, b_key: str) -> bool:
+    """Byte-identical tensors (the same key of the same file counts without reading it)."""
+    if a_key == b_key and a.info(a_key).file.resolve() == b.info(b_key).file.resolve():
+        return True
     if a.dtype(a_key) != b.dtype(b_key) or a.shape(a_key) != b.shape(b_key):
         return False
     same = np.array_equal(a.read(a_key).reshape(-1).view(np.uint8), b.read(b_key).reshape(-1).view(np.uint8))
@@ -406,14 +402,24 @@ def _generator_keys(config: Cosmos3Config) -> list[str]:
     return [k for e in key_table(config) if e.path[0] == "generator" for k in e.torch_keys(config.num_hidden_layers)]
 
 
-def plan_root_reasoner(root: CheckpointIndex, config: ReasonerConfig, transformer: CheckpointIndex | None,
+def _vision_dir(root: CheckpointIndex, keys: Sequence[str]) -> str:
+    """The folder (relative to the root, POSIX) holding the ViT's files when they share one, else ""."""
+    folders = {root.info(k).file.parent.resolve() for k in keys}
+    base = Path(root.source).resolve()
+    if len(folders) != 1:
+        return ""
+    relative = folders.pop().relative_to(base).as_posix()
+    return "" if relative == "." else relative
+
+
+def plan_root_reasoner(root: CheckpointIndex, config: ReasonerConfig, transformer: CheckpointIndex,
                        transformer_config: Cosmos3Config) -> tuple[RootContents, dict[str, str], str]:
     """Validate the root checkpoint and decide where the reasoner's LM comes from.
 
     Returns (contents, resolved Hub key -> stored key, "transformer" | "root"). The LM is taken from the transformer
-    when the root holds none, or when every root LM tensor is byte-identical to transformer/'s (read and compared
-    one tensor at a time; `transformer` None: no comparison, a root LM is then used as is). Root generator tensors
-    must equal transformer/'s. KeyMapError lists every missing, unexpected, wrong-shape and wrong-dtype key at once.
+    when the root holds none, or when every root LM tensor is transformer/'s own (a unified index naming its shards)
+    or byte-identical to it (read and compared one tensor at a time). Root generator tensors must equal
+    transformer/'s. KeyMapError lists every missing, unexpected, wrong-shape and wrong-dtype key at once.
     """
     shapes = {k: root.shape(k) for k in root.keys()}
     problems = [p for k in root.keys() for p in _dtype_problems({k: root.dtype(k)}, str(root.info(k).file))]
@@ -425,23 +431,24 @@ def plan_root_reasoner(root: CheckpointIndex, config: ReasonerConfig, transforme
     except KeyMapError as e:  # its message: a count line, then one problem per line
         problems = [line.strip() for line in str(e).splitlines()[1:]] + problems
     if problems:
-        files = ", ".join(f.name for f in root.files)
+        files = ", ".join(shard_name(f, Path(root.source)) for f in root.files)
         raise KeyMapError(f"{root.source} ({files}): {len(problems)} problem(s) mapping the root reasoner checkpoint:"
                           "\n  " + "\n  ".join(problems))
     generator = [k for k in shapes if keymap_reasoner.is_generator_key(k)]
-    contents = RootContents(has_lm, bool(generator), {k: v for k, v in resolved.items() if k != v})
-    if transformer is not None and generator:
+    if generator:
         want = _generator_keys(transformer_config)
-        differ = sorted(set(want) ^ set(generator)) or [
-            k for k in want if not _same_tensor(root, k, transformer, k)]
+        differ = sorted(set(want) ^ set(generator)) or [k for k in want if not _same_tensor(root, k, transformer, k)]
         if differ:
             raise KeyMapError(f"{root.source}: its generator tensors are not those of {transformer.source} "
                               f"(e.g. {differ[0]}); a root generator tower of its own is not supported")
-    if not has_lm:
-        return contents, resolved, LM_FROM_TRANSFORMER
-    if transformer is None:
-        return contents, resolved, LM_FROM_ROOT
-    lm_keys = [k for t in keymap_reasoner.tensor_table(config, (keymap_reasoner.LANGUAGE_MODEL,)) for k in t.keys()]
+    tables = {part: keymap_reasoner.tensor_table(config, (part,)) for part in keymap_reasoner.PARTS}
+    lm_keys = [k for t in tables[keymap_reasoner.LANGUAGE_MODEL] for k in t.keys()] if has_lm else []
+    vision_keys = [resolved[k] for t in tables[keymap_reasoner.VISION] for k in t.keys()]
+    transformer_dir = Path(transformer.source).resolve()
+    linked = bool(lm_keys) and all(root.info(k).file.resolve().is_relative_to(transformer_dir)
+                                   for k in [resolved[k] for k in lm_keys] + generator)
+    contents = RootContents(has_lm, bool(generator), linked, _vision_dir(root, vision_keys) if vision_keys else "",
+                            {k: v for k, v in resolved.items() if k != v})
     same = all(k in transformer and _same_tensor(root, resolved[k], transformer, k) for k in lm_keys)
     return contents, resolved, LM_FROM_TRANSFORMER if same else LM_FROM_ROOT
 

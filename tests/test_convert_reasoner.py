@@ -6,7 +6,9 @@ config.json + model*.safetensors by transformers' `save_pretrained`. Four root l
 - shared: root LM byte-identical to transformer/'s (the published case): held once, taken from the transformer;
 - own: the transformer's LM is different, the root is sharded: the root LM is kept as its own copy;
 - vision_only: the root holds only the ViT: the LM comes from the transformer;
-- unified: the root holds the whole transformer state (LM + generator) plus the ViT, in shards.
+- unified: the root holds the whole transformer state (LM + generator) plus the ViT, in shards;
+- linked: a root `model.safetensors.index.json` names transformer/'s shards for the LM and generator and
+  `vision_encoder/model.safetensors` for the ViT (no copies on disk; what the Nano converter appears to write).
 Round trips must be bit-exact; logits of the converted reasoner equal transformers within test_reasoner.py's fp32
 tolerance (max abs 2e-5).
 """
@@ -43,22 +45,21 @@ from cosmos_jax.commands.convert import convert, planned_bytes
 from cosmos_jax.convert import orbax_io
 from cosmos_jax.convert.export import export_converted
 from cosmos_jax.convert.keymap_reasoner import is_generator_key
-from cosmos_jax.convert.safetensors_io import write_checkpoint
+from cosmos_jax.convert.safetensors_io import CheckpointIndex, write_checkpoint
 from cosmos_jax.load import COMPONENTS, ROOT_TREE, load
 from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
 
 TEXT = dict(TEXT_CONFIG, num_hidden_layers=2)
 TRANSFORMER = dict(NANO_STYLE, vocab_size=600, intermediate_size=128)
 START_ID, END_ID = 515, 516
-LAYOUTS = ("shared", "own", "vision_only", "unified")
+LAYOUTS = ("shared", "own", "vision_only", "unified", "linked")
 VISION_PREFIXES = ("blocks.", "merger.", "patch_embed.", "pos_embed.", "deepstack_merger_list.")
 
 
 def _read_folder(folder: Path) -> dict[str, np.ndarray]:
-    state: dict[str, np.ndarray] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        state.update(safetensors.numpy.load_file(str(path)))
-    return state
+    """Every tensor of a checkpoint folder, following its index (which may name files in subfolders)."""
+    with CheckpointIndex.open(folder) as index:
+        return {key: index.read(key) for key in index.keys()}
 
 
 def _torch_reasoner() -> Cosmos3OmniForConditionalGeneration:
@@ -80,7 +81,18 @@ def _hub(folder: Path, reasoner: Cosmos3OmniForConditionalGeneration, layout: st
         lm = {k: torch.from_numpy(v) for k, v in root_state.items() if not k.startswith(VISION_PREFIXES)}
         missing, unexpected = transformer.load_state_dict(lm, strict=False)
         assert not unexpected and all(is_generator_key(k) for k in missing)
-    transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+    transformer.save_pretrained(folder / "transformer", safe_serialization=True,
+                                max_shard_size="200KB" if layout == "linked" else "50GB")
+    if layout == "linked":
+        for path in list(folder.glob("model*.safetensors*")):
+            path.unlink()
+        vision = {k: v for k, v in root_state.items() if k.startswith(VISION_PREFIXES)}
+        (folder / "vision_encoder").mkdir()
+        safetensors.numpy.save_file(vision, str(folder / "vision_encoder" / "model.safetensors"), {"format": "pt"})
+        index = json.loads((folder / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+        weight_map = {k: f"transformer/{v}" for k, v in index["weight_map"].items()}
+        weight_map.update(dict.fromkeys(vision, "vision_encoder/model.safetensors"))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     if layout in ("vision_only", "unified"):
         for path in list(folder.glob("model*.safetensors*")):
             path.unlink()
@@ -124,6 +136,7 @@ EXPECTED = {  # layout -> (language_model_from, root holds the LM, root holds th
     "own": ("root", True, False),
     "vision_only": ("transformer", False, False),
     "unified": ("transformer", True, True),
+    "linked": ("transformer", True, True),
 }
 
 
@@ -136,6 +149,8 @@ def test_load_hub_equals_load_converted_and_shares_the_language_tower(folders, l
         reasoner = model.reasoner
         assert reasoner.language_model_from == lm_from
         assert (reasoner.contents.language_model, reasoner.contents.generator) == (has_lm, has_generator)
+        linked = layout == "linked"
+        assert (reasoner.contents.linked, reasoner.contents.vision_dir) == (linked, "vision_encoder" if linked else "")
         assert reasoner.params["vision"]["blocks"]["qkv"]["kernel"].shape == (4, 32, 96)
         shared = reasoner.params["layers"] is model.params["reasoner"]["layers"]
         assert shared == (lm_from == "transformer")  # one copy of the LM in memory when they are the same
@@ -157,6 +172,13 @@ def test_convert_then_export_gives_back_every_root_tensor_byte_identical(folders
     out = tmp_path / "exported"
     export_converted(converted, out, max_shard_bytes=50_000)
     assert (out / "model.safetensors.index.json").is_file()
+    linked = layout == "linked"
+    assert bool(list(out.glob("*.safetensors"))) != linked
+    assert (len(list((out / "vision_encoder").glob("model*.safetensors"))) > 1) == linked
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert weight_map["blocks.0.attn.qkv.weight"].startswith("vision_encoder/model-000" if linked else "model-000")
+    if linked:
+        assert weight_map["layers.0.self_attn.to_q.weight"].startswith("transformer/diffusion_pytorch_model-000")
     for folder in ("", "transformer"):
         want, got = _read_folder(hub / folder), _read_folder(out / folder)
         assert sorted(got) == sorted(want), folder

@@ -24,7 +24,7 @@ from cosmos_jax.convert import keymap_reasoner, orbax_io
 from cosmos_jax.convert.keymap_audio import audio_state_from_params
 from cosmos_jax.convert.keymap_transformer import key_table
 from cosmos_jax.convert.keymap_vae import vae_state_from_params
-from cosmos_jax.convert.safetensors_io import atomic_output_dir, write_checkpoint
+from cosmos_jax.convert.safetensors_io import CheckpointIndex, atomic_output_dir, shard_name, write_checkpoint
 from cosmos_jax.convert.tree_paths import get_path
 from cosmos_jax.load import COMPONENTS, TRANSFORMER_TREES, LoadedModel, load
 
@@ -63,20 +63,52 @@ def transformer_tensors(params: Mapping[str, Any], config: Cosmos3Config,
             yield entry.torch_key, np.ascontiguousarray(entry.to_torch(np.asarray(value)))
 
 
-def root_reasoner_tensors(model: LoadedModel) -> Iterator[tuple[str, np.ndarray]]:
+def root_reasoner_tensors(model: LoadedModel, with_towers: bool = True) -> Iterator[tuple[str, np.ndarray]]:
     """The root reasoner checkpoint's tensors under their stored names, one at a time (dtypes as held): the ViT,
-    the language tower if the original held it, the generator tower if it was a unified checkpoint."""
+    then (with_towers) the language tower if the original held it and the generator tower if it was unified."""
     reasoner = model.reasoner
     if reasoner is None:
         raise ValueError("the model was loaded without its root reasoner (components without 'reasoner')")
     contents = reasoner.contents
-    parts = keymap_reasoner.PARTS if contents.language_model else (keymap_reasoner.VISION,)
+    parts = keymap_reasoner.PARTS if contents.language_model and with_towers else (keymap_reasoner.VISION,)
     for key, value in keymap_reasoner.iter_state(reasoner.params, reasoner.config, parts):
         yield contents.aliases.get(key, key), np.ascontiguousarray(value)
-    if contents.generator:
+    if contents.generator and with_towers:
         if not model.params:
             raise ValueError("the root checkpoint held the generator tower, but the transformer was not loaded")
         yield from transformer_tensors(model.params, model.transformer_config, ("generator",))
+
+
+def _linked_keys(model: LoadedModel) -> list[str]:
+    """The transformer/ keys a linked root index names: the language tower (+ the generator tower if unified)."""
+    config = model.transformer_config
+    trees = ("reasoner", "generator") if model.reasoner.contents.generator else ("reasoner",)
+    return [k for e in key_table(config) if e.path[0] in trees for k in e.torch_keys(config.num_hidden_layers)]
+
+
+def _write_root_reasoner(tmp: Path, model: LoadedModel, max_shard_bytes: int) -> None:
+    """The root reasoner files into `tmp`, in the original's layout: root `model*.safetensors` holding every tensor,
+    or (linked) the ViT's own files plus a root `model.safetensors.index.json` naming them and transformer/'s
+    shards (written before this)."""
+    contents = model.reasoner.contents
+    if not contents.linked:
+        write_checkpoint(tmp / "reasoner.weights", root_reasoner_tensors(model), max_shard_bytes=max_shard_bytes,
+                         weights_name="model")
+        _merge_into(tmp / "reasoner.weights", tmp)
+        return
+    vision_dir = tmp / contents.vision_dir
+    write_checkpoint(tmp / "vision.weights", root_reasoner_tensors(model, with_towers=False),
+                     max_shard_bytes=max_shard_bytes, weights_name="model" if contents.vision_dir else "vision")
+    _merge_into(tmp / "vision.weights", vision_dir)
+    weight_map, total = {}, 0
+    with CheckpointIndex.open(vision_dir) as vision, CheckpointIndex.open(tmp / "transformer") as transformer:
+        for index, keys in ((vision, vision.keys()), (transformer, _linked_keys(model))):
+            for key in keys:
+                weight_map[key] = shard_name(index.info(key).file, tmp)
+                total += index.nbytes(key)
+    if not contents.vision_dir:
+        (tmp / "vision.safetensors.index.json").unlink(missing_ok=True)  # the root index below replaces it
+    _write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def _write_json(path: Path, value: Mapping[str, Any]) -> None:
@@ -118,9 +150,7 @@ def export_model(
             if not (tmp / "sound_tokenizer" / "config.json").is_file():
                 model.sound_config.to_json_file(tmp / "sound_tokenizer" / "config.json")
         if model.reasoner is not None:
-            write_checkpoint(tmp / "reasoner.weights", root_reasoner_tensors(model), max_shard_bytes=max_shard_bytes,
-                             weights_name="model")
-            _merge_into(tmp / "reasoner.weights", tmp)
+            _write_root_reasoner(tmp, model, max_shard_bytes)
         if model.scheduler_config is not None and not (tmp / "scheduler").exists():
             (tmp / "scheduler").mkdir()
             model.scheduler_config.to_json_file(tmp / "scheduler" / "scheduler_config.json")
@@ -135,7 +165,7 @@ def export_model(
 
 def _merge_into(src: Path, dst: Path) -> None:
     """Move every file of the freshly written folder `src` into `dst` (created if needed), then drop `src`."""
-    dst.mkdir(exist_ok=True)
+    dst.mkdir(parents=True, exist_ok=True)
     for path in src.iterdir():
         os.rename(path, dst / path.name)
     src.rmdir()

@@ -182,9 +182,10 @@ def restore_tree(folder: Path, abstract: Any | None = None) -> Any:
 
 
 def _copy(src: Path, dst: Path) -> None:
+    """Copy a file, or a folder without the weight files in it (a root index may name e.g. a ViT folder's)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if src.is_dir():
-        shutil.copytree(src, dst)
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
     else:
         shutil.copyfile(src, dst)
 

@@ -24,7 +24,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import jax
 import ml_dtypes
@@ -213,8 +213,22 @@ def _is_pickle(path: Path) -> bool:
     return name.endswith(_PICKLE_SUFFIXES) or name.endswith(tuple(s + ".index.json" for s in _PICKLE_SUFFIXES))
 
 
+def _is_shard_name(shard: object) -> bool:
+    """A `.safetensors` file name, or a relative POSIX path below the index's folder (no '..', '.', '\\')."""
+    if not isinstance(shard, str) or not shard.endswith(".safetensors") or "\\" in shard:
+        return False
+    path = PurePosixPath(shard)
+    return not path.is_absolute() and all(part not in ("..", ".") for part in path.parts) and "//" not in shard
+
+
+def shard_name(file: Path, index_folder: Path) -> str:
+    """How an index in `index_folder` names `file`: its POSIX path relative to that folder."""
+    return file.relative_to(index_folder).as_posix()
+
+
 def _read_index(index_path: Path) -> dict[str, str]:
-    """The weight_map of a `*.safetensors.index.json`, each shard checked to be a file beside it."""
+    """The weight_map of a `*.safetensors.index.json`, each shard checked to be a file beside it or below it (a
+    unified root index may name component shards such as `transformer/diffusion_pytorch_model-00001-of-00002...`)."""
     try:
         text = index_path.read_text(encoding="utf-8")
         index = json.loads(text, object_pairs_hook=_no_duplicate_keys(str(index_path)))
@@ -224,8 +238,9 @@ def _read_index(index_path: Path) -> dict[str, str]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: index has no 'weight_map' object of tensor name -> shard file")
     for key, shard in weight_map.items():
-        if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
-            raise CheckpointError(f"{index_path}: key {key!r} maps to {shard!r}, not a .safetensors file name")
+        if not _is_shard_name(shard):
+            raise CheckpointError(f"{index_path}: key {key!r} maps to {shard!r}, not a .safetensors file name "
+                                  "(or a relative path below the index's folder)")
         if not (index_path.parent / shard).is_file():
             raise CheckpointError(f"{index_path}: key {key!r} names shard {shard!r}, which is missing")
     return weight_map
@@ -303,10 +318,10 @@ class CheckpointIndex:
                     )
                 tensors[key] = info
         for key, info in tensors.items():
-            if weight_map.get(key) != info.file.name:
+            name = shard_name(info.file, index_path.parent)
+            if weight_map.get(key) != name:
                 raise CheckpointError(
-                    f"{index_path}: shard {info.file.name} holds tensor {key!r} but the index maps it to "
-                    f"{weight_map.get(key)!r}"
+                    f"{index_path}: shard {name} holds tensor {key!r} but the index maps it to {weight_map.get(key)!r}"
                 )
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
