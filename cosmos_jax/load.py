@@ -351,12 +351,15 @@ def _flat_shapes(tree: Any) -> dict[LeafPath, tuple[int, ...]]:
 
 
 def _load_converted_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, shardings: Shardings,
-                                trees: Sequence[str] = TRANSFORMER_TREES) -> dict[str, Any]:
+                                trees: Sequence[str] = TRANSFORMER_TREES, lazy: bool = False) -> dict[str, Any]:
     abstract = abstract_transformer(config)
     params: dict[str, Any] = {}
     for tree in trees:
         folder = layout.root / orbax_io.ORBAX_DIR / tree
         stored = _validate_converted_tree(folder, _flat_shapes(abstract[tree]))
+        if lazy:
+            params[tree] = orbax_io.lazy_tree(folder)
+            continue
         target: dict[str, Any] = {}
         for path, shape in _flat_shapes(abstract[tree]).items():
             sharding = _sharding_for(shardings, (tree, *path)) or _default_sharding()
@@ -471,13 +474,13 @@ def _check_shared_tower(config: ReasonerConfig, tower: Mapping[str, Any], where:
                           f"tower ({'/'.join(bad[0])}: {want.get(bad[0])} vs {have.get(bad[0])})")
 
 
-def _transformer_tower(layout: Layout, config: Cosmos3Config, dtype: Any,
-                       loaded: dict[str, Any] | None) -> dict[str, Any]:
+def _transformer_tower(layout: Layout, config: Cosmos3Config, dtype: Any, loaded: dict[str, Any] | None,
+                       lazy: bool) -> dict[str, Any]:
     """params["reasoner"]: the loaded arrays themselves, else read from the transformer checkpoint."""
     if loaded is not None:
         return dict(loaded)
     if layout.converted:
-        return _load_converted_transformer(layout, config, dtype, None, trees=("reasoner",))["reasoner"]
+        return _load_converted_transformer(layout, config, dtype, None, ("reasoner",), lazy)["reasoner"]
     tower: dict[str, Any] = {}
     with CheckpointIndex.open(layout.transformer_dir) as index:
         for _, path, array in iter_transformer_leaves(index, config, dtype, trees=("reasoner",)):
@@ -487,9 +490,9 @@ def _transformer_tower(layout: Layout, config: Cosmos3Config, dtype: Any,
 
 
 def _with_tower(weights: ReasonerWeights, layout: Layout, config: Cosmos3Config, dtype: Any,
-                loaded: dict[str, Any] | None) -> ReasonerWeights:
+                loaded: dict[str, Any] | None, lazy: bool = False) -> ReasonerWeights:
     if weights.language_model_from == LM_FROM_TRANSFORMER:
-        tower = _transformer_tower(layout, config, dtype, loaded)
+        tower = _transformer_tower(layout, config, dtype, loaded, lazy)
         _check_shared_tower(weights.config, tower, str(layout.root))
         weights.params.update(tower)
     return weights
@@ -508,8 +511,8 @@ def _load_hub_reasoner(layout: Layout, config: Cosmos3Config, dtype: Any,
     return _with_tower(weights, layout, config, dtype, loaded)
 
 
-def _load_converted_reasoner(layout: Layout, config: Cosmos3Config, dtype: Any,
-                             loaded: dict[str, Any] | None) -> ReasonerWeights:
+def _load_converted_reasoner(layout: Layout, config: Cosmos3Config, dtype: Any, loaded: dict[str, Any] | None,
+                             lazy: bool) -> ReasonerWeights:
     reasoner_config = read_reasoner_config(layout.root)
     where = str(layout.root / orbax_io.MARKER)
     entry = orbax_io.read_marker(layout.root)[ROOT_MARKER_KEY]
@@ -524,13 +527,16 @@ def _load_converted_reasoner(layout: Layout, config: Cosmos3Config, dtype: Any,
     if want:
         folder = layout.root / orbax_io.ORBAX_DIR / ROOT_TREE
         stored = _validate_converted_tree(folder, _flat_shapes(want))
-        target: dict[str, Any] = {}
-        for path, shape in _flat_shapes(want).items():
-            dt = np.dtype(stored[path] if dtype is None else dtype)
-            set_path(target, path, jax.ShapeDtypeStruct(shape, dt, sharding=_default_sharding()))
-        params = orbax_io.restore_tree(folder, target)
+        if lazy:
+            params = orbax_io.lazy_tree(folder)
+        else:
+            target: dict[str, Any] = {}
+            for path, shape in _flat_shapes(want).items():
+                dt = np.dtype(stored[path] if dtype is None else dtype)
+                set_path(target, path, jax.ShapeDtypeStruct(shape, dt, sharding=_default_sharding()))
+            params = orbax_io.restore_tree(folder, target)
     weights = ReasonerWeights(reasoner_config, params, lm_from, contents)
-    return _with_tower(weights, layout, config, dtype, loaded)
+    return _with_tower(weights, layout, config, dtype, loaded, lazy)
 
 
 # ------------------------------------------------------------------------------------------- other components
@@ -591,6 +597,7 @@ def load(
     dtype: Any = jnp.bfloat16,
     shardings: Shardings = None,
     components: Sequence[str] = DEFAULT_COMPONENTS,
+    lazy: bool = False,
 ) -> LoadedModel:
     """Load the requested components of a Hub-layout or converted folder.
 
@@ -599,17 +606,23 @@ def load(
     shardings: for the transformer params, a pytree of `jax.sharding.Sharding` matching
     {"reasoner": ..., "generator": ...}, or a callable from a leaf path such as
     ("generator", "layers", "mlp", "up_proj", "kernel") to a Sharding; None puts every array on the first device.
+    lazy: converted folders only, with dtype and shardings None: the transformer and reasoner leaves are
+    `orbax_io.LazyLeaf`s read on access, one leaf held at a time per tree (for streaming exports).
     Errors name the file and every offending key.
     """
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"unknown component(s) {unknown}; choose from {COMPONENTS}")
     layout = locate(path)
+    if lazy and (not layout.converted or dtype is not None or shardings is not None):
+        raise ValueError("lazy=True needs a converted folder, dtype=None and shardings=None")
     config = Cosmos3Config.from_json(layout.transformer_dir / "config.json")
     params: dict[str, Any] = {}
     if "transformer" in components:
-        reader = _load_converted_transformer if layout.converted else _load_hub_transformer
-        params = reader(layout, config, dtype, shardings)
+        if layout.converted:
+            params = _load_converted_transformer(layout, config, dtype, shardings, lazy=lazy)
+        else:
+            params = _load_hub_transformer(layout, config, dtype, shardings)
     vae_config = vae_params = sound_config = sound_params = None
     if "vae" in components:
         vae_config, vae_params = _load_component(layout, "vae", "vae", read_vae_config, vae_params_from_torch_state)
@@ -629,8 +642,10 @@ def load(
         else None
     reasoner = None
     if "reasoner" in components and has_root_reasoner(layout):
-        reader = _load_converted_reasoner if layout.converted else _load_hub_reasoner
-        reasoner = reader(layout, config, dtype, params.get("reasoner"))
+        if layout.converted:
+            reasoner = _load_converted_reasoner(layout, config, dtype, params.get("reasoner"), lazy)
+        else:
+            reasoner = _load_hub_reasoner(layout, config, dtype, params.get("reasoner"))
     return LoadedModel(
         transformer_config=config, params=params, vae_config=vae_config, vae_params=vae_params,
         sound_config=sound_config, sound_params=sound_params, scheduler_config=scheduler_config,

@@ -189,7 +189,13 @@ def export_converted(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
 ) -> list[Path]:
-    """A converted (or Hub-layout) folder -> the Hub layout at `dst`, tensors in their stored dtypes."""
-    model = load(src, dtype=None, components=COMPONENTS)
-    copy_from = Path(src) if orbax_io.is_converted(src) else None
+    """A converted (or Hub-layout) folder -> the Hub layout at `dst`, tensors in their stored dtypes.
+
+    From a converted folder this streams: the transformer and reasoner trees are read one stacked leaf at a time
+    and written shard by shard (host memory: one leaf plus the current shard's buffer). A Hub folder is loaded
+    whole first.
+    """
+    converted = orbax_io.is_converted(src)
+    model = load(src, dtype=None, components=COMPONENTS, lazy=converted)
+    copy_from = Path(src) if converted else None
     return export_model(model, dst, max_shard_bytes=max_shard_bytes, overwrite=overwrite, copy_from=copy_from)

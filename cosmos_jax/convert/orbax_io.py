@@ -181,6 +181,66 @@ def restore_tree(folder: Path, abstract: Any | None = None) -> Any:
     return ocp.load(folder, abstract)
 
 
+class LeafReader:
+    """Reads the leaves of one saved tree one at a time (orbax partial loads), holding only the last one read."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.shapes = tree_shapes(folder)
+        self._path: LeafPath | None = None
+        self._value: np.ndarray | None = None
+
+    def read(self, path: LeafPath) -> np.ndarray:
+        """The leaf at `path` as stored (numpy); the previously read leaf is released first."""
+        if path != self._path:
+            if path not in self.shapes:
+                raise ConvertedCheckpointError(f"{self.folder}: no leaf {'/'.join(path)}")
+            self._path, self._value = None, None
+            shape, dtype = self.shapes[path]
+            context = ocp.Context()
+            context.pytree.loading.partial_load = True
+            with context:
+                tree = ocp.load(self.folder, _nest([(path, np.empty(shape, dtype))]))
+            for name in path:
+                tree = tree[name]
+            self._path, self._value = path, np.asarray(tree)
+        return self._value
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyLeaf:
+    """A saved leaf read on access: `leaf[i]` (a copy) or `np.asarray(leaf)`; see `lazy_tree`."""
+
+    reader: LeafReader
+    path: LeafPath
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.reader.shapes[self.path][0]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.reader.shapes[self.path][1]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return np.array(self.reader.read(self.path)[index])
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        value = self.reader.read(self.path)
+        return value if dtype is None else value.astype(dtype)
+
+
+def lazy_tree(folder: Path) -> dict[str, Any]:
+    """The saved tree at `folder` as nested dicts of `LazyLeaf`s sharing one reader: walking it leaf by leaf holds
+    one leaf in memory at a time (for streaming exports)."""
+    reader = LeafReader(folder)
+    return _nest([(path, LazyLeaf(reader, path)) for path in reader.shapes])
+
+
 def _copy(src: Path, dst: Path) -> None:
     """Copy a file, or a folder without the weight files in it (a root index may name e.g. a ViT folder's)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
