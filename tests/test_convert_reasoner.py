@@ -164,6 +164,8 @@ def test_load_hub_equals_load_converted_and_shares_the_language_tower(folders, l
     assert (converted / "preprocessor_config.json").read_bytes() == (hub / "preprocessor_config.json").read_bytes()
     assert (converted / "generation_config.json").is_file() and (converted / "config.json").is_file()
     assert load(hub).reasoner is None  # not a default component: generation never reads the ViT
+    with pytest.raises(ValueError, match="lazy=True needs a converted folder"):
+        load(hub, dtype=None, lazy=True)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -219,7 +221,7 @@ def test_bf16_convert_casts_the_vision_tree_and_reads_what_it_planned(folders, t
     assert reasoner.model().dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("layout", ["shared", "own"])
+@pytest.mark.parametrize("layout", ["shared", "own", "linked"])
 def test_reason_command_on_hub_and_converted_folders_equals_transformers(folders, torch_reasoner, layout, tmp_path,
                                                                         capsys) -> None:
     from PIL import Image
@@ -265,7 +267,8 @@ def _broken_keys(src: Path) -> tuple[str, ...]:
 
     path = _rewrite_root(src, edit)
     return (f"{src} (model.safetensors): 4 problem(s)", "missing key blocks.1.attn.qkv.weight",
-            "unexpected vision key merger.extra.weight", "wrong shape for pos_embed.weight: got (5, 32), expected (36, 32)",
+            "unexpected vision key merger.extra.weight",
+            "wrong shape for pos_embed.weight: got (5, 32), expected (36, 32)",
             f"wrong dtype for merger.norm.bias in {path}: int32")
 
 
@@ -281,11 +284,29 @@ def _not_a_reasoner_config(src: Path) -> tuple[str, ...]:
     return (str(src / "config.json"), "model_type 'cosmos3_omni' or 'cosmos3_edge'")
 
 
-@pytest.mark.parametrize("case", [_broken_keys, _text_config_mismatch, _not_a_reasoner_config])
+def _generator_differs(src: Path) -> tuple[str, ...]:
+    with CheckpointIndex.open(src) as index:
+        path = index.info("proj_in.weight").file
+    state = safetensors.numpy.load_file(str(path))
+    state["proj_in.weight"] = state["proj_in.weight"] + np.float32(1.0)
+    safetensors.numpy.save_file(state, str(path), metadata={"format": "pt"})
+    return (f"{src}: its generator tensors are not those of {src / 'transformer'} (e.g. proj_in.weight)",)
+
+
+BAD_ROOTS = {
+    "broken_keys": ("shared", _broken_keys),
+    "text_config_mismatch": ("shared", _text_config_mismatch),
+    "not_a_reasoner_config": ("shared", _not_a_reasoner_config),
+    "generator_differs": ("unified", _generator_differs),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROOTS))
 def test_bad_root_files_are_refused_naming_the_file_and_every_key(folders, tmp_path, case) -> None:
+    layout, make = BAD_ROOTS[case]
     src = tmp_path / "src"
-    shutil.copytree(folders["shared"][0], src)
-    expected = case(src)
+    shutil.copytree(folders[layout][0], src)
+    expected = make(src)
     (tmp_path / "out").mkdir()
     with pytest.raises(ValueError) as info:
         convert(src, tmp_path / "out" / "converted")
