@@ -22,9 +22,9 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class VAETiling:
-    """Tile size and stride in output pixels, as diffusers' `enable_tiling` spells them (same defaults).
+    """Tile size and stride in video pixels, named and defaulted as diffusers' `enable_tiling` arguments.
 
-    Tiling applies only to latents wider or taller than one tile; sizes must be multiples of the VAE's spatial
+    Tiling applies only to frames wider or taller than one tile; sizes must be multiples of the VAE's spatial
     compression (checked by `check_tiling`).
     """
 
