@@ -248,8 +248,8 @@ def _from_patches(frames: jax.Array, config: WanVAEConfig) -> jax.Array:
 
 # The first chunk and the scan over the remaining chunks are compiled separately, so that videos of different
 # lengths share the first chunk's program. The scans take their carried state (the per-layer time caches and, for
-# decode, the output buffer) as donated arguments and return it, so XLA runs the loop in the caller's buffers
-# instead of copying them into fresh loop buffers: the scratch stays flat in the frame count.
+# decode, the output buffer) as donated arguments and return it, so XLA can run the loop in the caller's buffers
+# instead of copying them into loop buffers of its own (decode at 704x1280: 13.2 -> 10.1 GiB of scratch).
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def _encode_first(params: Any, video: jax.Array, config: WanVAEConfig, dtype: Any) -> tuple[jax.Array, Any]:
     """Frame 0 `[B,3,1,H,W]` -> (mean `[B,z,1,h,w]`, cache)."""
