@@ -1,4 +1,5 @@
-"""`cosmos-jax export SRC DST`: a converted folder -> the Hub's diffusers safetensors layout."""
+"""`cosmos-jax export SRC DST`: a converted folder -> the Hub's layout (diffusers components and the root reasoner
+files), streamed leaf by leaf."""
 
 from __future__ import annotations
 
