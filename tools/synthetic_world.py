@@ -133,9 +133,9 @@ def _mean_and_sem(per_clip: np.ndarray) -> tuple[float, float]:
 
 def evaluate(model: Cosmos3Transformer, params: dict, root: str, meta: data_lib.DatasetMeta, cfg: Cosmos3Config,
              train_mean: np.ndarray, steps: int, shift: float, seed: int) -> dict[str, float]:
-    """Forward and inverse dynamics MSE on all clips under root, against the two baselines: each a mean over
-    clips with its standard error ('..._sem'). steps=1 is the one-step prediction x̂0 = ε − v(ε, σ=1), the
-    model's posterior-mean estimate."""
+    """Forward and inverse dynamics MSE on all clips under root, against the two baselines, and the paired gain
+    per clip (baseline MSE − model MSE; > 0: the model wins): each a mean over clips with its standard error
+    ('..._sem'). steps=1 is the one-step prediction x̂0 = ε − v(ε, σ=1), the model's posterior-mean estimate."""
     samples = [data_lib.load_sample({"id": e["id"], "path": os.path.join(root, e["file"])}, meta, cfg, TEXT_LEN)
                for e in data_lib.read_index(root)]
     sample_fn = jax.jit(lambda p, text, gen, key: euler_sample(model, p, text, gen, key, steps, shift))
@@ -156,6 +156,8 @@ def evaluate(model: Cosmos3Transformer, params: dict, root: str, meta: data_lib.
             predicted = np.asarray(action)[..., : truth_actions.shape[-1]]
             per_clip["inverse_mse"] = np.mean((predicted - truth_actions) ** 2, axis=(1, 2))
             per_clip["inverse_baseline_mean_action_mse"] = np.mean((train_mean - truth_actions) ** 2, axis=(1, 2))
+    per_clip["forward_gain"] = per_clip["forward_baseline_copy_last_frame_mse"] - per_clip["forward_mse"]
+    per_clip["inverse_gain"] = per_clip["inverse_baseline_mean_action_mse"] - per_clip["inverse_mse"]
     results = {}
     for name, errors in per_clip.items():
         results[name], results[f"{name}_sem"] = _mean_and_sem(errors)
@@ -230,12 +232,15 @@ def main() -> None:
         if field.name != "sampler_steps":
             exp.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
                              default=getattr(defaults, field.name))
+    exp.add_argument("--sampler-steps", type=int, nargs="+", default=list(defaults.sampler_steps))
+    exp.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
     if args.command == "make":
         write_world(args.out, args.clips, args.seed)
     else:
-        fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(Experiment) if f.name != "sampler_steps"}
-        print(json.dumps(experiment(args.out, Experiment(**fields)), indent=1))
+        fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(Experiment)}
+        fields["sampler_steps"] = tuple(fields["sampler_steps"])
+        print(json.dumps(experiment(args.out, Experiment(**fields), progress=not args.quiet), indent=1))
 
 
 if __name__ == "__main__":
