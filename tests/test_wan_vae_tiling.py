@@ -18,27 +18,13 @@ import torch
 from diffusers import AutoencoderKLWan
 from hypothesis import given
 from hypothesis import strategies as st
+from test_wan_vae import REL_TOL, TINY, torch_vae  # noqa: F401 (the shared tiny reference VAE fixture)
 
 from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
-from cosmos_jax.modeling.wan_vae import WanVAE, WanVAEConfig, decode
+from cosmos_jax.modeling.wan_vae import WanVAE, decode
 from cosmos_jax.modeling.wan_vae_tiling import VAETiling, blend_edge, tiled_decode, tiling_applies
 
-TINY = WanVAEConfig(base_dim=16, decoder_base_dim=24)
 LATENT_SHAPE = (1, 48, 2, 5, 6)
-REL_TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def torch_vae() -> AutoencoderKLWan:
-    torch.manual_seed(0)
-    model = AutoencoderKLWan(**TINY.to_dict()).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("gamma"):
-                param.copy_(1.0 + 0.3 * torch.randn_like(param))
-            elif name.endswith("bias"):
-                param.copy_(0.1 * torch.randn_like(param))
-    return model
 
 
 @pytest.fixture(scope="module")
