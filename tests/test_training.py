@@ -3,6 +3,7 @@ schedules, kill-and-resume bitwise, sharded vs single-device step, bad data repo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,10 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from cosmos_jax import sharding as sharding_lib
 from cosmos_jax.convert.keymap_transformer import params_from_torch_state
 from cosmos_jax.modeling.inputs import GeneratorInputs
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence
+from cosmos_jax.sharding import ActivationSharding, load_mesh_preset
 from cosmos_jax.training import losses
 from cosmos_jax.training.losses import LossConfig, Noise, TrainBatch
 from torch_reference import NANO_STYLE, build_torch_transformer, jax_config, reference_segments, save_and_read_state
@@ -232,9 +235,12 @@ def _packed_batch(root, cfg, batch_size):
 # fp32: 8-way FSDP reorders reductions. Adam's first step is g/(|g|+eps), which turns reduction noise in near-zero
 # gradients into O(lr) updates, so the test uses eps=1e-3; bound: max |Δparam| / max |update| (+ 2e-7·max |param|).
 SHARDED_REL_TOL = 1e-3
+TINY_RULES = load_mesh_preset("tiny").rules
 
 
 def test_sharded_step_equals_single_device_step(tmp_path):
+    """One train step on 1 device, 8-way FSDP, and FSDP 4 × context-parallel 2 (the generator attention split over
+    the sequence, as `RunConfig(mesh='fsdp=4,context=2')` runs it): same losses, gradients and updates."""
     from cosmos_jax.training import step as step_lib
 
     _write_world(tmp_path, count=8)
@@ -244,28 +250,32 @@ def test_sharded_step_equals_single_device_step(tmp_path):
     batch = _packed_batch(tmp_path, cfg, 8)
     abstract, optimizer = step_lib.abstract_state(model, optim)
     params = jax.device_get(model.init(jax.random.key(0)))  # host copies: the device states below are donated
+    assert batch.gen.position_ids.shape[2] % 2 == 0  # the context=2 mesh really splits the generator sequence
     results = []
-    for devices in (1, 8):
-        mesh = step_lib.fsdp_mesh(devices)
-        shardings = step_lib.state_shardings(abstract, step_lib.fsdp_param_shardings(abstract.params, mesh),
-                                             optimizer, mesh)
+    for mesh_spec in ("fsdp=1", "fsdp=8", "fsdp=4,context=2"):
+        mesh = sharding_lib.make_mesh(mesh_spec, jax.devices()[: 1 if mesh_spec == "fsdp=1" else 8])
+        context = mesh.shape["context"] > 1
+        mesh_model = dataclasses.replace(model, sharding=ActivationSharding(mesh, TINY_RULES)) if context else model
+        param_shardings = (sharding_lib.param_shardings(abstract.params, mesh, TINY_RULES) if context
+                           else step_lib.fsdp_param_shardings(abstract.params, mesh))
+        shardings = step_lib.state_shardings(abstract, param_shardings, optimizer, mesh)
         state = jax.device_put(step_lib.init_state(params, optimizer, optim, seed=7), shardings)
-        fn = step_lib.jit_train_step(step_lib.train_step_fn(model, optimizer, LossConfig(), optim), shardings,
+        fn = step_lib.jit_train_step(step_lib.train_step_fn(mesh_model, optimizer, LossConfig(), optim), shardings,
                                      step_lib.batch_shardings(batch, mesh), mesh)
         new_state, metrics = fn(state, batch)
-        if devices == 8:
+        if mesh.size == 8:
             kernel = new_state.params["generator"]["layers"]["mlp"]["up_proj"]["kernel"]
             assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
         results.append(jax.device_get((new_state, metrics)))
-    (single, m1), (sharded, m8) = results
-    for key in ("loss/total", "loss/vision", "loss/action", "grad_norm"):
-        assert abs(m1[key] - m8[key]) <= 1e-5 * abs(m1[key]), key
+    (single, m1), *others = results
     start = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-    for name, a, b, p0 in zip(("params", "ema"), (single.params, single.ema), (sharded.params, sharded.ema),
-                              (start, start)):
-        for la, lb, l0 in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(p0)):
-            scale = max(float(np.abs(la - l0).max()), 1e-12)
-            assert float(np.abs(la - lb).max()) <= SHARDED_REL_TOL * scale + 2e-7 * float(np.abs(l0).max()), name
+    for sharded, m8 in others:
+        for key in ("loss/total", "loss/vision", "loss/action", "grad_norm"):
+            assert abs(m1[key] - m8[key]) <= 1e-5 * abs(m1[key]), key
+        for name, a, b in zip(("params", "ema"), (single.params, single.ema), (sharded.params, sharded.ema)):
+            for la, lb, l0 in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(start)):
+                scale = max(float(np.abs(la - l0).max()), 1e-12)
+                assert float(np.abs(la - lb).max()) <= SHARDED_REL_TOL * scale + 2e-7 * float(np.abs(l0).max()), name
     # the frozen reasoner is untouched; the generator moved
     for la, l0 in zip(jax.tree.leaves(single.params["reasoner"]), jax.tree.leaves(start["reasoner"])):
         np.testing.assert_array_equal(la, l0)

@@ -37,8 +37,9 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """One training run. `batch` is the global batch; `mesh` a spec like 'fsdp=8' or 'fsdp=4,tensor=2' over all
-    devices (None: fsdp over all); `rules` the mesh preset (configs/mesh/<rules>.json) whose logical-axis rules
-    shard the parameters (cosmos_jax.sharding)."""
+    devices (None: fsdp over all); a `context` axis > 1 (e.g. 'fsdp=4,context=2') runs the generator attention
+    context-parallel, its sequence split over that axis; `rules` the mesh preset (configs/mesh/<rules>.json) whose
+    logical-axis rules shard the parameters and activations (cosmos_jax.sharding)."""
 
     model: str
     data: str
@@ -88,9 +89,11 @@ def train(
     called after each step is dispatched (e.g. for tests that inject a failure).
     """
     cfg = model_config(run.model)
-    model = Cosmos3Transformer(cfg, dtype=DTYPES[run.dtype], param_dtype=jnp.float32, attention=run.attention,
-                               remat=run.remat)
     mesh = sharding_lib.make_mesh(run.mesh or f"fsdp={jax.device_count()}")
+    rules = sharding_lib.load_mesh_preset(run.rules).rules
+    context_parallel = sharding_lib.ActivationSharding(mesh, rules) if mesh.shape["context"] > 1 else None
+    model = Cosmos3Transformer(cfg, dtype=DTYPES[run.dtype], param_dtype=jnp.float32, attention=run.attention,
+                               remat=run.remat, sharding=context_parallel)
     if run.batch % mesh.size or run.batch % run.optim.grad_accum:
         raise ValueError(f"global batch {run.batch} must be divisible by the {mesh.size} devices and by "
                          f"grad_accum={run.optim.grad_accum}")
@@ -101,7 +104,6 @@ def train(
     iterator = iter(loader)
 
     abstract, optimizer = abstract_state(model, run.optim)
-    rules = sharding_lib.load_mesh_preset(run.rules).rules
     param_shardings = sharding_lib.param_shardings(abstract.params, mesh, rules)
     shardings = state_shardings(abstract, param_shardings, optimizer, mesh)
     checkpointer = TrainCheckpointer(os.path.join(run.out, "checkpoints"), keep=run.keep)
