@@ -34,8 +34,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     tower = parser.add_mutually_exclusive_group()
     tower.add_argument("--freeze-reasoner", dest="freeze_reasoner", action="store_true", default=True)
     tower.add_argument("--train-both", dest="freeze_reasoner", action="store_false")
-    parser.add_argument("--mesh", default=None, metavar="fsdp=N[,tensor=M,...]", help="device mesh over all devices, e.g. fsdp=8 or fsdp=4,context=2 (context > 1: the generator "
-                             "sequence is split across devices, context-parallel attention); default: fsdp over all")
+    parser.add_argument("--mesh", default=None, metavar="fsdp=N[,tensor=M,...]",
+                        help="device mesh over all devices, e.g. fsdp=8 or fsdp=4,context=2 (context > 1: the "
+                             "generator sequence is split across devices, context-parallel attention); default: fsdp "
+                             "over all")
     parser.add_argument("--mesh-rules", default="tiny", help="mesh preset whose rules shard the parameters")
     parser.add_argument("--max-text-len", type=int, default=64)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
