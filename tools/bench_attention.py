@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels import blocked_xla
 from pallas_kernels import joint_attention as pallas_attention
 from pallas_kernels.reference import generator_attention_reference, reasoner_attention_reference
+from timing import median_seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,12 +114,7 @@ def time_call(fn: Callable[..., object], args: tuple, iters: int) -> float:
     """Median wall time in seconds of a jitted call (after one compile + warm-up call)."""
     compiled = jax.jit(fn)
     jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: jax.block_until_ready(compiled(*args)), iters)
 
 
 def matmul_ceiling(iters: int) -> float:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
-from typing import Callable
 
 import jax
 import numpy as np
@@ -20,15 +18,7 @@ from diffusers.models.autoencoders.autoencoder_cosmos3_audio import Cosmos3AVAEA
 
 from cosmos_jax.convert.keymap_audio import audio_params_from_torch_state
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds
 
 
 def main() -> None:
@@ -62,8 +52,8 @@ def main() -> None:
     ours = run_jax()
     compile_s = time.perf_counter() - start
     expected = run_torch()
-    jax_s = _median_seconds(run_jax, args.repeats)
-    torch_s = _median_seconds(run_torch, args.repeats)
+    jax_s = median_seconds(run_jax, args.repeats)
+    torch_s = median_seconds(run_torch, args.repeats)
 
     device = jax.devices()[0]
     print(f"Sound tokenizer decode, dec_dim {args.dec_dim}, {frames} latent frames -> {args.seconds:g} s of "

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import tempfile
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,17 +24,9 @@ from transformers import Cosmos3OmniConfig, Cosmos3OmniForConditionalGeneration
 from cosmos_jax import reasoner_inputs as ri
 from cosmos_jax.convert.keymap_reasoner import load_reasoner
 from cosmos_jax.sampling import reason
+from timing import median_seconds
 
 IMAGE_ID, VIDEO_ID, START_ID, END_ID = 4090, 4091, 4092, 4093
-
-
-def _median(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _torch_model(args: argparse.Namespace) -> Cosmos3OmniForConditionalGeneration:
@@ -88,8 +78,9 @@ def main() -> None:
     jax.block_until_ready(prefill(params, batch, len(prompt.ids) + n))
     reason.generate(model, params, batch, max_new_tokens=n, eos_ids=(-1,))
     compile_s = time.perf_counter() - start
-    jax_ttft = _median(lambda: jax.block_until_ready(prefill(params, batch, len(prompt.ids) + n)), args.repeats)
-    jax_total = _median(lambda: reason.generate(model, params, batch, max_new_tokens=n, eos_ids=(-1,)), args.repeats)
+    jax_ttft = median_seconds(lambda: jax.block_until_ready(prefill(params, batch, len(prompt.ids) + n)), args.repeats)
+    jax_total = median_seconds(lambda: reason.generate(model, params, batch, max_new_tokens=n, eos_ids=(-1,)),
+                               args.repeats)
     jax_ids = reason.generate(model, params, batch, max_new_tokens=n, eos_ids=(-1,))[0][0]
 
     inputs = {
@@ -106,12 +97,16 @@ def main() -> None:
                                         eos_token_id=None, pad_token_id=0)
 
     torch_generate(2)
-    torch_ttft = _median(lambda: torch_generate(1), args.repeats)
-    torch_total = _median(lambda: torch_generate(n), args.repeats)
+    torch_ttft = median_seconds(lambda: torch_generate(1), args.repeats)
+    torch_total = median_seconds(lambda: torch_generate(n), args.repeats)
     torch_ids = torch_generate(n)[0, len(prompt.ids):].numpy()
 
+    def tokens_per_s(ttft: float, total: float) -> str:
+        decode = total - ttft
+        return f"{(n - 1) / decode:.1f}" if decode > 0 else "n/a (decode within timer noise: raise --new-tokens)"
+
     def row(name: str, ttft: float, total: float, extra: str) -> str:
-        return f"| {name} | {ttft * 1e3:.1f} | {(n - 1) / max(total - ttft, 1e-9):.1f} | {total:.3f} | {extra} |"
+        return f"| {name} | {ttft * 1e3:.1f} | {tokens_per_s(ttft, total)} | {total:.3f} | {extra} |"
 
     print(f"Reasoner greedy decode, fp32, {platform.processor() or platform.machine()} "
           f"({jax.device_count()} JAX CPU devices, torch {torch.get_num_threads()} threads); "
@@ -121,8 +116,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     print(row("transformers 5.23 (eager/sdpa)", torch_ttft, torch_total, "generate()"))
     print(row("cosmos-jax", jax_ttft, jax_total, f"compile {compile_s:.1f}s (once per shape)"))
-    ratio = (torch_total - torch_ttft) / max(jax_total - jax_ttft, 1e-9)
-    print(f"\nJAX/torch decode speed ratio: {ratio:.2f}x; time-to-first-token ratio: {torch_ttft / jax_ttft:.2f}x; "
+    torch_decode, jax_decode = torch_total - torch_ttft, jax_total - jax_ttft
+    ratio = f"{torch_decode / jax_decode:.2f}x" if torch_decode > 0 and jax_decode > 0 else "n/a"
+    print(f"\nJAX/torch decode speed ratio: {ratio}; time-to-first-token ratio: {torch_ttft / jax_ttft:.2f}x; "
           f"greedy ids identical: {bool(np.array_equal(jax_ids, torch_ids))}")
 
 
