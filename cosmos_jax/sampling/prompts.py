@@ -25,6 +25,8 @@ import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
+from cosmos_jax.datasets.embodiments import EMBODIMENTS
+
 SYSTEM_PROMPT_IMAGE = "You are a helpful assistant who will generate images from a give prompt."
 SYSTEM_PROMPT_VIDEO = "You are a helpful assistant who will generate videos from a give prompt."
 VISION_START_TOKEN = "<|vision_start|>"
@@ -49,45 +51,13 @@ VIEWPOINT_SENTENCES: Mapping[str, str] = {
     "concat_view": "This video contains concatenated views from multiple camera perspectives.",
 }
 
-# Embodiment name -> index of its domain-aware action projection weights.
-EMBODIMENT_DOMAINS: Mapping[str, int] = {
-    "no_action": 0,
-    "av": 1,
-    "camera_pose": 2,
-    "hand_pose": 3,
-    "pusht": 4,
-    "libero": 5,
-    "umi": 6,
-    "bridge_orig_lerobot": 7,
-    "droid_lerobot": 8,
-    "robomind-franka": 8,
-    "galbot": 9,
-    "robomind-franka-dual": 12,
-    "robomind-ur": 13,
-    "agibotworld": 15,
-    "agibot_gear_gripper": 15,
-    "agibot_gear_gripper_ext": 15,
-    "fractal": 20,
-}
+# Embodiment name -> index of its domain-aware action projection weights (from the embodiment registry).
+EMBODIMENT_DOMAINS: Mapping[str, int] = {name: e.domain_id for name, e in EMBODIMENTS.items()}
 
-# Unpadded action width per embodiment (sums of 9-D poses, 1-D grippers, 15-D fingertip blocks).
-# `no_action` and `libero` have no fixed width and cannot be used for action inference.
+# Unpadded action width per embodiment (the registry's channel count). `no_action` and `libero` have no fixed
+# width and cannot be used for action inference.
 RAW_ACTION_DIM: Mapping[str, int] = {
-    "av": 9,
-    "camera_pose": 9,
-    "pusht": 2,
-    "umi": 10,
-    "bridge_orig_lerobot": 10,
-    "droid_lerobot": 10,
-    "robomind-franka": 10,
-    "robomind-franka-dual": 20,
-    "robomind-ur": 10,
-    "galbot": 30,
-    "agibotworld": 29,
-    "agibot_gear_gripper": 29,
-    "agibot_gear_gripper_ext": 29,
-    "fractal": 10,
-    "hand_pose": 57,
+    name: e.raw_action_dim for name, e in EMBODIMENTS.items() if e.raw_action_dim is not None
 }
 
 # Action conditioning canvases (height, width) per resolution tier; a clip gets the one closest in H/W ratio
