@@ -37,14 +37,14 @@ from cosmos_jax.modeling.wan_vae import (
 from cosmos_jax.sampling.prompts import ChatTokenizer, build_prompt_ids
 from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
 from cosmos_jax.training import data as data_lib
-from cosmos_jax.training.lerobot import (
+from cosmos_jax.datasets.lerobot_prepare import (
     BadEpisode,
     PrepareConfig,
     clip_indices,
     fit_frame,
     prepare_lerobot,
-    read_info,
 )
+from cosmos_jax.datasets.lerobot_v2 import read_info
 
 FPS = 10
 SRC_H, SRC_W = 32, 48

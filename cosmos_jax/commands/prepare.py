@@ -1,10 +1,13 @@
-"""`cosmos-jax prepare lerobot SRC DST --model MODEL_DIR`: a LeRobot v2.x dataset -> cosmos-jax training data.
+"""`cosmos-jax prepare lerobot SRC DST --model MODEL_DIR`: a LeRobot v3.0 or v2.x dataset -> cosmos-jax training data.
 
-Clips of --frames (1+4k) frames are cut from every episode of camera --video-key, resized to cover --size and
+Clips of --frames (1+4k) frames are cut from every episode of camera --video-key (or of every camera, each as
+its own clips, with --all-cameras), resized to cover --size and
 centre-cropped, encoded with the model folder's Wan VAE (normalised latents), captioned with the episode's task
 text through the folder's text tokenizer, and written with their action rows and the --domain embodiment id in
-the format `cosmos-jax train --data` reads (cosmos_jax/training/data.py). Needs pyarrow (`pip install
-'cosmos-jax[lerobot]'`).
+the format `cosmos-jax train --data` reads (cosmos_jax/training/data.py), with `action_stats.json` (the
+per-channel stats of the actions written, in raw units) beside them. Delta actions (--action-kind delta, the
+registry's default for relative-pose domains) are summed over the frames that resampling skips. Needs pyarrow
+(`pip install 'cosmos-jax[lerobot]'`).
 """
 
 from __future__ import annotations
@@ -16,16 +19,17 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from cosmos_jax.sampling.prompts import (
-    EMBODIMENT_DOMAINS,
-    ChatTokenizer,
-    build_prompt_ids,
-)
-from cosmos_jax.training.lerobot import (
+from cosmos_jax.datasets.embodiments import ACTION_KINDS, names_of_domain_id
+from cosmos_jax.datasets.lerobot_prepare import (
     BadEpisode,
     PrepareConfig,
     Tokenize,
     prepare_lerobot,
+)
+from cosmos_jax.sampling.prompts import (
+    EMBODIMENT_DOMAINS,
+    ChatTokenizer,
+    build_prompt_ids,
 )
 
 EPILOG = """\
@@ -33,8 +37,9 @@ example:
   cosmos-jax prepare lerobot ~/data/pusht ~/data/pusht-cosmos --model ~/models/Cosmos3-Nano \\
       --frames 17 --size 256x256 --video-key observation.image --domain pusht --skip-bad
 
-Bad episodes (missing video or parquet, video/parquet frame count mismatch, non-finite actions, wrong action
-width) stop the run with the episode index, or are listed and skipped with --skip-bad. The output appears at
+Bad episodes (missing, truncated or unreadable video or parquet, a video shorter than its episode, data
+columns that disagree with info.json's features, non-finite actions, wrong action width, an episode missing
+from the episode metadata) stop the run with the episode index, or are listed and skipped with --skip-bad. The output appears at
 DST only when complete (it is written to a temporary folder beside DST, then renamed)."""
 
 
@@ -59,9 +64,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     sub = parser.add_subparsers(dest="source_format", metavar="FORMAT")
     sub.required = True
-    lerobot = sub.add_parser("lerobot", help="a LeRobot v2.x dataset folder (meta/info.json, data/, videos/)",
+    lerobot = sub.add_parser("lerobot", help="a LeRobot v3.0 or v2.x dataset folder (meta/info.json, data/, videos/)",
                              description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    lerobot.add_argument("src", metavar="SRC", help="LeRobot v2.x dataset folder")
+    lerobot.add_argument("src", metavar="SRC", help="LeRobot v3.0 or v2.x dataset folder")
     lerobot.add_argument("dst", metavar="DST", help="output folder (cosmos-jax training data)")
     lerobot.add_argument("--model", required=True, metavar="MODEL_DIR",
                          help="Hub-layout or converted model folder: its vae/, text_tokenizer/ and transformer config")
@@ -70,9 +75,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                          help="clip size in pixels, multiples of 32 for Cosmos 3 (default 256x256)")
     lerobot.add_argument("--video-key", default=None,
                          help="camera feature, e.g. observation.images.top (default: the dataset's only video)")
+    lerobot.add_argument("--all-cameras", action="store_true",
+                         help="every camera of the dataset, each as its own clips (sample ids end in the camera)")
     lerobot.add_argument("--stride", type=int, default=None, help="frames between clip starts (default: --frames)")
     lerobot.add_argument("--fps", type=float, default=None, help="resample clips down to this rate (default: source)")
     lerobot.add_argument("--action-key", default="action", help="action column (default: action)")
+    lerobot.add_argument("--action-kind", choices=ACTION_KINDS, default=None,
+                         help="absolute/target: resampling takes the row at each kept frame; delta: it sums the "
+                              "rows over the skipped frames (default: the --domain's kind in the registry)")
     lerobot.add_argument("--no-actions", action="store_true", help="video-only data (text->video training)")
     lerobot.add_argument("--domain", type=_domain, default=None,
                          help="embodiment domain: an id in [0, 32) or a name such as pusht, bridge_orig_lerobot")
@@ -100,8 +110,9 @@ def _tokenizer(args: argparse.Namespace, tokenizer_dir: Path, fps: float) -> Tok
 
 
 def run(args: argparse.Namespace) -> int:
+    from cosmos_jax.datasets.embodiments import EMBODIMENTS
+    from cosmos_jax.datasets.lerobot_reader import open_lerobot
     from cosmos_jax.load import load
-    from cosmos_jax.training.lerobot import read_info
 
     if args.no_actions == (args.domain is not None):
         raise SystemExit("give --domain for action data, or --no-actions for video-only data (not both)")
@@ -109,10 +120,13 @@ def run(args: argparse.Namespace) -> int:
     if model.vae_config is None or model.tokenizer_dir is None:
         raise SystemExit(f"{args.model}: the model folder needs vae/ and text_tokenizer/")
     height, width = args.size
+    kinds = {EMBODIMENTS[n].kind for n in names_of_domain_id(args.domain or 0)} - {None}
+    kind = args.action_kind or (kinds.pop() if len(kinds) == 1 else "absolute")
     config = PrepareConfig(frames=args.frames, height=height, width=width, video_key=args.video_key,
                            stride=args.stride, fps=args.fps, action_key=None if args.no_actions else args.action_key,
-                           domain=args.domain or 0, batch_size=args.batch, skip_bad=args.skip_bad)
-    fps = args.fps or read_info(args.src).fps
+                           domain=args.domain or 0, batch_size=args.batch, skip_bad=args.skip_bad,
+                           all_cameras=args.all_cameras, action_kind=kind)
+    fps = args.fps or open_lerobot(args.src).fps
     cfg = model.transformer_config
     try:
         report = prepare_lerobot(
@@ -126,5 +140,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps({"dst": args.dst, "samples": report.samples, "episodes": report.episodes,
                       "bad_episodes": [{"episode": i, "reason": r} for i, r in report.bad_episodes],
-                      "short_episodes": report.short_episodes, "max_caption_len": report.max_caption_len}, indent=1))
+                      "short_episodes": report.short_episodes, "max_caption_len": report.max_caption_len,
+                      "action_stats": report.stats_file, "action_kind": kind if config.action_key else None}, indent=1))
     return 0
