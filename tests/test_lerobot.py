@@ -12,7 +12,9 @@ CPU), asserted <= 1e-4 x max(1, max |expected|).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -45,6 +47,9 @@ from cosmos_jax.datasets.lerobot_prepare import (
     prepare_lerobot,
 )
 from cosmos_jax.datasets.lerobot_v2 import read_info
+from cosmos_jax.datasets.lerobot_v3 import LeRobotV3
+from cosmos_jax.datasets.lerobot_writer import LeRobotWriter, vector_feature, video_feature
+from cosmos_jax.datasets.video import VideoEncoding, decode_all, encode_mp4
 
 FPS = 10
 SRC_H, SRC_W = 32, 48
@@ -349,3 +354,179 @@ def test_cli_matches_library_and_loader_reads_it(tmp_path, lerobot_dir, model_di
     assert batch.gen.action.shape == (2, FRAMES - 1, 64)
     assert np.all(batch.gen.action[:, :, 2:] == 0) and np.all(batch.gen.action_domain == 4)
     assert batch.action_width.tolist() == [2, 2] and not bad.skipped
+
+
+# ------------------------------------------------------------------------------------------- LeRobot v3.0 sources
+
+V3_CAMERAS = ("observation.images.front", "observation.images.side")
+V3_LENGTHS = (13, 9, 11)
+
+
+def _v3_actions(index: int) -> np.ndarray:
+    return np.random.default_rng(200 + index).uniform(-1, 1, (V3_LENGTHS[index], 2)).astype(np.float32)
+
+
+def _v3_frames(index: int, camera: int) -> np.ndarray:
+    rng = np.random.default_rng(300 + 10 * index + camera)
+    return rng.integers(0, 256, (V3_LENGTHS[index], SRC_H, SRC_W, 3), dtype=np.uint8)
+
+
+def _write_v3(root: Path) -> Path:
+    features = {"action": vector_feature(["x", "y"]), **{k: video_feature(SRC_H, SRC_W) for k in V3_CAMERAS}}
+    with LeRobotWriter(root, fps=FPS, features=features, encoding=VideoEncoding(codec="libx264"),
+                       data_files_size_in_mb=0.002, video_files_size_in_mb=0.03) as writer:
+        for index in range(len(V3_LENGTHS)):
+            writer.add_episode(task=TASKS[index % 2], columns={"action": _v3_actions(index)},
+                               frames={k: _v3_frames(index, c) for c, k in enumerate(V3_CAMERAS)})
+    return root
+
+
+@pytest.fixture(scope="module")
+def v3_dir(tmp_path_factory) -> Path:
+    return _write_v3(tmp_path_factory.mktemp("lerobot_v3") / "dataset")
+
+
+def _v3_decoded_clip(root: Path, episode: int, camera: str, indices: np.ndarray) -> np.ndarray:
+    """[3, F, SIZE, SIZE] in [-1, 1]: every frame of the camera's mp4 decoded, the episode's located by its
+    from_timestamp, centre 32 columns."""
+    row = LeRobotV3(root).rows[episode]
+    path = root / f"videos/{camera}/chunk-000/file-{row[f'videos/{camera}/file_index']:03d}.mp4"
+    first = round(row[f"videos/{camera}/from_timestamp"] * FPS)
+    frames = decode_all(path)[first: first + V3_LENGTHS[episode]]
+    left = (SRC_W - SIZE) // 2
+    crop = frames[indices, :, left: left + SIZE].astype(np.float32)
+    return (crop / np.float32(127.5) - np.float32(1.0)).transpose(3, 0, 1, 2)
+
+
+def _parquet_actions(root: Path, episode: int) -> np.ndarray:
+    """The episode's action rows read straight from the data parquet files."""
+    tables = [pq.read_table(p) for p in sorted((root / "data").glob("*/*.parquet"))]
+    table = pa.concat_tables(tables)
+    mask = np.asarray(table.column("episode_index").to_numpy()) == episode
+    return np.asarray(table.column("action").to_pylist(), np.float32)[mask]
+
+
+def _expected_latents(params, config, clip: np.ndarray) -> np.ndarray:
+    return np.asarray(normalize_latents(encode(params, jnp.asarray(clip[None]), config), config.latents_mean,
+                                        config.latents_std, jnp.float32))[0]
+
+
+def test_prepare_v3_latents_actions_and_stats(tmp_path, v3_dir, vae, tokenizer):
+    assert len(list((v3_dir / "data").glob("*/*.parquet"))) >= 2  # the data rolled over
+    config, params = vae
+    dst = tmp_path / "v3"
+    report = prepare_lerobot(v3_dir, dst, config, params, tokenizer.encode,
+                             PrepareConfig(frames=FRAMES, height=SIZE, width=SIZE, video_key=V3_CAMERAS[1], domain=4,
+                                           batch_size=2), latent_patch_size=2, action_dim=64, num_domains=32,
+                             progress=False)
+    assert (report.samples, report.episodes, report.bad_episodes) == (5, 3, [])
+    entries = data_lib.read_index(str(dst))
+    assert [e["id"] for e in entries] == ["ep000000_clip0000", "ep000000_clip0001", "ep000001_clip0000",
+                                          "ep000002_clip0000", "ep000002_clip0001"]
+    written = []
+    for entry in entries:
+        episode, clip = int(entry["id"][2:8]), int(entry["id"][-4:])
+        indices = np.arange(clip * FRAMES, (clip + 1) * FRAMES)
+        with np.load(dst / entry["file"]) as z:
+            want = _expected_latents(params, config, _v3_decoded_clip(v3_dir, episode, V3_CAMERAS[1], indices))
+            err = np.abs(z["latents"] - want).max()
+            assert err <= TOL * max(1.0, np.abs(want).max()), (entry["id"], err)
+            np.testing.assert_array_equal(z["actions"], _parquet_actions(v3_dir, episode)[indices[:-1]])
+            np.testing.assert_array_equal(z["actions"], _v3_actions(episode)[indices[:-1]])
+            np.testing.assert_array_equal(z["caption_ids"], tokenizer.encode(TASKS[episode % 2]))
+            written.append(z["actions"])
+    stats = json.loads((dst / "action_stats.json").read_text())
+    assert (stats["domain"], stats["kind"], stats["mode"], stats["names"]) == ("pusht", "absolute", "quantile",
+                                                                               ["x", "y"])
+    rows = np.concatenate(written).astype(np.float64)
+    np.testing.assert_array_equal(stats["stats"]["q99"], np.quantile(rows, 0.99, axis=0))
+    np.testing.assert_array_equal(stats["stats"]["mean"], rows.mean(0))
+
+
+def test_prepare_v3_every_camera_with_summed_deltas(tmp_path, v3_dir, vae, tokenizer, model_dir, capsys):
+    config, params = vae
+    dst = tmp_path / "delta"
+    report = prepare_lerobot(v3_dir, dst, config, params, tokenizer.encode,
+                             PrepareConfig(frames=FRAMES, height=SIZE, width=SIZE, all_cameras=True, fps=5.0,
+                                           action_kind="delta", domain=4, batch_size=2),
+                             latent_patch_size=2, action_dim=64, num_domains=32, progress=False)
+    assert report.samples == 6  # one clip per episode per camera at 5 fps
+    grid = np.arange(0, 10, 2)  # source frames 0, 2, 4, 6, 8
+    for episode in range(3):
+        actions = _parquet_actions(v3_dir, episode)
+        summed = actions[grid[:-1]] + actions[grid[:-1] + 1]  # the rows of the skipped frames added in
+        for camera in V3_CAMERAS:
+            with np.load(dst / "samples" / f"ep{episode:06d}_clip0000_{camera}.npz") as z:
+                np.testing.assert_allclose(z["actions"], summed, rtol=0, atol=1e-6)
+                want = _expected_latents(params, config, _v3_decoded_clip(v3_dir, episode, camera, grid))
+                np.testing.assert_allclose(z["latents"], want, rtol=0, atol=TOL * max(1.0, np.abs(want).max()))
+    cli_dst = tmp_path / "cli"
+    assert cli.main(["prepare", "lerobot", str(v3_dir), str(cli_dst), "--model", str(model_dir), "--frames",
+                     str(FRAMES), "--size", f"{SIZE}x{SIZE}", "--domain", "pusht", "--all-cameras", "--fps", "5",
+                     "--action-kind", "delta", "--batch", "2", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 6 and summary["action_kind"] == "delta"
+    with np.load(cli_dst / "samples" / f"ep000001_clip0000_{V3_CAMERAS[0]}.npz") as ours, \
+            np.load(dst / "samples" / f"ep000001_clip0000_{V3_CAMERAS[0]}.npz") as lib:
+        np.testing.assert_array_equal(ours["actions"], lib["actions"])
+    with pytest.raises(ValueError, match="does not fit domain 7 \\(bridge_orig_lerobot: 10 channels\\)"):
+        prepare_lerobot(v3_dir, tmp_path / "wide", config, params, tokenizer.encode,
+                        PrepareConfig(frames=FRAMES, height=SIZE, width=SIZE, all_cameras=True, domain=7),
+                        latent_patch_size=2)
+
+
+def _truncate_parquet(root: Path) -> tuple[str, int]:
+    path = sorted((root / "data").glob("*/*.parquet"))[-1]
+    first = int(pq.read_table(path).column("episode_index").to_numpy()[0])
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path.name, first
+
+
+def _short_video(root: Path) -> tuple[str, int]:
+    rows = LeRobotV3(root).rows
+    last = max(e for e, r in rows.items() if r[f"videos/{V3_CAMERAS[0]}/file_index"] == 0)
+    path = root / f"videos/{V3_CAMERAS[0]}/chunk-000/file-000.mp4"
+    frames = decode_all(path)
+    path.unlink()
+    encode_mp4(path, frames[:-3], FPS, VideoEncoding(codec="libx264"))
+    return "file-000.mp4", last
+
+
+def _undeclared_column(root: Path) -> tuple[str, int]:
+    path = sorted((root / "data").glob("*/*.parquet"))[0]
+    table = pq.read_table(path)
+    pq.write_table(table.append_column("effort", pa.array(np.zeros(table.num_rows, np.float32))), path)
+    return "undeclared \\['effort'\\]", 0
+
+
+def _index_gap(root: Path) -> tuple[str, int]:
+    for path in sorted((root / "meta/episodes").glob("*/*.parquet")):
+        table = pq.read_table(path)
+        keep = np.asarray(table.column("episode_index").to_numpy()) != 1
+        if not keep.all():
+            if keep.any():
+                pq.write_table(table.filter(pa.array(keep)), path)
+            else:
+                path.unlink()
+            return "episode 1 is missing from the episode rows", 1
+    raise AssertionError("episode 1 has no row")
+
+
+@pytest.mark.parametrize("damage", [_truncate_parquet, _short_video, _undeclared_column, _index_gap])
+def test_prepare_v3_bad_input_names_file_and_episode(tmp_path, v3_dir, vae, tokenizer, damage):
+    config, params = vae
+    src = tmp_path / "src"
+    shutil.copytree(v3_dir, src)
+    what, episode = damage(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    settings = PrepareConfig(frames=FRAMES, height=SIZE, width=SIZE, video_key=V3_CAMERAS[0], domain=4, batch_size=2)
+    with pytest.raises(BadEpisode, match=f"bad episode {episode}: .*{what}") as e:
+        prepare_lerobot(src, out / "prepared", config, params, tokenizer.encode, settings, latent_patch_size=2,
+                        progress=False)
+    assert e.value.episode == episode and list(out.iterdir()) == []  # nothing half-written
+    report = prepare_lerobot(src, out / "prepared", config, params, tokenizer.encode,
+                             dataclasses.replace(settings, skip_bad=True), latent_patch_size=2, progress=False)
+    assert episode in [i for i, _ in report.bad_episodes] and report.samples > 0
+    assert all(f"ep{i:06d}" not in p.name for i, _ in report.bad_episodes
+               for p in (out / "prepared" / "samples").iterdir())
