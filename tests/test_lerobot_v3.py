@@ -371,3 +371,41 @@ def test_rewriting_a_dataset_needs_overwrite(written, tmp_path):
     shutil.copytree(written, copy)
     with pytest.raises(FileExistsError, match="overwrite"):
         LeRobotWriter(copy, fps=FPS, features=FEATURES)
+
+
+def test_stats_travel_and_generated_actions_are_written_in_raw_units(tmp_path):
+    from PIL import Image
+
+    from cosmos_jax.datasets.normalization import copy_stats_file, normalizer_for_domain
+    from cosmos_jax.sampling import media
+
+    width = embodiment("bridge_orig_lerobot").raw_action_dim
+    rows = np.random.default_rng(0).normal(size=(50, width)) * np.arange(1, width + 1)
+    stats = {"mean": rows.mean(0), "std": rows.std(0), "q01": np.quantile(rows, 0.01, 0),
+             "q99": np.quantile(rows, 0.99, 0)}
+    data, run = tmp_path / "data", tmp_path / "run"
+    data.mkdir()
+    write_normalizer(data / "action_stats.json", normalizer_from_stats("bridge_orig_lerobot", stats))
+    assert copy_stats_file(data, run) == run / "action_stats.json"
+    assert copy_stats_file(tmp_path / "none", run / "x") is None
+    normalizer = normalizer_for_domain(run / "action_stats.json", "bridge_orig_lerobot")
+    with pytest.raises(ValueError, match="do not fit domain 'pusht' \\(2 channels\\)"):
+        normalizer_for_domain(run / "action_stats.json", "pusht")
+
+    model = np.random.default_rng(1).uniform(-1, 1, (8, width)).astype(np.float32)
+    raw_paths = media.write_actions(str(tmp_path / "raw"), model, domain="bridge_orig_lerobot", mode="policy",
+                                    normalizer=normalizer)
+    np.testing.assert_allclose(np.load(raw_paths[0]), normalizer.to_raw(model), rtol=1e-6, atol=1e-6)
+    written = json.loads(Path(raw_paths[1]).read_text())
+    assert written["space"] == "raw" and written["channels"] == list(embodiment("bridge_orig_lerobot").channels)
+    model_paths = media.write_actions(str(tmp_path / "model"), model, domain="bridge_orig_lerobot", mode="policy")
+    np.testing.assert_array_equal(np.load(model_paths[0]), model)
+    assert json.loads(Path(model_paths[1]).read_text())["space"] == "model"
+
+    named = np.asarray(media.action_plot(model, "t", channel_names=embodiment("bridge_orig_lerobot").channels,
+                                         units="raw units"))
+    plain = np.asarray(media.action_plot(model, "t"))
+    assert named.shape == plain.shape == (480, 800, 3) and (named != plain).any()
+    assert Image.open(raw_paths[2]).size == (800, 480)
+    with pytest.raises(ValueError, match="2 channel names for 10 action channels"):
+        media.action_plot(model, "t", channel_names=["a", "b"])

@@ -24,6 +24,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--action-mode", choices=ACTION_MODES, default=None)
     parser.add_argument("--domain", default=None, help=f"embodiment: one of {', '.join(sorted(EMBODIMENT_DOMAINS))}")
     parser.add_argument("--actions", default=None, help="forward_dynamics: actions [T, raw width] as .npy")
+    parser.add_argument("--action-stats", default=None,
+                        help="action_stats.json (from `prepare lerobot`, copied into a training run): --actions "
+                             "are read and generated actions written in raw units (default: MODEL/"
+                             "action_stats.json when present, else model space)")
     parser.add_argument("--chunk", type=int, default=16, help="action chunk (the clip has chunk+1 frames)")
     parser.add_argument("--resolution-tier", type=int, default=480, choices=(256, 480, 704, 720),
                         help="action modes: canvas tier for the conditioning frames")
@@ -53,7 +57,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     """Every input file exists and the output suffix fits the request (before loading anything)."""
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"model folder not found: {args.model}")
-    for flag in ("image", "video", "actions", "init_noise", "init_sound_noise", "init_action_noise"):
+    for flag in ("image", "video", "actions", "action_stats", "init_noise", "init_sound_noise", "init_action_noise"):
         value = getattr(args, flag)
         if value is not None and not os.path.isfile(value):
             raise FileNotFoundError(f"--{flag.replace('_', '-')} file not found: {value}")
@@ -74,7 +78,17 @@ def generate_and_write(pipeline: Any, args: argparse.Namespace) -> list[str]:
 
     from cosmos_jax.sampling import media
 
+    from cosmos_jax.datasets.normalization import STATS_FILE, normalizer_for_domain
+
+    if args.action_stats and (args.action_mode is None or args.domain is None):
+        raise ValueError("--action-stats applies to action modes: give --action-mode and --domain")
+    stats = args.action_stats or os.path.join(args.model, STATS_FILE)
+    normalizer = None
+    if args.action_mode is not None and args.domain is not None and (args.action_stats or os.path.isfile(stats)):
+        normalizer = normalizer_for_domain(stats, args.domain)
     actions = np.load(args.actions) if args.actions is not None else None
+    if actions is not None and normalizer is not None:
+        actions = normalizer.to_model(actions).astype(np.float32)
     guidance = args.guidance if args.guidance is not None else (1.0 if args.action_mode else 6.0)
     result = pipeline(
         args.prompt, args.negative_prompt, image=args.image, video=args.video, action_mode=args.action_mode,
@@ -95,7 +109,8 @@ def generate_and_write(pipeline: Any, args: argparse.Namespace) -> list[str]:
     else:
         written += media.write_video_outputs(stem, result.video, result.fps, result.sound, result.sample_rate)
     if result.actions is not None:
-        written += media.write_actions(stem, result.actions, domain=args.domain, mode=result.mode)
+        written += media.write_actions(stem, result.actions, domain=args.domain, mode=result.mode,
+                                       normalizer=normalizer)
     t = result.timings
     print(f"{result.mode}: compile {t['compile']:.1f}s, denoise {t['denoise']:.2f}s, decode {t['decode']:.1f}s",
           file=sys.stderr)

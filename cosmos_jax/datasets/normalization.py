@@ -120,6 +120,27 @@ def write_normalizer(path: str | os.PathLike[str], normalizer: ActionNormalizer)
     os.replace(tmp, path)
 
 
+def copy_stats_file(src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[str]) -> Path | None:
+    """Check and copy `src_dir`'s stats file into `dst_dir` (a training run beside its checkpoints); the
+    destination path, or None when `src_dir` has none."""
+    src = Path(src_dir) / STATS_FILE
+    if not src.is_file():
+        return None
+    Path(dst_dir).mkdir(parents=True, exist_ok=True)
+    write_normalizer(Path(dst_dir) / STATS_FILE, read_normalizer(src))
+    return Path(dst_dir) / STATS_FILE
+
+
+def normalizer_for_domain(path: str | os.PathLike[str], domain: str) -> ActionNormalizer:
+    """The stats file at `path`, checked to fit `domain` (same projection weights and width)."""
+    normalizer = read_normalizer(path)
+    wanted = embodiment(domain)
+    if (embodiment(normalizer.domain).domain_id, normalizer.width) != (wanted.domain_id, wanted.raw_action_dim):
+        raise ValueError(f"{path}: stats of domain {normalizer.domain!r} ({normalizer.width} channels) do not fit "
+                         f"domain {domain!r} ({wanted.raw_action_dim} channels)")
+    return normalizer
+
+
 def read_normalizer(path: str | os.PathLike[str]) -> ActionNormalizer:
     """Read and check a stats file; ValueError naming the file for any problem."""
     path = Path(path)

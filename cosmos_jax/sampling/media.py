@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cosmos_jax.datasets.embodiments import EMBODIMENTS
+
 _PLOT_COLORS = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
     (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
@@ -93,11 +95,15 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
             f.write("\n")
 
 
-def action_plot(actions: np.ndarray, title: str, size: tuple[int, int] = (800, 480)) -> Image.Image:
-    """A line chart of `actions` [steps, channels]: one coloured line per channel, axes, a legend."""
+def action_plot(actions: np.ndarray, title: str, size: tuple[int, int] = (800, 480),
+                channel_names: Sequence[str] | None = None, units: str | None = None) -> Image.Image:
+    """A line chart of `actions` [steps, channels]: one coloured line per channel, axes, a legend naming the
+    channels (`channel_names`, else "ch i"), the y axis labelled with `units`."""
     actions = np.asarray(actions, np.float32)
     if actions.ndim != 2 or actions.shape[0] < 1 or actions.shape[1] < 1:
         raise ValueError(f"actions must be [steps, channels], got shape {actions.shape}")
+    if channel_names is not None and len(channel_names) != actions.shape[1]:
+        raise ValueError(f"{len(channel_names)} channel names for {actions.shape[1]} action channels")
     width, height = size
     left, right, top, bottom = 60, 130, 36, 40
     image = Image.new("RGB", size, "white")
@@ -126,6 +132,8 @@ def action_plot(actions: np.ndarray, title: str, size: tuple[int, int] = (800, 4
         if steps <= 20 or step % max(steps // 10, 1) == 0:
             draw.text((x - 4, top + plot_h + 8), str(step), fill="black")
     draw.text((left + plot_w // 2 - 20, height - 16), "step", fill="black")
+    if units is not None:
+        draw.text((4, top - 14), units, fill="black")
     for channel in range(actions.shape[1]):
         color = _PLOT_COLORS[channel % len(_PLOT_COLORS)]
         points = [xy(step, float(actions[step, channel])) for step in range(steps)]
@@ -137,22 +145,35 @@ def action_plot(actions: np.ndarray, title: str, size: tuple[int, int] = (800, 4
         legend_y = top + 14 * channel
         if legend_y < top + plot_h:
             draw.line([width - right + 10, legend_y + 6, width - right + 30, legend_y + 6], fill=color, width=2)
-            draw.text((width - right + 36, legend_y), f"ch {channel}", fill="black")
+            label = f"ch {channel}" if channel_names is None else str(channel_names[channel])[:14]
+            draw.text((width - right + 36, legend_y), label, fill="black")
     return image
 
 
-def write_action_plot(path: str | os.PathLike, actions: np.ndarray, title: str) -> None:
+def write_action_plot(path: str | os.PathLike, actions: np.ndarray, title: str,
+                      channel_names: Sequence[str] | None = None, units: str | None = None) -> None:
     with atomic_path(path) as tmp:
-        action_plot(actions, title).save(tmp, format="PNG")
+        action_plot(actions, title, channel_names=channel_names, units=units).save(tmp, format="PNG")
 
 
-def write_actions(stem: str, actions: np.ndarray, *, domain: str | None, mode: str) -> list[str]:
-    """`{stem}.actions.npy`, `.json` ({"mode", "domain", "actions": [[...]]}) and `.png` (plot). Returns paths."""
+def write_actions(stem: str, actions: np.ndarray, *, domain: str | None, mode: str,
+                  normalizer: Any = None) -> list[str]:
+    """`{stem}.actions.npy`, `.json` ({"mode", "domain", "space", "actions": [[...]]}) and `.png` (plot, channels
+    named from the embodiment registry). With `normalizer` (a `datasets.normalization.ActionNormalizer`) the
+    model-space actions are written in raw units ("space": "raw"), else as they are ("space": "model").
+    Returns paths."""
+    space = "model" if normalizer is None else "raw"
+    if normalizer is not None:
+        actions = normalizer.to_raw(actions).astype(np.float32)
+    entry = EMBODIMENTS.get(domain or "")
+    names = entry.channels if entry is not None and entry.raw_action_dim == np.shape(actions)[-1] else None
     paths = [f"{stem}.actions.npy", f"{stem}.actions.json", f"{stem}.actions.png"]
     write_npy(paths[0], actions)
-    write_json(paths[1], {"mode": mode, "domain": domain, "shape": list(actions.shape),
+    write_json(paths[1], {"mode": mode, "domain": domain, "space": space, "shape": list(actions.shape),
+                          "channels": None if names is None else list(names),
                           "actions": np.asarray(actions, np.float64).round(6).tolist()})
-    write_action_plot(paths[2], actions, f"{mode} actions ({domain}), model-normalised space")
+    units = "raw units" if normalizer is not None else "model-normalised space"
+    write_action_plot(paths[2], actions, f"{mode} actions ({domain}), {units}", channel_names=names, units=units)
     return paths
 
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from cosmos_jax import sharding as sharding_lib
 from cosmos_jax.config import Cosmos3Config, load_preset
+from cosmos_jax.datasets.normalization import copy_stats_file
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.training import data as data_lib
 from cosmos_jax.training.checkpoint import TrainCheckpointer, with_shardings
@@ -107,6 +108,7 @@ def train(
     param_shardings = sharding_lib.param_shardings(abstract.params, mesh, rules)
     shardings = state_shardings(abstract, param_shardings, optimizer, mesh)
     checkpointer = TrainCheckpointer(os.path.join(run.out, "checkpoints"), keep=run.keep)
+    copy_stats_file(run.data, run.out)  # the action stats travel with the fine-tuned checkpoints
     if checkpointer.latest_step is not None:
         state, extra = checkpointer.restore(with_shardings(abstract, shardings))
         data_lib.restore_iterator(iterator, extra["data_iterator"])
