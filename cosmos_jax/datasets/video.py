@@ -61,6 +61,8 @@ def encode_mp4(path: str | os.PathLike[str], frames: np.ndarray, fps: float, enc
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be [N >= 1, H, W, 3] uint8, got {frames.shape} {frames.dtype}")
     height, width = frames.shape[1:3]
+    if encoding.codec == "libsvtav1":
+        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole configuration per file at its default level
     if encoding.pix_fmt == "yuv420p" and (height % 2 or width % 2):
         raise ValueError(f"yuv420p needs an even frame size, got {height}x{width}")
     with av.open(os.fspath(path), "w", format="mp4") as container:
