@@ -197,6 +197,16 @@ def test_writer_rejects_bad_episodes_and_leaves_nothing(tmp_path):
 # ------------------------------------------------------------------------------------------- fixtures by hand
 
 
+def _numpy_stats(values: np.ndarray, image: bool = False) -> dict[str, list]:
+    """lerobot's stats keys for one episode's column, computed with numpy (cameras: per channel in [0, 1])."""
+    rows = values.reshape(-1, 3).astype(np.float64) / 255 if image else values.reshape(len(values), -1)
+    stats = {"min": rows.min(0), "max": rows.max(0), "mean": rows.mean(0), "std": rows.std(0)}
+    stats |= {f"q{round(q * 100):02d}": np.quantile(rows, q, 0) for q in (0.01, 0.10, 0.50, 0.90, 0.99)}
+    out = {k: (v.reshape(3, 1, 1) if image else v).tolist() for k, v in stats.items()}
+    return {**{k: out[k] for k in ("min", "max", "mean", "std")}, "count": [len(values)],
+            **{k: v for k, v in out.items() if k.startswith("q")}}
+
+
 def _lerobot_fixture(root: Path) -> dict[int, dict[str, np.ndarray]]:
     """Two episodes (5 and 8 frames) in one data file and one mp4 per camera, as lerobot 0.6.1 writes them."""
     lengths, fps = (5, 8), 15
@@ -234,15 +244,22 @@ def _lerobot_fixture(root: Path) -> dict[int, dict[str, np.ndarray]]:
         spans.append(appender.append(root / f"ep{i}.mp4", lengths[i]))
         (root / f"ep{i}.mp4").unlink()
     appender.close()
-    pq.write_table(pa.Table.from_pydict({
+    columns = {
         "episode_index": [0, 1], "tasks": [["stack the cubes"]] * 2, "length": list(lengths),
         "data/chunk_index": [0, 0], "data/file_index": [0, 0], "dataset_from_index": [0, 5],
         "dataset_to_index": [5, 13], "videos/cam/chunk_index": [0, 0], "videos/cam/file_index": [0, 0],
-        "videos/cam/from_timestamp": [s for s, _ in spans], "videos/cam/to_timestamp": [e for _, e in spans],
-        "stats/action/min": [episodes[i]["action"].min(0).tolist() for i in episodes],
-        "stats/action/count": [[n] for n in lengths],
-        "meta/episodes/chunk_index": [0, 0], "meta/episodes/file_index": [0, 0]}),
-        root / "meta/episodes/chunk-000/file-000.parquet")
+        "videos/cam/from_timestamp": [s for s, _ in spans], "videos/cam/to_timestamp": [e for _, e in spans]}
+    per_episode = {
+        i: {"action": _numpy_stats(episodes[i]["action"]), "cam": _numpy_stats(episodes[i]["cam"], image=True),
+            "timestamp": _numpy_stats(np.arange(n) / fps), "frame_index": _numpy_stats(np.arange(n)),
+            "episode_index": _numpy_stats(np.full(n, i)), "index": _numpy_stats(np.arange(n) + 5 * i),
+            "task_index": _numpy_stats(np.zeros(n))} for i, n in enumerate(lengths)}
+    for key in per_episode[0]:
+        for name in per_episode[0][key]:
+            columns[f"stats/{key}/{name}"] = [per_episode[i][key][name] for i in episodes]
+    columns |= {"meta/episodes/chunk_index": [0, 0], "meta/episodes/file_index": [0, 0]}
+    pq.write_table(pa.Table.from_pydict(columns), root / "meta/episodes/chunk-000/file-000.parquet")
+    (root / "meta/stats.json").write_text(json.dumps({"action": _numpy_stats(actions)}, indent=4))
     return episodes
 
 
@@ -252,7 +269,10 @@ def test_reads_a_fixture_laid_out_as_lerobot_writes_it(tmp_path):
     assert isinstance(dataset, LeRobotV3) and dataset.fps == 15.0 and dataset.video_keys == ["cam"]
     assert [(e.index, e.length, e.tasks) for e in dataset.episodes] == [(0, 5, ("stack the cubes",)),
                                                                          (1, 8, ("stack the cubes",))]
-    assert dataset.tasks == {0: "stack the cubes"} and dataset.stats is None
+    assert dataset.tasks == {0: "stack the cubes"}
+    np.testing.assert_array_equal(dataset.stats["action"]["q50"],
+                                  np.quantile(np.concatenate([e["action"] for e in episodes.values()]), 0.5, 0))
+    assert dataset.rows[1]["stats/cam/mean"][0][0][0] == pytest.approx(episodes[1]["cam"][..., 0].mean() / 255)
     for episode in dataset.episodes:
         table = dataset.read_table(episode, "action")
         np.testing.assert_array_equal(table.actions, episodes[episode.index]["action"])
@@ -409,3 +429,25 @@ def test_stats_travel_and_generated_actions_are_written_in_raw_units(tmp_path):
     assert Image.open(raw_paths[2]).size == (800, 480)
     with pytest.raises(ValueError, match="2 channel names for 10 action channels"):
         media.action_plot(model, "t", channel_names=["a", "b"])
+
+
+def test_generated_actions_say_their_space_in_info_json(tmp_path):
+    from cosmos_jax.datasets.normalization import action_feature, dataset_actions
+
+    model = np.random.default_rng(2).uniform(-1, 1, (6, 2)).astype(np.float32)
+    normalizer = normalizer_from_stats("pusht", {"q01": np.array([0.0, 10.0]), "q99": np.array([512.0, 500.0]),
+                                                 "mean": np.array([256.0, 255.0]), "std": np.array([100.0, 90.0])})
+    for name, stats in (("model", None), ("raw", normalizer)):
+        root = tmp_path / name
+        with LeRobotWriter(root, fps=FPS, features={"action": action_feature("pusht", stats)}) as writer:
+            writer.add_episode(task="push", columns={"action": dataset_actions(model, stats)})
+        feature = json.loads((root / "meta/info.json").read_text())["features"]["action"]
+        assert feature["names"] == ["x", "y"]
+        assert feature["info"] == {"space": name, "kind": "target", "embodiment": "pusht", "domain_id": 4}
+        dataset = open_lerobot(root)
+        stored = dataset.read_table(dataset.episodes[0], "action").actions
+        want = model if stats is None else (normalizer.to_raw(model)).astype(np.float32)
+        np.testing.assert_array_equal(stored, want)
+    assert np.abs(want).max() > 50  # raw pusht units (pixels), not the model's [-1, 1]
+    with pytest.raises(ValueError, match="'libero' has no fixed action width"):
+        action_feature("libero", None)

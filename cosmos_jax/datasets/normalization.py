@@ -24,6 +24,7 @@ import numpy as np
 
 from cosmos_jax.datasets.embodiments import ACTION_KINDS, embodiment
 from cosmos_jax.datasets.lerobot_stats import Stats
+from cosmos_jax.datasets.lerobot_writer import vector_feature
 
 STATS_FILE = "action_stats.json"
 STATS_FORMAT = "cosmos-jax action stats"
@@ -118,6 +119,26 @@ def write_normalizer(path: str | os.PathLike[str], normalizer: ActionNormalizer)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(normalizer.to_json(), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def action_feature(domain: str, normalizer: ActionNormalizer | None) -> dict[str, Any]:
+    """The LeRobot feature for generated actions of `domain`: [A] float32 named by the registry, its `info`
+    saying the space the rows are in ("raw" when written through `normalizer`, else "model"), the kind and
+    the domain."""
+    entry = embodiment(domain)
+    if entry.channels is None:
+        raise ValueError(f"domain {domain!r} has no fixed action width, so its actions cannot be stored")
+    if normalizer is not None:
+        check_stats(domain, normalizer.mode, normalizer.kind, normalizer.stats, source=f"{domain} action stats")
+    info = {"space": "model" if normalizer is None else "raw", "kind": entry.kind if normalizer is None
+            else normalizer.kind, "embodiment": domain, "domain_id": entry.domain_id}
+    return vector_feature(entry.channels, info=info)
+
+
+def dataset_actions(model_actions: np.ndarray, normalizer: ActionNormalizer | None) -> np.ndarray:
+    """[N, A] float32 rows to store: raw units through `normalizer`, else the model-space values unchanged."""
+    actions = np.asarray(model_actions)
+    return (actions if normalizer is None else normalizer.to_raw(actions)).astype(np.float32)
 
 
 def copy_stats_file(src_dir: str | os.PathLike[str], dst_dir: str | os.PathLike[str]) -> Path | None:
