@@ -250,8 +250,8 @@ def episode_clips(source: Source, episode: Episode, config: PrepareConfig, video
     keep = sorted({int(i) for clip in indices for i in clip})
     clips = []
     for key in video_keys:
-        decoded = source.read_frames(episode, key, table.rows)
-        frames = {i: fit_frame(decoded[i][..., :3], config.height, config.width) for i in keep}
+        decoded = source.read_frames(episode, key, table.rows, keep=keep)
+        frames = {i: fit_frame(frame, config.height, config.width) for i, frame in zip(keep, decoded)}
         suffix = "" if len(video_keys) == 1 and not config.all_cameras else f"_{key}"
         for number, clip in enumerate(indices):
             text = _caption(episode, table, int(clip[0]), source.tasks, source.tasks_source)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cosmos_jax.datasets.lerobot_episode import BadEpisode, Episode, EpisodeTable, column_array, pyarrow_parquet
-from cosmos_jax.datasets.video import decode_all
+from cosmos_jax.datasets.video import decode_some
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,16 +195,19 @@ class LeRobotV2:
     def read_table(self, episode: Episode, action_key: str | None) -> EpisodeTable:
         return read_episode_table(self.info, episode.index, action_key)
 
-    def read_frames(self, episode: Episode, video_key: str, rows: int) -> np.ndarray:
-        """[rows, H, W, 3] uint8: the episode's mp4; BadEpisode when missing, unreadable or of another length."""
+    def read_frames(self, episode: Episode, video_key: str, rows: int, keep: Sequence[int] | None = None
+                    ) -> np.ndarray:
+        """[len(keep), H, W, 3] uint8: frames `keep` (default: all) of the episode's mp4; BadEpisode when it is
+        missing, unreadable or not `rows` frames long."""
         path = self.info.video_file(episode.index, video_key)
         if not path.is_file():
             raise BadEpisode(episode.index, f"video file {path} is missing")
+        keep = list(range(rows)) if keep is None else list(keep)
         try:
-            frames = decode_all(path)
+            frames, count = decode_some(path, keep)
         except (OSError, ValueError) as e:
             raise BadEpisode(episode.index, f"cannot decode {path}: {e}") from None
-        if frames.shape[0] != rows:
-            raise BadEpisode(episode.index, f"video {video_key!r} has {frames.shape[0]} frames, the parquet has "
-                                            f"{rows} rows ({path})")
-        return frames
+        if count != rows:
+            raise BadEpisode(episode.index, f"video {video_key!r} has {count} frames, the parquet has {rows} rows "
+                                            f"({path})")
+        return np.stack([frames[i] for i in keep])

@@ -14,6 +14,7 @@ that lacks frames inside the episode's timestamps.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,25 @@ def _read_parquet(path: Path) -> Any:
         raise ValueError(f"{path} is missing") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def _episode_rows(table: Any, episode: int) -> Any:
+    """The rows of `table` whose episode_index is `episode`, in file order."""
+    mask = np.asarray(table.column("episode_index").to_numpy()) == episode
+    return table.filter(mask)
+
+
+def _read_episode_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of one episodes file without their stats/ columns (as lerobot loads them)."""
+    try:
+        names = pyarrow_parquet().read_schema(path).names
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    try:
+        table = pyarrow_parquet().read_table(path, columns=[n for n in names if not n.startswith("stats/")])
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+    return table.to_pylist()
 
 
 def read_tasks_parquet(path: Path) -> dict[int, str]:
@@ -97,7 +117,7 @@ class LeRobotV3:
             raise ValueError(f"{self.root / layout.EPISODES_DIR} holds no chunk-XXX/file-XXX.parquet")
         episodes, position = [], 0
         for path in paths:
-            for row in _read_parquet(path).to_pylist():
+            for row in _read_episode_rows(path):
                 try:
                     episode = Episode(int(row["episode_index"]), int(row["length"]), tuple(row.get("tasks") or ()))
                 except (KeyError, TypeError, ValueError) as e:
@@ -170,10 +190,8 @@ class LeRobotV3:
 
     def read_table(self, episode: Episode, action_key: str | None) -> EpisodeTable:
         """One episode's rows, checked; raises BadEpisode naming the file."""
-        import pyarrow.compute as pc
-
         path, table = self._data_table(episode.index)
-        rows = table.filter(pc.equal(table.column("episode_index"), episode.index))
+        rows = _episode_rows(table, episode.index)
         start = int(self._row_field(episode.index, "dataset_from_index"))
         stop = int(self._row_field(episode.index, "dataset_to_index"))
         if rows.num_rows != episode.length or stop - start != episode.length:
@@ -189,14 +207,16 @@ class LeRobotV3:
             actions = column_array(rows, action_key, self.feature_width(action_key), episode.index, path)
         return EpisodeTable(actions, np.asarray(rows.column("task_index").to_numpy(), np.int64), rows.num_rows)
 
-    def read_frames(self, episode: Episode, video_key: str, rows: int) -> np.ndarray:
-        """[rows, H, W, 3] uint8 at the episode's timestamps in its camera file; BadEpisode naming the file."""
+    def read_frames(self, episode: Episode, video_key: str, rows: int, keep: Sequence[int] | None = None
+                    ) -> np.ndarray:
+        """[len(keep), H, W, 3] uint8: frames `keep` (default: all `rows`) at the episode's timestamps in its
+        camera file; BadEpisode naming the file when any of the `rows` timestamps has no frame."""
         path = self.video_file(episode.index, video_key)
         if not path.is_file():
             raise BadEpisode(episode.index, f"video file {path} is missing")
         start = float(self._row_field(episode.index, f"videos/{video_key}/from_timestamp"))
         try:
-            return decode_frames(path, start, rows, self.fps)
+            return decode_frames(path, start, rows, self.fps, keep=keep)
         except (OSError, ValueError) as e:
             raise BadEpisode(episode.index, str(e)) from None
 
@@ -206,9 +226,7 @@ class LeRobotV3:
     def episode_columns(self, episode: Episode, keys: list[str]) -> dict[str, np.ndarray]:
         """{key: [N, A] in the feature's dtype} of one episode's declared data columns."""
         _, table = self._data_table(episode.index)
-        import pyarrow.compute as pc
-
-        rows = table.filter(pc.equal(table.column("episode_index"), episode.index))
+        rows = _episode_rows(table, episode.index)
         out = {}
         for key in keys:
             dtype = np.dtype(self.features.get(key, layout.FRAME_FEATURES.get(key, {})).get("dtype", "float64"))

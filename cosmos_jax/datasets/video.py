@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -131,14 +132,17 @@ class Mp4Appender:
 
 
 def decode_frames(path: str | os.PathLike[str], start_s: float, count: int, fps: float,
-                  tolerance_s: float = 1e-4) -> np.ndarray:
-    """[count, H, W, 3] uint8: the frames at `start_s + i / fps`, i = 0 .. count-1, of an mp4.
+                  tolerance_s: float = 1e-4, keep: Sequence[int] | None = None) -> np.ndarray:
+    """[len(keep), H, W, 3] uint8: the frames at `start_s + i / fps` for i in `keep` (default: 0 .. count-1).
 
-    Seeks to the key frame at or before `start_s` and decodes forward; ValueError naming the file and the
-    frame numbers missing when the file ends (or its timestamps stop matching within `tolerance_s`) first.
+    Seeks to the key frame at or before `start_s` and decodes forward through all `count` frames (only those
+    in `keep` are converted to RGB); ValueError naming the file and the frame numbers missing when the file
+    ends (or its timestamps stop matching within `tolerance_s`) first.
     """
     av = _av()
+    wanted = set(range(count) if keep is None else keep)
     frames: dict[int, np.ndarray] = {}
+    seen: set[int] = set()
     try:
         with av.open(os.fspath(path)) as container:
             stream = container.streams.video[0]
@@ -153,15 +157,33 @@ def decode_frames(path: str | os.PathLike[str], start_s: float, count: int, fps:
                 if number >= count:
                     break
                 if number >= 0 and abs(offset - number) <= tolerance_s * fps:
-                    frames[number] = frame.to_ndarray(format="rgb24")
+                    seen.add(number)
+                    if number in wanted:
+                        frames[number] = frame.to_ndarray(format="rgb24")
     except av.error.FFmpegError as e:
         raise ValueError(f"{path}: cannot decode ({e})") from None
-    missing = [i for i in range(count) if i not in frames]
+    missing = [i for i in range(count) if i not in seen]
     if missing:
         raise ValueError(f"{path}: no frame at {len(missing)} of the {count} timestamps from {start_s:.4f} s at "
                          f"{fps:g} fps (frames {missing[:4]}{' ...' if len(missing) > 4 else ''}): the video is "
                          "shorter than the episode")
-    return np.stack([frames[i] for i in range(count)])
+    return np.stack([frames[i] for i in (range(count) if keep is None else keep)])
+
+
+def decode_some(path: str | os.PathLike[str], keep: Sequence[int]) -> tuple[dict[int, np.ndarray], int]:
+    """({frame number: [H, W, 3] uint8} for the frames in `keep`, the file's frame count), decoding it all."""
+    av = _av()
+    wanted, frames, count = set(keep), {}, 0
+    try:
+        with av.open(os.fspath(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for count, frame in enumerate(container.decode(stream), 1):
+                if count - 1 in wanted:
+                    frames[count - 1] = frame.to_ndarray(format="rgb24")
+    except av.error.FFmpegError as e:
+        raise ValueError(f"{path}: cannot decode ({e})") from None
+    return frames, count
 
 
 def decode_all(path: str | os.PathLike[str]) -> np.ndarray:
