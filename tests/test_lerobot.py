@@ -530,3 +530,13 @@ def test_prepare_v3_bad_input_names_file_and_episode(tmp_path, v3_dir, vae, toke
     assert episode in [i for i, _ in report.bad_episodes] and report.samples > 0
     assert all(f"ep{i:06d}" not in p.name for i, _ in report.bad_episodes
                for p in (out / "prepared" / "samples").iterdir())
+
+
+def test_cli_reports_a_dataset_error_in_one_line(tmp_path, v3_dir, model_dir, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(v3_dir, src)
+    (src / "meta/tasks.parquet").unlink()
+    code = cli.main(["prepare", "lerobot", str(src), str(tmp_path / "out"), "--model", str(model_dir), "--frames",
+                     str(FRAMES), "--size", f"{SIZE}x{SIZE}", "--domain", "pusht", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "meta/tasks.parquet is missing" in err and not (tmp_path / "out").exists()

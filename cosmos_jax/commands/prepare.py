@@ -126,9 +126,9 @@ def run(args: argparse.Namespace) -> int:
                            stride=args.stride, fps=args.fps, action_key=None if args.no_actions else args.action_key,
                            domain=args.domain or 0, batch_size=args.batch, skip_bad=args.skip_bad,
                            all_cameras=args.all_cameras, action_kind=kind)
-    fps = args.fps or open_lerobot(args.src).fps
     cfg = model.transformer_config
     try:
+        fps = args.fps or open_lerobot(args.src).fps
         report = prepare_lerobot(
             args.src, args.dst, model.vae_config, model.vae_params, _tokenizer(args, model.tokenizer_dir, fps), config,
             latent_patch_size=cfg.latent_patch_size, action_dim=cfg.action_dim if cfg.action_gen else 0,
@@ -138,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
     except BadEpisode as e:
         print(f"{e} (pass --skip-bad to skip such episodes)", file=sys.stderr)
         return 1
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({"dst": args.dst, "samples": report.samples, "episodes": report.episodes,
                       "bad_episodes": [{"episode": i, "reason": r} for i, r in report.bad_episodes],
                       "short_episodes": report.short_episodes, "max_caption_len": report.max_caption_len,

@@ -110,7 +110,7 @@ class Mp4Appender:
             stream_in = source.streams.video[0]
             if self._container is None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._container = av.open(os.fspath(self.path), "w", format="mp4")
+                self._container = av.open(os.fspath(self.path), "w", format="mp4", options={"movflags": "faststart"})
                 self._stream = self._container.add_stream_from_template(stream_in, opaque=True)
                 self._stream.time_base = stream_in.time_base
             shift = round(start / stream_in.time_base)
