@@ -455,3 +455,13 @@ def test_generated_actions_say_their_space_in_info_json(tmp_path):
     assert np.abs(want).max() > 50  # raw pusht units (pixels), not the model's [-1, 1]
     with pytest.raises(ValueError, match="'libero' has no fixed action width"):
         action_feature("libero", None)
+
+
+def test_episode_rows_out_of_order_are_refused(tmp_path):
+    _lerobot_fixture(tmp_path)
+    path = tmp_path / "meta/episodes/chunk-000/file-000.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.take([1, 0]), path)
+    with pytest.raises(ValueError, match="file-000.parquet row 1: episode 0 after episode 1: episode rows must be in "
+                                         "episode order"):
+        open_lerobot(tmp_path)

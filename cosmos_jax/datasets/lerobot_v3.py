@@ -1,10 +1,11 @@
 """Read LeRobot v3.0 datasets (the layout of lerobot 0.6.1, described in `lerobot_layout`).
 
-Checked on opening (ValueError naming the file): info.json's required fields and its path templates; the
-episode rows, which must hold episode_index 0..N-1 in order (lerobot finds episode e at row e, so a gap or a
-reordering would make it read the wrong episode silently: here each missing index is recorded in `problems`
-and the episodes present are read by their own row); the task strings, which lerobot keeps as the pandas
-index of meta/tasks.parquet (a table whose index was dropped would give lerobot no task text).
+Checked on opening (ValueError naming the file): info.json's required fields; the episode rows, which must
+hold episode_index 0..N-1 in order (lerobot finds episode e at row e, so a gap or a reordering makes it read
+the wrong episode silently): rows out of order are an error, and each index missing from the sequence is
+recorded in `problems` (the episodes present are read through their own rows); the task strings, which
+lerobot keeps as the pandas index of meta/tasks.parquet (a table without them is an error; a plain "task"
+column is read too, although lerobot would take the row numbers for the task text).
 Checked per episode (BadEpisode naming the episode and the file): a data file that cannot be read, whose
 columns differ from the declared features (lerobot refuses a file with an undeclared column), whose rows
 for the episode are not its dataset_from_index .. dataset_to_index with frame_index 0..N-1; a camera file
@@ -13,6 +14,7 @@ that lacks frames inside the episode's timestamps.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,8 +67,6 @@ def read_tasks_parquet(path: Path) -> dict[int, str]:
     key = "task" if "task" in names else None
     metadata = (table.schema.metadata or {}).get(b"pandas")
     if key is None and metadata is not None:
-        import json
-
         index = [c for c in json.loads(metadata).get("index_columns", []) if isinstance(c, str)]
         key = index[0] if index else None
     if key is None or "task_index" not in names:
@@ -95,6 +95,8 @@ class LeRobotV3:
         if not isinstance(fps, (int, float)) or fps <= 0:
             raise ValueError(f"{info_path}: fps must be a positive number, got {fps!r}")
         self.fps = float(fps)
+        if not isinstance(self.raw_info["features"], dict) or not isinstance(self.raw_info["total_episodes"], int):
+            raise ValueError(f"{info_path}: features must be an object and total_episodes an integer")
         self.features: dict[str, Any] = dict(self.raw_info["features"])
         self.video_keys = [k for k, v in self.features.items() if isinstance(v, dict) and v.get("dtype") == "video"]
         self.data_keys = [k for k, v in self.features.items() if isinstance(v, dict) and v.get("dtype") != "video"]
@@ -117,14 +119,14 @@ class LeRobotV3:
             raise ValueError(f"{self.root / layout.EPISODES_DIR} holds no chunk-XXX/file-XXX.parquet")
         episodes, position = [], 0
         for path in paths:
-            for row in _read_episode_rows(path):
+            for number, row in enumerate(_read_episode_rows(path)):
                 try:
                     episode = Episode(int(row["episode_index"]), int(row["length"]), tuple(row.get("tasks") or ()))
                 except (KeyError, TypeError, ValueError) as e:
                     raise ValueError(f"{path}: an episode row needs integer episode_index and length ({e})") from None
                 if episode.index < position:
-                    raise ValueError(f"{path}: episode {episode.index} at row {position}: episode rows must be in "
-                                     "episode order (lerobot finds episode e at row e)")
+                    raise ValueError(f"{path} row {number}: episode {episode.index} after episode {position - 1}: "
+                                     "episode rows must be in episode order (lerobot finds episode e at row e)")
                 for gap in range(position, episode.index):
                     self.problems.append((gap, f"{path}: episode {gap} is missing from the episode rows (the next "
                                                f"row is episode {episode.index}; lerobot finds episode e at row e)"))
