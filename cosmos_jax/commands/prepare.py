@@ -1,10 +1,9 @@
 """`cosmos-jax prepare lerobot SRC DST --model MODEL_DIR`: a LeRobot v3.0 or v2.x dataset -> cosmos-jax training data.
 
 Clips of --frames (1+4k) frames are cut from every episode of camera --video-key (or of every camera, each as
-its own clips, with --all-cameras), resized to cover --size and
-centre-cropped, encoded with the model folder's Wan VAE (normalised latents), captioned with the episode's task
-text through the folder's text tokenizer, and written with their action rows and the --domain embodiment id in
-the format `cosmos-jax train --data` reads (cosmos_jax/training/data.py), with `action_stats.json` (the
+its own clips, with --all-cameras), resized to cover --size and centre-cropped, encoded with the model folder's
+Wan VAE (normalised latents), captioned with the episode's task text through the folder's text tokenizer, and
+written with their action rows and the --domain embodiment id in the format `cosmos-jax train --data` reads (cosmos_jax/training/data.py), with `action_stats.json` (the
 per-channel stats of the actions written, in raw units) beside them. Delta actions (--action-kind delta, the
 registry's default for relative-pose domains) are summed over the frames that resampling skips. Needs pyarrow
 (`pip install 'cosmos-jax[lerobot]'`).
