@@ -55,6 +55,7 @@ from cosmos_jax.datasets.lerobot_prepare import (
 from cosmos_jax.datasets.lerobot_v2 import read_info
 from cosmos_jax.datasets.lerobot_v3 import LeRobotV3
 from cosmos_jax.datasets.lerobot_writer import LeRobotWriter, vector_feature, video_feature
+from cosmos_jax.datasets.normalization import read_normalizer
 from cosmos_jax.datasets.video import VideoEncoding, decode_all, encode_mp4
 
 FPS = 10
@@ -546,3 +547,28 @@ def test_cli_reports_a_dataset_error_in_one_line(tmp_path, v3_dir, model_dir, ca
                      str(FRAMES), "--size", f"{SIZE}x{SIZE}", "--domain", "pusht", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "meta/tasks.parquet is missing" in err and not (tmp_path / "out").exists()
+
+
+def test_loader_maps_actions_to_model_space_with_the_stats_file(tmp_path, prepared):
+    """The prepared folder holds raw actions and action_stats.json; the loader feeds the model
+    (raw − (q99 + q01)/2) / ((q99 − q01)/2)."""
+    dst, _ = prepared
+    stats = json.loads((dst / "action_stats.json").read_text())["stats"]
+    low, high = np.asarray(stats["q01"]), np.asarray(stats["q99"])
+    meta = data_lib.read_meta(str(dst))
+    entry = data_lib.read_index(str(dst))[0]
+    record = {"id": entry["id"], "path": str(dst / entry["file"])}
+    with np.load(dst / entry["file"]) as z:
+        raw = z["actions"]
+    normalizer = read_normalizer(dst / "action_stats.json")
+    sample = data_lib.load_sample(record, meta, load_preset("tiny"), 16, normalizer)
+    np.testing.assert_allclose(sample["actions"], (raw - (high + low) / 2) / ((high - low) / 2), rtol=1e-6, atol=1e-6)
+    assert np.abs(normalizer.to_raw(sample["actions"]) - raw).max() < 1e-6
+    copy = tmp_path / "copy"
+    shutil.copytree(dst, copy)
+    (copy / "action_stats.json").write_text(json.dumps({**json.loads((dst / "action_stats.json").read_text()),
+                                                        "domain": "bridge_orig_lerobot"}))
+    with pytest.raises(ValueError, match="action_stats.json: stat 'min' has shape \\[2\\], domain "
+                                         "'bridge_orig_lerobot' has 10"):
+        data_lib.make_loader(str(copy), load_preset("tiny"), data_lib.PipelineConfig(batch_size=2, max_text_len=16),
+                             shard=data_lib.grain.NoSharding())

@@ -12,6 +12,8 @@ On-disk format (a directory; no pickle anywhere, arrays are read with `np.load(a
                   caption_ids int   [L], 1 <= L <= max_text_len (tokenized caption)
                   actions     float [N, A]        (only when meta has actions)
                   domain      int   []            embodiment domain id (only when meta has actions)
+    action_stats.json  (optional) per-channel stats of the raw actions (`cosmos_jax.datasets.normalization`):
+                  when present the actions are mapped to the model's space as they are loaded
 
 Each sample is given a conditioning *task* drawn per sample from `task_weights` (seeded, so replayable):
   with actions: 'joint' (video and actions generated), 'forward' (frame 0 and actions given, video generated),
@@ -36,6 +38,7 @@ import grain.python as grain
 import numpy as np
 
 from cosmos_jax.config import Cosmos3Config
+from cosmos_jax.datasets.normalization import STATS_FILE, ActionNormalizer, read_normalizer
 from cosmos_jax.modeling.inputs import GeneratorInputs, TextInputs
 from cosmos_jax.packing import layout_sequence
 from cosmos_jax.training.losses import TrainBatch
@@ -165,8 +168,10 @@ class PipelineConfig:
     worker_count: int = 0
 
 
-def load_sample(record: dict[str, str], meta: DatasetMeta, model: Cosmos3Config, max_text_len: int) -> dict[str, Any]:
-    """Read and validate one sample; raises BadSample naming its id."""
+def load_sample(record: dict[str, str], meta: DatasetMeta, model: Cosmos3Config, max_text_len: int,
+                normalizer: ActionNormalizer | None = None) -> dict[str, Any]:
+    """Read and validate one sample (actions mapped raw -> model space by `normalizer`, when given); raises
+    BadSample naming its id."""
     sid = record["id"]
     try:
         with np.load(record["path"], allow_pickle=False) as z:
@@ -196,6 +201,8 @@ def load_sample(record: dict[str, str], meta: DatasetMeta, model: Cosmos3Config,
                                  "(wrong action width or chunk)")
         if domain is None or domain.shape != () or not 0 <= int(domain) < model.num_embodiment_domains:
             raise BadSample(sid, f"embodiment domain must be an int in [0, {model.num_embodiment_domains})")
+        if normalizer is not None:
+            actions = normalizer.to_model(actions)
         sample.update(actions=actions.astype(np.float32), domain=np.int32(domain))
     return sample
 
@@ -204,8 +211,8 @@ class LoadSample(grain.MapTransform):
     """record -> validated sample, or None (logged and counted) when skip_bad."""
 
     def __init__(self, meta: DatasetMeta, model: Cosmos3Config, max_text_len: int, skip_bad: bool,
-                 bad_log: BadSampleLog) -> None:
-        self._args = (meta, model, max_text_len)
+                 bad_log: BadSampleLog, normalizer: ActionNormalizer | None = None) -> None:
+        self._args = (meta, model, max_text_len, normalizer)
         self._skip_bad = skip_bad
         self._bad_log = bad_log
 
@@ -290,6 +297,12 @@ def make_loader(root: str, model: Cosmos3Config, config: PipelineConfig,
         raise ValueError(f"{root}: actions of width {meta.action_width} need a model with action_gen and "
                          f"action_dim >= {meta.action_width} (got action_gen={model.action_gen}, "
                          f"action_dim={model.action_dim})")
+    normalizer = None
+    if meta.has_actions and os.path.isfile(os.path.join(root, STATS_FILE)):
+        normalizer = read_normalizer(os.path.join(root, STATS_FILE))
+        if normalizer.width != meta.action_width:
+            raise ValueError(f"{os.path.join(root, STATS_FILE)}: stats for {normalizer.width} action channels, "
+                             f"the samples have {meta.action_width}")
     weights = dict(config.task_weights or default_task_weights(meta))
     allowed = ACTION_TASKS if meta.has_actions else VIDEO_TASKS
     if set(weights) - set(allowed) or not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
@@ -304,7 +317,7 @@ def make_loader(root: str, model: Cosmos3Config, config: PipelineConfig,
         seed=config.seed,
     )
     operations = [
-        LoadSample(meta, model, config.max_text_len, config.skip_bad, bad_log),
+        LoadSample(meta, model, config.max_text_len, config.skip_bad, bad_log, normalizer),
         DropBad(),
         PackSample(meta, model, config.max_text_len, weights),
         grain.Batch(config.batch_size, drop_remainder=True),
