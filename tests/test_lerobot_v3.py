@@ -465,3 +465,41 @@ def test_episode_rows_out_of_order_are_refused(tmp_path):
     with pytest.raises(ValueError, match="file-000.parquet row 1: episode 0 after episode 1: episode rows must be in "
                                          "episode order"):
         open_lerobot(tmp_path)
+
+
+def test_generate_reads_and_writes_actions_in_raw_units_with_the_stats_file(tmp_path):
+    import argparse
+    import types
+
+    from cosmos_jax.commands import generate
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    normalizer = normalizer_from_stats("pusht", {"q01": np.array([10.0, 20.0]), "q99": np.array([500.0, 480.0]),
+                                                 "mean": np.array([250.0, 240.0]), "std": np.array([90.0, 80.0])})
+    write_normalizer(model_dir / "action_stats.json", normalizer)
+    raw_in = np.array([[10.0, 20.0], [255.0, 250.0], [500.0, 480.0]], np.float32)
+    np.save(tmp_path / "in.npy", raw_in)
+    seen = {}
+
+    def pipeline(*args, **kwargs):
+        seen["actions"] = kwargs["actions"]
+        return types.SimpleNamespace(latents=np.zeros((1, 2)), sound_latents=None, mode="forward_dynamics",
+                                     actions=np.array([[-1.0, 1.0], [0.0, 0.0]], np.float32),
+                                     timings={"compile": 0.0, "denoise": 0.0, "decode": 0.0})
+
+    parser = argparse.ArgumentParser()
+    generate.add_parser(parser)
+    argv = ["--model", str(model_dir), "--prompt", "push", "--action-mode", "forward_dynamics", "--domain", "pusht",
+            "--actions", str(tmp_path / "in.npy"), "--output-type", "latent", "--output", str(tmp_path / "o.npy")]
+    generate.generate_and_write(pipeline, parser.parse_args(argv))
+    np.testing.assert_allclose(seen["actions"], [[-1, -1], [0, 0], [1, 1]], atol=1e-6)  # raw -> model space
+    np.testing.assert_allclose(np.load(tmp_path / "o.actions.npy"), [[10, 480], [255, 250]], atol=1e-4)
+    assert json.loads((tmp_path / "o.actions.json").read_text())["space"] == "raw"
+    (model_dir / "action_stats.json").unlink()
+    generate.generate_and_write(pipeline, parser.parse_args(argv))
+    np.testing.assert_array_equal(seen["actions"], raw_in)  # no stats: given and written as they are
+    assert json.loads((tmp_path / "o.actions.json").read_text())["space"] == "model"
+    with pytest.raises(ValueError, match="--action-stats applies to action modes"):
+        generate.generate_and_write(pipeline, parser.parse_args(
+            ["--model", str(model_dir), "--prompt", "x", "--action-stats", "s.json", "--output", "o.mp4"]))
