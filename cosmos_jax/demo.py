@@ -33,6 +33,7 @@ from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.modeling.wan_vae import WanVAEConfig, init_params
 from cosmos_jax.sampling import media
 from cosmos_jax.sampling.generate import Cosmos3Pipeline
+from cosmos_jax.sampling.request import GenerationRequest
 from cosmos_jax.sampling.scheduler import SchedulerConfig
 from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
 
@@ -161,14 +162,15 @@ def run_demo(out_dir: str | os.PathLike, checkpoint: str | os.PathLike | None = 
         "runs": [],
     }
 
-    t2v = pipeline("A robot arm picks up a red cube from the wooden table.", num_frames=9, height=64, width=64,
-                   fps=24.0, steps=steps, guidance=6.0, seed=SEED, progress=progress)
+    t2v = pipeline(GenerationRequest("A robot arm picks up a red cube from the wooden table.", num_frames=9,
+                                     height=64, width=64, fps=24.0, steps=steps, guidance=6.0, seed=SEED),
+                   progress=progress)
     files = media.write_video_outputs(str(out_dir / "text2video"), t2v.video, t2v.fps)
     report["runs"].append(_run_entry("text2video", t2v, files, num_frames=9, height=64, width=64, guidance=6.0))
 
-    policy = pipeline("Pick up the dark block.", image=demo_image(), action_mode="policy",
-                      domain="bridge_orig_lerobot", chunk=8, resolution_tier=256, steps=steps, guidance=1.0,
-                      seed=SEED, progress=progress)
+    policy = pipeline(GenerationRequest("Pick up the dark block.", image=demo_image(), action_mode="policy",
+                                        domain="bridge_orig_lerobot", chunk=8, resolution_tier=256, steps=steps,
+                                        guidance=1.0, seed=SEED), progress=progress)
     files = media.write_video_outputs(str(out_dir / "policy"), policy.video, policy.fps)
     files += media.write_actions(str(out_dir / "policy"), policy.actions, domain="bridge_orig_lerobot",
                                  mode="policy")

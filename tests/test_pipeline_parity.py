@@ -33,6 +33,7 @@ from cosmos_jax.modeling.audio_tokenizer import AudioTokenizer, AudioTokenizerCo
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.modeling.wan_vae import COSMOS3_LATENTS_MEAN, COSMOS3_LATENTS_STD, WanVAE, WanVAEConfig
 from cosmos_jax.sampling.generate import Cosmos3Pipeline
+from cosmos_jax.sampling.request import GenerationRequest
 from cosmos_jax.sampling.prompts import ChatTokenizer
 from cosmos_jax.sampling.scheduler import SchedulerConfig
 from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
@@ -230,7 +231,7 @@ def test_pipeline_matches_reference(reference, pipeline, name, case):
     vision0, sound0, action0 = ref["start"]
 
     if encode:  # the JAX pipeline's own conditioning (preprocessing + VAE encoding) gives the same clean frames
-        plan = pipeline.plan(PROMPT, **kwargs, guidance=guidance)
+        plan = pipeline.plan(GenerationRequest(PROMPT, **kwargs, guidance=guidance))
         own_vision, _, own_action = pipeline._starting_latents(plan, 0, None, None, None)
         assert own_vision.shape == vision0.shape and plan.clean_frames
         for frame in plan.clean_frames:
@@ -238,11 +239,10 @@ def test_pipeline_matches_reference(reference, pipeline, name, case):
         if plan.clean_action_rows:
             np.testing.assert_array_equal(own_action, action0)
 
-    result = pipeline(
+    result = pipeline(GenerationRequest(
         PROMPT, **kwargs, fps=24.0, steps=STEPS, guidance=guidance, init_noise=vision0,
         init_sound_noise=sound0, init_action_noise=action0, output_type="video" if decode else "latent",
-        progress=False,
-    )
+    ), progress=False)
     np.testing.assert_allclose(result.latents, ref["latents"], atol=ATOL, rtol=0)
     if decode:
         assert result.video.shape == ref["video"].shape
@@ -302,17 +302,20 @@ def test_bad_input_is_refused_before_compute(pipeline, monkeypatch, name):
     monkeypatch.setattr(pipeline, "_starting_latents", no_compute)
     monkeypatch.setattr(pipeline, "_executable", no_compute)
     with pytest.raises(error, match=message):
-        pipeline(PROMPT, steps=STEPS, progress=False, output_type=kwargs.pop("output_type", "latent"), **kwargs)
+        pipeline(GenerationRequest(PROMPT, steps=STEPS, output_type=kwargs.pop("output_type", "latent"), **kwargs),
+                 progress=False)
 
 
 def test_video_output_needs_a_vae(pipeline):
     bare = Cosmos3Pipeline(pipeline.model, pipeline.params, pipeline.tokenizer, pipeline.scheduler_config)
     with pytest.raises(ValueError, match="output_type='video' needs a VAE"):
-        bare(PROMPT, num_frames=9, height=32, width=32, steps=STEPS, output_type="video")
+        bare(GenerationRequest(PROMPT, num_frames=9, height=32, width=32, steps=STEPS, output_type="video"))
     with pytest.raises(ValueError, match="image2video needs the VAE"):
-        bare(PROMPT, num_frames=9, height=32, width=32, image=_image(32, 32, 0), steps=STEPS, output_type="latent")
+        bare(GenerationRequest(PROMPT, num_frames=9, height=32, width=32, image=_image(32, 32, 0), steps=STEPS,
+                               output_type="latent"))
     with pytest.raises(ValueError, match="enable_sound needs a sound tokenizer"):
-        bare(PROMPT, num_frames=9, height=32, width=32, steps=STEPS, enable_sound=True, output_type="latent")
+        bare(GenerationRequest(PROMPT, num_frames=9, height=32, width=32, steps=STEPS, enable_sound=True,
+                               output_type="latent"))
 
 
 def test_cli_refuses_bad_paths(tmp_path, capsys):
@@ -351,9 +354,9 @@ def test_cli_policy_writes_actions_like_the_pipeline(folder, pipeline, tmp_path)
                  "--init-action-noise", str(tmp_path / "action.npy"), "--output-type", "latent",
                  "--output", str(out), "--dtype", "float32", "--attention", "xla", "--no-progress"])
     assert code == 0
-    direct = pipeline(PROMPT, image=str(image), action_mode="policy", domain="av", chunk=8, resolution_tier=256,
-                      steps=STEPS, guidance=1.0, init_noise=noise["vision"], init_action_noise=noise["action"],
-                      output_type="latent", progress=False)
+    direct = pipeline(GenerationRequest(PROMPT, image=str(image), action_mode="policy", domain="av", chunk=8,
+                                        resolution_tier=256, steps=STEPS, guidance=1.0, init_noise=noise["vision"],
+                                        init_action_noise=noise["action"], output_type="latent"), progress=False)
     np.testing.assert_allclose(np.load(out), direct.latents, atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.load(tmp_path / "out" / "policy.actions.npy"), direct.actions, atol=1e-6, rtol=0)
     with open(tmp_path / "out" / "policy.actions.json") as f:

@@ -40,6 +40,7 @@ from transformers import AutoTokenizer
 
 from cosmos_jax.modeling.wan_vae import COSMOS3_LATENTS_MEAN, COSMOS3_LATENTS_STD
 from cosmos_jax.sampling.generate import Cosmos3Pipeline
+from cosmos_jax.sampling.request import GenerationRequest
 from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
@@ -111,14 +112,14 @@ def time_jax(pipeline: Cosmos3Pipeline, request: dict[str, Any], start: Any, ste
              repeats: int) -> tuple[float, float, float, np.ndarray]:
     """(compile seconds, seconds per step, end-to-end seconds, final latents) of the jitted pipeline."""
     vision, action = start
-    kwargs = dict(request["jax"], steps=steps, guidance=request["guidance"], init_noise=vision.numpy(),
-                  init_action_noise=None if action is None else action.numpy(), output_type="latent",
-                  progress=False)
-    first = pipeline(request["prompt"], **kwargs)
+    call = GenerationRequest(request["prompt"], **request["jax"], steps=steps, guidance=request["guidance"],
+                             init_noise=vision.numpy(), init_action_noise=None if action is None else action.numpy(),
+                             output_type="latent")
+    first = pipeline(call, progress=False)
     per_step, total = [], []
     for _ in range(repeats):
         start_time = time.perf_counter()
-        result = pipeline(request["prompt"], **kwargs)
+        result = pipeline(call, progress=False)
         total.append(time.perf_counter() - start_time)
         per_step.append(result.timings["denoise"] / steps)
     return first.timings["compile"], statistics.median(per_step), statistics.median(total), result.latents
@@ -163,7 +164,8 @@ def main() -> None:
         rows = []
         for name, request in requests.items():
             start = reference_start(reference, request)
-            tokens = len(cached.plan(request["prompt"], **request["jax"], guidance=request["guidance"]).cond_ids)
+            tokens = len(cached.plan(GenerationRequest(request["prompt"], **request["jax"],
+                                                          guidance=request["guidance"])).cond_ids)
             ref_step, ref_total, ref_latents = time_reference(reference, request, args.steps, args.repeats)
             variants = [("JAX (reasoner K/V cached)", cached)]
             if "policy" in name:

@@ -77,6 +77,7 @@ def generate_and_write(pipeline: Any, args: argparse.Namespace) -> list[str]:
     import numpy as np
 
     from cosmos_jax.sampling import media
+    from cosmos_jax.sampling.request import GenerationRequest
 
     from cosmos_jax.datasets.normalization import STATS_FILE, normalizer_for_domain
 
@@ -90,14 +91,15 @@ def generate_and_write(pipeline: Any, args: argparse.Namespace) -> list[str]:
     if actions is not None and normalizer is not None:
         actions = normalizer.to_model(actions).astype(np.float32)
     guidance = args.guidance if args.guidance is not None else (1.0 if args.action_mode else 6.0)
-    result = pipeline(
+    request = GenerationRequest(
         args.prompt, args.negative_prompt, image=args.image, video=args.video, action_mode=args.action_mode,
         domain=args.domain, actions=actions, chunk=args.chunk, resolution_tier=args.resolution_tier,
         view_point=args.view_point, condition_frames=tuple(args.condition_frames), num_frames=args.num_frames,
         height=args.height, width=args.width, fps=args.fps, steps=args.steps, guidance=guidance, seed=args.seed,
         enable_sound=args.sound, init_noise=args.init_noise, init_sound_noise=args.init_sound_noise,
-        init_action_noise=args.init_action_noise, output_type=args.output_type, progress=not args.no_progress,
+        init_action_noise=args.init_action_noise, output_type=args.output_type,
     )
+    result = pipeline(request, progress=not args.no_progress)
     stem = media.output_stem(args.output)
     written: list[str] = []
     if args.output_type == "latent":

@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,17 +33,9 @@ from cosmos_jax.modeling.transformer import Cosmos3Transformer, Params
 from cosmos_jax.modeling.wan_vae import WanVAE, WanVAEConfig
 from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence
 from cosmos_jax.sampling import conditioning, scheduler
-from cosmos_jax.sampling.prompts import (
-    ACTION_MODES,
-    EMBODIMENT_DOMAINS,
-    VIEWPOINT_SENTENCES,
-    ChatTokenizer,
-    build_prompt_pair,
-    raw_action_dim,
-)
+from cosmos_jax.sampling.prompts import EMBODIMENT_DOMAINS, ChatTokenizer, build_prompt_pair, raw_action_dim
+from cosmos_jax.sampling.request import TEMPORAL_COMPRESSION, GenerationRequest, is_path
 
-OutputType = Literal["video", "latent"]
-TEMPORAL_COMPRESSION = 4
 DEFAULT_SPATIAL_COMPRESSION = 16
 
 
@@ -102,10 +94,6 @@ class _ProgressSink:
     def tick(self, step: Any) -> None:
         if self.bar is not None:
             self.bar.update(1)
-
-
-def _is_path(x: Any) -> bool:
-    return isinstance(x, (str, os.PathLike))
 
 
 class Cosmos3Pipeline:
@@ -189,117 +177,58 @@ class Cosmos3Pipeline:
     def _spatial_compression(self) -> int:
         return self.vae.config.spatial_compression if self.vae is not None else DEFAULT_SPATIAL_COMPRESSION
 
-    def plan(
-        self,
-        prompt: str,
-        negative_prompt: str | None = None,
-        *,
-        image: Any = None,
-        video: Any = None,
-        action_mode: str | None = None,
-        domain: str | None = None,
-        actions: np.ndarray | None = None,
-        chunk: int = 16,
-        resolution_tier: int = 480,
-        view_point: str | None = "ego_view",
-        condition_frames: Sequence[int] = (0, 1),
-        num_frames: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        fps: float = 24.0,
-        guidance: float = 6.0,
-        enable_sound: bool = False,
-        use_system_prompt: bool | None = None,
-        need_vae: bool = True,
-    ) -> GenerationPlan:
-        """Check every input and decide the layout; raises ValueError/FileNotFoundError before any compute."""
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ValueError(f"negative_prompt must be a string or None, got {type(negative_prompt).__name__}")
-        if not (isinstance(guidance, (int, float)) and np.isfinite(guidance) and guidance >= 1.0):
-            raise ValueError(f"guidance must be a finite number >= 1 (1 disables guidance), got {guidance!r}")
-        if not (isinstance(fps, (int, float)) and np.isfinite(fps) and fps > 0):
-            raise ValueError(f"fps must be a positive number, got {fps!r}")
-        if image is not None and video is not None:
-            raise ValueError("give either image (image→video / action image) or video, not both")
-        if _is_path(image):
+    def plan(self, request: GenerationRequest) -> GenerationPlan:
+        """Check the request against this model and decide the layout; raises ValueError/FileNotFoundError
+        before any compute (the VAE is needed to encode clean frames unless `request.init_noise` is given)."""
+        image, video = request.image, request.video
+        if is_path(image):
             image = conditioning.load_image(image)
-        if _is_path(video):
+        if is_path(video):
             video = conditioning.load_video(video)
         cfg = self.config
-        if enable_sound:
+        if request.enable_sound:
             if not cfg.sound_gen:
                 raise ValueError("enable_sound needs a transformer trained with sound_gen=True")
             if self.sound is None:
                 raise ValueError("enable_sound needs a sound tokenizer (sound_tokenizer/ in the model folder)")
-        use_system_prompt = self.use_system_prompt if use_system_prompt is None else use_system_prompt
-        use_cfg = float(guidance) != 1.0
-        if action_mode is not None:
-            return self._plan_action(
-                prompt, negative_prompt, image, video, action_mode, domain, actions, chunk, resolution_tier,
-                view_point, num_frames, height, width, fps, use_cfg, enable_sound, use_system_prompt, need_vae,
-            )
-        if domain is not None or actions is not None:
-            raise ValueError("domain and actions are only used with an action_mode")
-        num_frames = 189 if num_frames is None else num_frames
-        height = 720 if height is None else height
-        width = 1280 if width is None else width
-        if not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % TEMPORAL_COMPRESSION:
-            raise ValueError(f"num_frames must be 1 + 4k (1, 5, 9, ...), got {num_frames!r}")
+        if request.action_mode is not None:
+            return self._plan_action(request, image, video)
+        num_frames = 189 if request.num_frames is None else request.num_frames
+        height = 720 if request.height is None else request.height
+        width = 1280 if request.width is None else request.width
         sf = self._spatial_compression()
         if not (isinstance(height, int) and isinstance(width, int)) or height < sf or width < sf \
                 or height % sf or width % sf:
             raise ValueError(f"height and width must be positive multiples of {sf}, got {height}x{width}")
         latent_shape = ((num_frames - 1) // TEMPORAL_COMPRESSION + 1, height // sf, width // sf)
-        pixels, clean = None, ()
         if num_frames == 1:
-            if image is not None or video is not None:
-                raise ValueError("image/video conditioning needs num_frames > 1 (a video to continue)")
-            mode = "text2image"
+            mode, clean, pixels = _plan_text2image(image, video)
         elif video is not None:
-            mode = "video2video"
-            clean = tuple(condition_frames)
-            if not clean or not all(isinstance(i, int) and i >= 0 for i in clean):
-                raise ValueError(f"condition_frames must be non-empty non-negative ints, got {condition_frames!r}")
-            if max(clean) >= latent_shape[0]:
-                raise ValueError(f"condition_frames {clean} reach past the {latent_shape[0]} latent frames of "
-                                 f"a {num_frames}-frame video")
-            keep = max(clean) * TEMPORAL_COMPRESSION + 1
-            frames = conditioning.video_frames(list(video), height, width)[:, :keep]
-            pixels = _repeat_last_frame(frames, min(keep, num_frames))
+            mode, clean, pixels = _plan_video2video(request, video, latent_shape, num_frames, height, width)
         elif image is not None:
-            mode = "image2video"
-            clean = (0,)
-            pixels = conditioning.conditioning_image(image, height, width)[:, None]
+            mode, clean, pixels = "image2video", (0,), conditioning.conditioning_image(image, height, width)[:, None]
         else:
-            mode = "text2video"
-        if pixels is not None and need_vae and self.vae is None:
+            mode, clean, pixels = "text2video", (), None
+        if pixels is not None and request.init_noise is None and self.vae is None:
             raise ValueError(f"{mode} needs the VAE to encode the conditioning frames (or pass init_noise)")
-        sound_len = self._sound_len(num_frames, fps) if enable_sound else 0
         cond, uncond = build_prompt_pair(
-            self.tokenizer, prompt, negative_prompt, num_frames=num_frames, height=height, width=width, fps=fps,
-            use_system_prompt=use_system_prompt,
+            self.tokenizer, request.prompt, request.negative_prompt, num_frames=num_frames, height=height,
+            width=width, fps=request.fps, use_system_prompt=self._use_system_prompt(request),
         )
-        return GenerationPlan(mode, num_frames, height, width, float(fps), latent_shape, clean, cond, uncond,
-                              use_cfg, pixels, None, sound_len, 0, (), None, None, None)
+        return GenerationPlan(
+            mode=mode, num_frames=num_frames, height=height, width=width, fps=float(request.fps),
+            latent_shape=latent_shape, clean_frames=clean, cond_ids=cond, uncond_ids=uncond,
+            use_cfg=request.use_cfg, pixels=pixels, latent_crop=None,
+            sound_len=self._sound_len(num_frames, request.fps) if request.enable_sound else 0,
+            action_len=0, clean_action_rows=(), action_x0=None, raw_action_dim=None, domain_id=None,
+        )
 
-    def _plan_action(
-        self, prompt: str, negative_prompt: str | None, image: Any, video: Any, mode: str, domain: str | None,
-        actions: np.ndarray | None, chunk: int, tier: int, view_point: str | None, num_frames: int | None,
-        height: int | None, width: int | None, fps: float, use_cfg: bool, enable_sound: bool,
-        use_system_prompt: bool, need_vae: bool,
-    ) -> GenerationPlan:
+    def _plan_action(self, request: GenerationRequest, image: Any, video: Any) -> GenerationPlan:
+        """The plan of policy / forward_dynamics / inverse_dynamics: the clip from `chunk` and the tier."""
         cfg = self.config
-        if mode not in ACTION_MODES:
-            raise ValueError(f"unknown action_mode {mode!r}; expected one of {list(ACTION_MODES)}")
+        mode, domain, chunk = request.action_mode, request.domain, request.chunk
         if not cfg.action_gen:
             raise ValueError("action modes need a transformer trained with action_gen=True")
-        if num_frames is not None or height is not None or width is not None:
-            raise ValueError("in action modes num_frames/height/width come from chunk and the resolution tier; "
-                             "leave them unset")
-        if domain is None:
-            raise ValueError(f"action_mode {mode!r} needs a domain; one of {sorted(EMBODIMENT_DOMAINS)}")
         raw_dim = raw_action_dim(domain)
         domain_id = EMBODIMENT_DOMAINS[domain]
         if domain_id >= cfg.num_embodiment_domains:
@@ -308,52 +237,41 @@ class Cosmos3Pipeline:
         if raw_dim > cfg.action_dim:
             raise ValueError(f"domain {domain!r} has {raw_dim} action channels, more than the model's "
                              f"action_dim={cfg.action_dim}")
-        if view_point is not None and view_point not in VIEWPOINT_SENTENCES:
-            raise ValueError(f"unknown view_point {view_point!r}; expected one of {sorted(VIEWPOINT_SENTENCES)}")
-        if not isinstance(chunk, int) or chunk < 1 or chunk % TEMPORAL_COMPRESSION:
-            raise ValueError(f"chunk must be a positive multiple of 4 (the clip has chunk+1 = 1+4k frames), "
-                             f"got {chunk!r}")
-        if image is None and video is None:
-            raise ValueError(f"action_mode {mode!r} needs a conditioning image or video")
-        if mode == "inverse_dynamics" and video is None:
-            raise ValueError("inverse_dynamics needs a conditioning video (the frames to explain)")
         action_x0 = np.zeros((chunk, cfg.action_dim), np.float32)
         clean_rows: tuple[int, ...] = ()
         if mode == "forward_dynamics":
-            if actions is None:
-                raise ValueError("forward_dynamics needs actions [T, raw width]")
-            actions = np.asarray(actions, np.float32)
-            if actions.ndim != 2 or actions.shape[0] < 1:
-                raise ValueError(f"actions must be [T >= 1, {raw_dim}], got shape {actions.shape}")
-            if actions.shape[1] != raw_dim:
-                raise ValueError(f"actions have {actions.shape[1]} channels but domain {domain!r} needs {raw_dim}")
-            if not np.all(np.isfinite(actions)):
-                raise ValueError("actions contain NaN or Inf")
+            actions = request.actions
             if actions.shape[0] < chunk:
                 actions = np.concatenate([actions, np.repeat(actions[-1:], chunk - actions.shape[0], 0)])
             action_x0[:, :raw_dim] = actions[:chunk]
             clean_rows = tuple(range(chunk))
-        elif actions is not None:
-            raise ValueError(f"actions are only read in forward_dynamics, not in {mode}")
         clip = [image] if image is not None else list(video)
         num_frames = chunk + 1
-        pixels, (content_h, content_w) = conditioning.action_clip(clip, tier, num_frames)
+        pixels, (content_h, content_w) = conditioning.action_clip(clip, request.resolution_tier, num_frames)
         height, width = pixels.shape[-2:]
         sf = self._spatial_compression()
         latent_t = chunk // TEMPORAL_COMPRESSION + 1
         latent_shape = (latent_t, max(content_h // sf, 1), max(content_w // sf, 1))
         clean = tuple(range(latent_t)) if mode == "inverse_dynamics" else (0,)
         pixels = pixels[:, : max(clean) * TEMPORAL_COMPRESSION + 1]
-        if need_vae and self.vae is None:
+        if request.init_noise is None and self.vae is None:
             raise ValueError(f"{mode} needs the VAE to encode the conditioning frames (or pass init_noise)")
-        sound_len = self._sound_len(num_frames, fps) if enable_sound else 0
         cond, uncond = build_prompt_pair(
-            self.tokenizer, prompt, negative_prompt, num_frames=num_frames, height=height, width=width, fps=fps,
-            use_system_prompt=use_system_prompt, action_mode=mode, view_point=view_point,
+            self.tokenizer, request.prompt, request.negative_prompt, num_frames=num_frames, height=height,
+            width=width, fps=request.fps, use_system_prompt=self._use_system_prompt(request), action_mode=mode,
+            view_point=request.view_point,
         )
-        return GenerationPlan(mode, num_frames, height, width, float(fps), latent_shape, clean, cond, uncond,
-                              use_cfg, pixels, latent_shape[1:], sound_len, chunk, clean_rows, action_x0, raw_dim,
-                              domain_id)
+        return GenerationPlan(
+            mode=mode, num_frames=num_frames, height=height, width=width, fps=float(request.fps),
+            latent_shape=latent_shape, clean_frames=clean, cond_ids=cond, uncond_ids=uncond,
+            use_cfg=request.use_cfg, pixels=pixels, latent_crop=latent_shape[1:],
+            sound_len=self._sound_len(num_frames, request.fps) if request.enable_sound else 0,
+            action_len=chunk, clean_action_rows=clean_rows, action_x0=action_x0, raw_action_dim=raw_dim,
+            domain_id=domain_id,
+        )
+
+    def _use_system_prompt(self, request: GenerationRequest) -> bool:
+        return self.use_system_prompt if request.use_system_prompt is None else request.use_system_prompt
 
     def _sound_len(self, num_frames: int, fps: float) -> int:
         c: AudioTokenizerConfig = self.sound.config
@@ -464,52 +382,15 @@ class Cosmos3Pipeline:
         self._executables[key] = compiled
         return compiled, time.perf_counter() - start
 
-    def __call__(
-        self,
-        prompt: str,
-        negative_prompt: str | None = None,
-        *,
-        image: Any = None,
-        video: Any = None,
-        action_mode: str | None = None,
-        domain: str | None = None,
-        actions: np.ndarray | None = None,
-        chunk: int = 16,
-        resolution_tier: int = 480,
-        view_point: str | None = "ego_view",
-        condition_frames: Sequence[int] = (0, 1),
-        num_frames: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        fps: float = 24.0,
-        steps: int = 35,
-        guidance: float = 6.0,
-        seed: int = 0,
-        enable_sound: bool = False,
-        init_noise: Any = None,
-        init_sound_noise: Any = None,
-        init_action_noise: Any = None,
-        output_type: OutputType = "video",
-        progress: bool = True,
-        use_system_prompt: bool | None = None,
-    ) -> GenerationResult:
-        """Generate; see the module docstring. `image`/`video` take PIL images, uint8 arrays or file paths."""
+    def __call__(self, request: GenerationRequest, *, progress: bool = True) -> GenerationResult:
+        """Generate what `request` asks for (see the module docstring); `progress` shows a step bar."""
         start = time.perf_counter()
-        if output_type not in ("video", "latent"):
-            raise ValueError(f"output_type must be 'video' or 'latent', got {output_type!r}")
-        if output_type == "video" and self.vae is None:
+        if request.output_type == "video" and self.vae is None:
             raise ValueError("output_type='video' needs a VAE; this pipeline has none (use output_type='latent')")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        plan = self.plan(
-            prompt, negative_prompt, image=image, video=video, action_mode=action_mode, domain=domain,
-            actions=actions, chunk=chunk, resolution_tier=resolution_tier, view_point=view_point,
-            condition_frames=condition_frames, num_frames=num_frames, height=height, width=width, fps=fps,
-            guidance=guidance, enable_sound=enable_sound, use_system_prompt=use_system_prompt,
-            need_vae=init_noise is None,
-        )
-        given = self.given_latents(plan, init_noise, init_sound_noise, init_action_noise)
-        vision, sound, action = self._starting_latents(plan, seed, *given)
+        plan = self.plan(request)
+        given = self.given_latents(plan, request.init_noise, request.init_sound_noise, request.init_action_noise)
+        vision, sound, action = self._starting_latents(plan, request.seed, *given)
+        steps = request.steps
         schedule = scheduler.make_schedule(self.scheduler_config, steps, native_flow=self.native_flow_schedule)
         text, static = self._model_inputs(plan)
         coefficients = jax.tree.map(jnp.asarray, schedule.coefficients)
@@ -519,7 +400,7 @@ class Cosmos3Pipeline:
         if action is not None:
             latents["action"] = jnp.asarray(action)
         args = (self.params, text, static, latents, coefficients,
-                jnp.asarray(schedule.timesteps.astype(np.float32)), jnp.float32(guidance))
+                jnp.asarray(schedule.timesteps.astype(np.float32)), jnp.float32(request.guidance))
         timings = {"prepare": time.perf_counter() - start}
         compiled, timings["compile"] = self._executable(plan, args)
         start = time.perf_counter()
@@ -534,7 +415,7 @@ class Cosmos3Pipeline:
         timings["denoise"] = time.perf_counter() - start
         start = time.perf_counter()
         result = GenerationResult(mode=plan.mode, fps=plan.fps, latents=np.asarray(final["vision"]))
-        if output_type == "video":
+        if request.output_type == "video":
             result.video = self.decode_video(result.latents)
         if sound is not None:
             result.sound_latents = np.asarray(final["sound"])
@@ -605,6 +486,30 @@ def _denoiser(
     return run
 
 
+def _plan_text2image(image: Any, video: Any) -> tuple[str, tuple[int, ...], None]:
+    """(mode, clean latent frames, pixels) of a one-frame request: nothing to condition on."""
+    if image is not None or video is not None:
+        raise ValueError("image/video conditioning needs num_frames > 1 (a video to continue)")
+    return "text2image", (), None
+
+
+def _plan_video2video(
+    request: GenerationRequest, video: Any, latent_shape: tuple[int, int, int], num_frames: int, height: int,
+    width: int,
+) -> tuple[str, tuple[int, ...], np.ndarray]:
+    """(mode, clean latent frames, pixels [3, F', H, W]) of a video continuation: the leading frames of `video`
+    that cover the clean latent frames, the last one repeated when the video is short."""
+    clean = request.condition_frames
+    if not clean or not all(isinstance(i, int) and i >= 0 for i in clean):
+        raise ValueError(f"condition_frames must be non-empty non-negative ints, got {request.condition_frames!r}")
+    if max(clean) >= latent_shape[0]:
+        raise ValueError(f"condition_frames {clean} reach past the {latent_shape[0]} latent frames of "
+                         f"a {num_frames}-frame video")
+    keep = max(clean) * TEMPORAL_COMPRESSION + 1
+    frames = conditioning.video_frames(list(video), height, width)[:, :keep]
+    return "video2video", clean, _repeat_last_frame(frames, min(keep, num_frames))
+
+
 def _repeat_last_frame(frames: np.ndarray, num_frames: int) -> np.ndarray:
     """[3, F, H, W] cut or padded (last frame repeated) to num_frames frames."""
     if frames.shape[1] >= num_frames:
@@ -619,7 +524,7 @@ def _checked_noise(name: str, value: Any, shape: tuple[int, ...] | None) -> np.n
         return None
     if shape is None:
         raise ValueError(f"{name} was given but this request has no such modality")
-    if _is_path(value):
+    if is_path(value):
         if not os.path.isfile(value):
             raise FileNotFoundError(f"{name} file not found: {value}")
         value = np.load(value)
