@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -283,7 +283,7 @@ class ActivationSharding:
     """Activation constraints by logical name on a mesh (hashable: a field of Cosmos3Transformer).
 
     With a `context` axis of size > 1 the generator attention runs context-parallel
-    (cosmos_jax.modeling.context_parallel); with `query_chunk`, each device runs its generator queries in
+    (`cosmos_jax.modeling.context_parallel.sharded_generator_attention`); with `query_chunk`, each device runs its generator queries in
     rematerialised chunks of at most that many tokens (flash-like memory for any attention implementation).
     """
 
@@ -297,16 +297,6 @@ class ActivationSharding:
     def constrain(self, x: jax.Array, names: LogicalAxes) -> jax.Array:
         """x with a sharding constraint from its logical axis names."""
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, self.spec(x.shape, names)))
-
-    def generator_attention(self, attention: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-        """The generator attention to use: context-parallel around `attention` when the mesh has context > 1."""
-        from cosmos_jax.modeling import context_parallel
-
-        if self.query_chunk is not None:
-            attention = context_parallel.query_chunked_generator_attention(attention, self.query_chunk)
-        if self.mesh.shape["context"] > 1:
-            attention = context_parallel.context_parallel_generator_attention(attention, self)
-        return attention
 
 
 def shard_batch(batch: Any, mesh: Mesh, rules: Rules) -> Any:

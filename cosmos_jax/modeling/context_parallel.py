@@ -17,14 +17,11 @@ divisible by the context size falls back to the unsharded attention.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-if TYPE_CHECKING:
-    from cosmos_jax.sharding import ActivationSharding
+from cosmos_jax.sharding import BATCH, HEADS, KV_HEADS, ActivationSharding
 
 CONTEXT = "context"
 
@@ -50,8 +47,6 @@ def context_parallel_generator_attention(
     (q_gen [B,Lg,H,D], k_und_for_gen [B,Lu,K,D], v_und, k_gen [B,Lg,K,D], v_gen, und_len [B], gen_len [B],
     scale=None) -> [B, Lg, H, D].
     """
-    from cosmos_jax.sharding import BATCH, HEADS, KV_HEADS
-
     mesh = sharding.mesh
     context = mesh.shape[CONTEXT]
 
@@ -118,3 +113,15 @@ def query_chunked_generator_attention(attention: Callable[..., jax.Array], chunk
         return jnp.moveaxis(out, 0, 1).reshape(q_gen.shape)
 
     return attend
+
+
+def sharded_generator_attention(
+    attention: Callable[..., jax.Array], sharding: ActivationSharding
+) -> Callable[..., jax.Array]:
+    """The generator attention to use under `sharding`: query-chunked when it sets `query_chunk`, and
+    context-parallel around that when the mesh has context > 1."""
+    if sharding.query_chunk is not None:
+        attention = query_chunked_generator_attention(attention, sharding.query_chunk)
+    if sharding.mesh.shape[CONTEXT] > 1:
+        attention = context_parallel_generator_attention(attention, sharding)
+    return attention

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from cosmos_jax.config import Cosmos3Config
+from cosmos_jax.modeling import context_parallel
 from cosmos_jax.modeling.attention import attention_functions
 from cosmos_jax.modeling.inputs import GeneratorInputs, GeneratorOutputs, ReasonerCache, TextInputs
 from cosmos_jax.modeling.layers import (
@@ -115,7 +116,7 @@ class Cosmos3Transformer:
     def _attention_functions(self):
         reasoner_attention, generator_attention = attention_functions(self.attention)
         if self.sharding is not None:
-            generator_attention = self.sharding.generator_attention(generator_attention)
+            generator_attention = context_parallel.sharded_generator_attention(generator_attention, self.sharding)
         return reasoner_attention, generator_attention
 
     def _maybe_remat(self, fn):
