@@ -212,7 +212,15 @@ class _FrozenDict(dict):
         return hash(json.dumps(self, sort_keys=True))
 
 
-PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+def _presets_dir() -> str:
+    """The presets folder: `cosmos_jax/configs/` in an installed wheel (setup.py copies the top-level `configs/`
+    there at build time), else the checkout's top-level `configs/` (a source tree or an editable install)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    installed = os.path.join(package, "configs")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), "configs")
+
+
+PRESETS_DIR = _presets_dir()
 
 
 def load_preset(name_or_path: str | os.PathLike) -> Cosmos3Config:

@@ -34,7 +34,7 @@ from cosmos_jax.modeling.wan_vae import WanVAEConfig, init_params
 from cosmos_jax.sampling import media
 from cosmos_jax.sampling.generate import Cosmos3Pipeline
 from cosmos_jax.sampling.request import GenerationRequest
-from cosmos_jax.sampling.scheduler import SchedulerConfig
+from cosmos_jax.scheduler_config import SchedulerConfig
 from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
 
 DEMO_VERSION = 1

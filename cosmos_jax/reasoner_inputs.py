@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cosmos_jax.modeling.vision import vision_grid
-from cosmos_jax.sampling.reason import PromptBatch, ReasonerConfig
+from cosmos_jax.modeling.reasoner import PromptBatch, ReasonerConfig
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
 

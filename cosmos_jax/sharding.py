@@ -20,8 +20,10 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from cosmos_jax.config import PRESETS_DIR
+
 MESH_AXES = ("data", "fsdp", "context", "tensor")
-MESH_PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mesh")
+MESH_PRESETS_DIR = os.path.join(PRESETS_DIR, "mesh")
 
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 LogicalAxes = tuple[str | None, ...]

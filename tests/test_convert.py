@@ -31,10 +31,10 @@ from transformers import AutoTokenizer
 
 import test_transformer_parity
 from cosmos_jax import cli
-from cosmos_jax.commands.convert import convert
+from cosmos_jax.convert.converter import convert
 from cosmos_jax.convert.export import export_model
 from cosmos_jax.convert.keymap_transformer import params_from_torch_state
-from cosmos_jax.load import abstract_transformer, load
+from cosmos_jax.convert.load import abstract_transformer, load
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.modeling.wan_vae import COSMOS3_LATENTS_MEAN, COSMOS3_LATENTS_STD
 from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer

@@ -41,12 +41,12 @@ from transformers import Cosmos3OmniConfig, Cosmos3OmniForConditionalGeneration
 
 from cosmos_jax import cli
 from cosmos_jax import reasoner_inputs as ri
-from cosmos_jax.commands.convert import convert, planned_bytes
+from cosmos_jax.convert.converter import convert, planned_bytes
 from cosmos_jax.convert import orbax_io
 from cosmos_jax.convert.export import export_converted
 from cosmos_jax.convert.keymap_reasoner import is_generator_key
 from cosmos_jax.convert.safetensors_io import CheckpointIndex, write_checkpoint
-from cosmos_jax.load import COMPONENTS, ROOT_TREE, load
+from cosmos_jax.convert.load import COMPONENTS, ROOT_TREE, load
 from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
 
 TEXT = dict(TEXT_CONFIG, num_hidden_layers=2)

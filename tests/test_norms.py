@@ -19,7 +19,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRMSNorm
 
 from cosmos_jax.config import ConfigError, Cosmos3Config
 from cosmos_jax.modeling.norms import apply_rms_scale, rms_normalize
-from cosmos_jax.sampling.reason import ReasonerConfig
+from cosmos_jax.modeling.reasoner import ReasonerConfig
 
 EPS = 1e-5
 WIDTH = 256

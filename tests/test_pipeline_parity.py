@@ -35,7 +35,7 @@ from cosmos_jax.modeling.wan_vae import COSMOS3_LATENTS_MEAN, COSMOS3_LATENTS_ST
 from cosmos_jax.sampling.generate import Cosmos3Pipeline
 from cosmos_jax.sampling.request import GenerationRequest
 from cosmos_jax.sampling.prompts import ChatTokenizer
-from cosmos_jax.sampling.scheduler import SchedulerConfig
+from cosmos_jax.scheduler_config import SchedulerConfig
 from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
 
 ATOL = 1e-4
@@ -337,7 +337,7 @@ def test_cli_refuses_bad_paths(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_cli_policy_writes_actions_like_the_pipeline(folder, pipeline, tmp_path):
-    """`cosmos-jax generate` on the saved Hub folder (loaded by cosmos_jax.load) with injected starting latents:
+    """`cosmos-jax generate` on the saved Hub folder (loaded by cosmos_jax.convert.load) with injected starting latents:
     the written latents/actions equal a direct pipeline call; the action json/png are written."""
     from cosmos_jax.cli import main
 

@@ -23,8 +23,10 @@ from transformers import Cosmos3OmniConfig, Cosmos3OmniForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from cosmos_jax import reasoner_inputs as ri
-from cosmos_jax.convert.keymap_reasoner import load_reasoner, state_from_params
+from cosmos_jax.convert.keymap_reasoner import state_from_params
+from cosmos_jax.convert.load import load_reasoner
 from cosmos_jax import cli
+from cosmos_jax.modeling.reasoner import Reasoner
 from cosmos_jax.sampling import reason
 from cosmos_jax.sampling.prompts import ChatTokenizer
 from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
@@ -308,7 +310,7 @@ def test_bad_inputs_give_clear_errors(models, tmp_path, capsys):
         ri.expand_placeholders([START_ID, IMAGE_ID, END_ID], [], model.config, _encode)
     prompt = _prompt(model, [1, 2, 3], images=(_image(0, 60, 60),))  # 25 image tokens
     assert len(prompt.ids) == 30
-    small = reason.Reasoner(dataclasses.replace(model.config, max_position_embeddings=32), dtype=jnp.float32)
+    small = Reasoner(dataclasses.replace(model.config, max_position_embeddings=32), dtype=jnp.float32)
     with pytest.raises(ValueError, match="30 tokens .* max_new_tokens 4 exceeds the model's context of 32 tokens"):
         reason.generate(small, params, ri.batch_prompts([prompt], model.config), max_new_tokens=4, eos_ids=(1,))
 

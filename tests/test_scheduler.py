@@ -18,8 +18,6 @@ import torch
 from diffusers import UniPCMultistepScheduler
 
 from cosmos_jax.sampling.scheduler import (
-    SchedulerConfig,
-    SchedulerConfigError,
     SchedulerState,
     _solve_2x2_f32,
     conditioning_timestep,
@@ -27,6 +25,7 @@ from cosmos_jax.sampling.scheduler import (
     make_schedule,
     step,
 )
+from cosmos_jax.scheduler_config import SchedulerConfig, SchedulerConfigError
 
 CONVERTER = dict(
     use_karras_sigmas=True, use_flow_sigmas=True, prediction_type="flow_prediction", sigma_max=200.0, sigma_min=0.147

@@ -32,13 +32,13 @@ from cosmos_jax.config import Cosmos3Config
 from cosmos_jax.convert.export import parse_size
 from cosmos_jax.convert.keymap_transformer import key_table
 from cosmos_jax.convert.safetensors_io import write_checkpoint
-from cosmos_jax.load import abstract_transformer
+from cosmos_jax.convert.load import abstract_transformer
 
 SLACK_BYTES = 64 * 2**20  # allocator and page-cache noise
 
 CHILD = r"""
 import json, resource, sys, time
-from cosmos_jax.commands.convert import convert
+from cosmos_jax.convert.converter import convert
 
 
 def status_bytes(field):

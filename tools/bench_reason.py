@@ -22,7 +22,7 @@ import torch
 from transformers import Cosmos3OmniConfig, Cosmos3OmniForConditionalGeneration
 
 from cosmos_jax import reasoner_inputs as ri
-from cosmos_jax.convert.keymap_reasoner import load_reasoner
+from cosmos_jax.convert.load import load_reasoner
 from cosmos_jax.sampling import reason
 from timing import median_seconds
 

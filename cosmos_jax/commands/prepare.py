@@ -109,9 +109,9 @@ def _tokenizer(args: argparse.Namespace, tokenizer_dir: Path, fps: float) -> Tok
 
 
 def run(args: argparse.Namespace) -> int:
+    from cosmos_jax.convert.load import load
     from cosmos_jax.datasets.embodiments import EMBODIMENTS
     from cosmos_jax.datasets.lerobot_reader import open_lerobot
-    from cosmos_jax.load import load
 
     if args.no_actions == (args.domain is not None):
         raise SystemExit("give --domain for action data, or --no-actions for video-only data (not both)")

@@ -2,7 +2,7 @@
 
 Reads the reasoner from the root of a model folder (config.json + safetensors; tokenizer files at the root or in
 text_tokenizer/, optional preprocessor_config.json / video_preprocessor_config.json): a Hub pipeline folder or a
-converted one through `cosmos_jax.load.load` (the language tower shared with transformer/), or a bare reasoner
+converted one through `cosmos_jax.convert.load.load` (the language tower shared with transformer/), or a bare reasoner
 folder as transformers saves it.
 """
 
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from cosmos_jax import reasoner_inputs as ri
 from cosmos_jax.convert import orbax_io
-from cosmos_jax.convert.keymap_reasoner import load_reasoner
-from cosmos_jax.load import load
+from cosmos_jax.convert.load import load, load_reasoner
+from cosmos_jax.modeling.reasoner import Params, Reasoner, ReasonerConfig
 from cosmos_jax.sampling import reason
 from cosmos_jax.sampling.prompts import ChatTokenizer
 
@@ -55,7 +55,7 @@ def _tokenizer(model_dir: str) -> ChatTokenizer:
     raise ValueError(f"no tokenizer.json at the root of {model_dir} or in its text_tokenizer/ folder")
 
 
-def load_model(model_dir: str, dtype: Any) -> tuple[reason.Reasoner, reason.Params]:
+def load_model(model_dir: str, dtype: Any) -> tuple[reason.Reasoner, Params]:
     """The reasoner and its params from a pipeline folder (Hub or converted) or a bare reasoner folder."""
     root = Path(model_dir)
     if not (orbax_io.is_converted(root) or (root / "transformer").is_dir()):
@@ -76,7 +76,7 @@ def _eos_ids(model_dir: str, tokenizer: ChatTokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def _check_special_tokens(tokenizer: ChatTokenizer, config: reason.ReasonerConfig) -> None:
+def _check_special_tokens(tokenizer: ChatTokenizer, config: ReasonerConfig) -> None:
     for token, expected in (("<|image_pad|>", config.image_token_id), ("<|video_pad|>", config.video_token_id),
                             ("<|vision_start|>", config.vision_start_token_id),
                             ("<|vision_end|>", config.vision_end_token_id)):
@@ -84,7 +84,7 @@ def _check_special_tokens(tokenizer: ChatTokenizer, config: reason.ReasonerConfi
             raise ValueError(f"tokenizer id of {token} differs from the model config ({expected})")
 
 
-def _settings(model_dir: str, name: str, default: ri.ProcessorSettings, config: reason.ReasonerConfig
+def _settings(model_dir: str, name: str, default: ri.ProcessorSettings, config: ReasonerConfig
               ) -> ri.ProcessorSettings:
     """Processor settings from `name` in the model folder, patch geometry taken from the model's vision config."""
     path = os.path.join(model_dir, name)
@@ -100,7 +100,7 @@ def _settings(model_dir: str, name: str, default: ri.ProcessorSettings, config: 
     return dataclasses.replace(default, **geometry)
 
 
-def build_prompt(args: argparse.Namespace, tokenizer: ChatTokenizer, config: reason.ReasonerConfig
+def build_prompt(args: argparse.Namespace, tokenizer: ChatTokenizer, config: ReasonerConfig
                  ) -> ri.PreparedPrompt:
     """The chat-formatted, placeholder-expanded prompt for the command-line arguments."""
     if not args.prompt.strip():

@@ -1,7 +1,7 @@
 """`cosmos-jax train --config CFG --data DIR --out DIR`: flow-matching training (resumes from OUT/checkpoints).
 
 --config is a preset name (tiny, nano, ...) or a transformer config.json; --init optionally starts from the
-weights of a Hub-layout or converted model folder (`cosmos_jax.load`). Metrics land in OUT/metrics
+weights of a Hub-layout or converted model folder (`cosmos_jax.convert.load`). Metrics land in OUT/metrics
 (TensorBoard event files + metrics.jsonl); checkpoints in OUT/checkpoints.
 """
 
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                        save_every=args.save_every, keep=args.keep, skip_bad=args.skip_bad, task_weights=args.tasks, optim=optim, loss=_loss_config(args))
     init = None
     if args.init:
-        from cosmos_jax.load import load
+        from cosmos_jax.convert.load import load
 
         init = lambda model: load(args.init, dtype=jnp.float32, components=("transformer",)).params  # noqa: E731
     result = train(config, init_params=init)

@@ -26,7 +26,7 @@ from cosmos_jax.convert.keymap_transformer import key_table
 from cosmos_jax.convert.keymap_vae import vae_state_from_params
 from cosmos_jax.convert.safetensors_io import CheckpointIndex, atomic_output_dir, shard_name, write_checkpoint
 from cosmos_jax.convert.tree_paths import get_path
-from cosmos_jax.load import COMPONENTS, TRANSFORMER_TREES, LoadedModel, load
+from cosmos_jax.convert.load import COMPONENTS, TRANSFORMER_TREES, LoadedModel, load
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # diffusers' "5GB"
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -11,19 +11,16 @@ MLP may be stored as `mlp.up_proj/down_proj` (Hub) or `mlp.fc1/fc2` (transformer
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
 from cosmos_jax.convert.keymap_transformer import LINEAR, KeyMapError, key_table
 from cosmos_jax.convert.safetensors_io import CheckpointIndex, read_stacked
 from cosmos_jax.convert.tree_paths import get_path, set_path
-from cosmos_jax.sampling.reason import Reasoner, ReasonerConfig
+from cosmos_jax.modeling.reasoner import Reasoner, ReasonerConfig
 
 IDENTITY = "identity"
 PATCH = "patch"  # Conv3d (out, C, t, h, w) <-> Dense kernel (C*t*h*w, out)
@@ -229,19 +226,3 @@ def iter_params(index: CheckpointIndex, config: ReasonerConfig, resolved: Mappin
         index.close()  # unmap the files: pages read so far would otherwise stay resident
         yield tensor.path, value
         del value
-
-
-def load_reasoner(model_dir: str | os.PathLike, dtype: Any = jnp.bfloat16) -> tuple[Reasoner, dict[str, Any]]:
-    """The reasoner of a Hub-layout folder (root config.json + root safetensors), weights cast to `dtype`."""
-    root = Path(model_dir)
-    if not root.is_dir():
-        raise ValueError(f"model folder not found: {root}")
-    config = ReasonerConfig.from_json(root / "config.json")
-    model = Reasoner(config, dtype=dtype)
-    abstract = model.abstract_params()
-    with CheckpointIndex.open(root) as index:
-        resolved = resolve_keys({k: index.shape(k) for k in index.keys()}, config, abstract)
-        params: dict[str, Any] = {}
-        for path, value in iter_params(index, config, resolved, dtype):
-            set_path(params, path, jnp.asarray(value))
-    return model, params

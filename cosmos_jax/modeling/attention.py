@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Literal
 
 import jax
+import jax.numpy as jnp
 
 AttentionImpl = Literal["auto", "xla", "blocked", "pallas"]
 IMPLEMENTATIONS = ("auto", "xla", "blocked", "pallas")
@@ -41,3 +42,17 @@ def attention_functions(impl: str) -> tuple[Callable[..., jax.Array], Callable[.
     from pallas_kernels import joint_attention
 
     return joint_attention.reasoner_attention, joint_attention.generator_attention
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+    """Attention under an explicit visibility mask, for the reasoner's cached decode (plain XLA).
+
+    q [B, T, H, hd], k/v [B, S, K, hd], visible [B, T, S] bool -> [B, T, H, hd]; GQA head h reads kv head h // G.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d**-0.5
+    logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)

@@ -30,11 +30,12 @@ from cosmos_jax.config import Cosmos3Config
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
 from cosmos_jax.modeling.inputs import GeneratorInputs, TextInputs
 from cosmos_jax.modeling.transformer import Cosmos3Transformer, Params
-from cosmos_jax.modeling.wan_vae import WanVAE, WanVAEConfig
+from cosmos_jax.modeling.wan_vae import WanVAE
 from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence
 from cosmos_jax.sampling import conditioning, scheduler
 from cosmos_jax.sampling.prompts import EMBODIMENT_DOMAINS, ChatTokenizer, build_prompt_pair, raw_action_dim
 from cosmos_jax.sampling.request import TEMPORAL_COMPRESSION, GenerationRequest, is_path
+from cosmos_jax.scheduler_config import SchedulerConfig
 
 DEFAULT_SPATIAL_COMPRESSION = 16
 
@@ -109,7 +110,7 @@ class Cosmos3Pipeline:
         model: Cosmos3Transformer,
         params: Params,
         tokenizer: ChatTokenizer,
-        scheduler_config: scheduler.SchedulerConfig,
+        scheduler_config: SchedulerConfig,
         *,
         vae: WanVAE | None = None,
         vae_params: Params | None = None,
@@ -145,13 +146,13 @@ class Cosmos3Pipeline:
     def from_pretrained(
         cls, path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, attention: str = "auto"
     ) -> Cosmos3Pipeline:
-        """Load a Hub-layout (or converted) folder through `cosmos_jax.load.load`."""
-        from cosmos_jax.load import load
+        """Load a Hub-layout (or converted) folder through `cosmos_jax.convert.load.load`."""
+        from cosmos_jax.convert.load import load
 
         loaded = load(path, dtype=dtype)
         if loaded.tokenizer_dir is None:
             raise ValueError(f"{path}: no text_tokenizer/ folder; generation needs the prompt tokenizer")
-        scheduler_config = loaded.scheduler_config or scheduler.SchedulerConfig.cosmos3()
+        scheduler_config = loaded.scheduler_config or SchedulerConfig.cosmos3()
         model = Cosmos3Transformer(loaded.transformer_config, dtype=dtype, attention=attention)
         vae = sound = None
         if loaded.vae_params is not None:

@@ -40,9 +40,9 @@ from cosmos_jax.convert.safetensors_io import CheckpointIndex, Transpose, make_s
 from cosmos_jax.convert.tree_paths import get_path, set_path
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizerConfig
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
+from cosmos_jax.modeling.reasoner import Reasoner, ReasonerConfig
 from cosmos_jax.modeling.wan_vae import WanVAEConfig
-from cosmos_jax.sampling.reason import Reasoner, ReasonerConfig
-from cosmos_jax.sampling.scheduler import SchedulerConfig
+from cosmos_jax.scheduler_config import SchedulerConfig
 
 COMPONENTS = ("transformer", "vae", "sound_tokenizer", "scheduler", "tokenizer", "reasoner")
 DEFAULT_COMPONENTS = tuple(c for c in COMPONENTS if c != "reasoner")
@@ -652,3 +652,19 @@ def load(
         tokenizer_dir=tokenizer_dir, model_index=model_index, reasoner_config=reasoner_config,
         source="converted" if layout.converted else "hub", reasoner=reasoner,
     )
+
+
+def load_reasoner(model_dir: str | os.PathLike, dtype: Any = jnp.bfloat16) -> tuple[Reasoner, dict[str, Any]]:
+    """The reasoner of a Hub-layout folder (root config.json + root safetensors), weights cast to `dtype`."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ValueError(f"model folder not found: {root}")
+    config = ReasonerConfig.from_json(root / "config.json")
+    model = Reasoner(config, dtype=dtype)
+    abstract = model.abstract_params()
+    with CheckpointIndex.open(root) as index:
+        resolved = keymap_reasoner.resolve_keys({k: index.shape(k) for k in index.keys()}, config, abstract)
+        params: dict[str, Any] = {}
+        for path, value in keymap_reasoner.iter_params(index, config, resolved, dtype):
+            set_path(params, path, jnp.asarray(value))
+    return model, params
