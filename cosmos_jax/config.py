@@ -9,8 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 _CLASS_NAME = "Cosmos3OmniTransformer"
 
@@ -210,6 +212,16 @@ class _FrozenDict(dict):
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(json.dumps(self, sort_keys=True))
+
+
+F32_PARAMETERS = ("time_embedder",)
+
+
+def param_dtype(path: Sequence[str], dtype: Any) -> Any:
+    """The dtype policy: the dtype a transformer parameter at `path` (tree keys) is held in when the model runs in
+    `dtype`. The time embedder stays float32 at every precision, as the reference keeps it (docs/model.md,
+    "Rounding and timestep details"); every other parameter is `dtype`."""
+    return np.float32 if any(name in F32_PARAMETERS for name in path) else dtype
 
 
 def _presets_dir() -> str:

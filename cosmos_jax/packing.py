@@ -1,4 +1,4 @@
-"""Host-side layout of the joint sequence, exactly as `Cosmos3OmniPipeline` builds it (spec §2.7, §3.3).
+"""Host-side layout of the joint sequence, exactly as `Cosmos3OmniPipeline` builds it (docs/model.md, "Sequence layout and position ids").
 
 One sequence is `[text (L)] [vision (T*hp*wp)] [sound (Ts)] [action (chunk)]`. Text positions are 0..L-1 on all
 three mRoPE axes; vision, sound and action all start at the same temporal offset L + margin (15000), with
@@ -9,7 +9,6 @@ arithmetic is float32 step by step like the reference so positions agree bit for
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -182,8 +181,3 @@ def batch_generator_positions(layouts: Sequence[SequenceLayout]) -> np.ndarray:
     if len(shapes) != 1:
         raise ValueError(f"batch rows must share one generator layout, got {sorted(shapes)}")
     return np.stack([layout.position_ids[:, layout.und_len :] for layout in layouts])
-
-
-def sound_latent_length(num_frames: int, fps: float, sample_rate: int = 48000, hop: int = 1920) -> int:
-    """Sound latent frames for a clip, as the pipeline sizes them: ceil(int(F/fps*sr)/hop)."""
-    return math.ceil(int(num_frames / fps * sample_rate) / hop)

@@ -1,5 +1,5 @@
 """Reasoner inputs, host-side: image/video preprocessing equal to the Qwen-VL processors, placeholder expansion,
-and the mRoPE position ids of mixed text/vision sequences (`get_rope_index`, spec §4).
+and the mRoPE position ids of mixed text/vision sequences (`get_rope_index`).
 
 Images follow `Qwen2VLImageProcessorPil` (PIL bicubic resize to multiples of patch*merge, rescale 1/255,
 normalise, one frame repeated over the temporal patch). Videos use the same per-frame PIL resize with the

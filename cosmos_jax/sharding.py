@@ -1,4 +1,4 @@
-"""Mesh, logical axis names and the rules that map them to mesh axes (DESIGN.md "Scale").
+"""Mesh, logical axis names and the rules that map them to mesh axes.
 
 Every parameter and activation dimension has a *logical* name ("embed", "q_heads", "mlp", "batch", "gen_seq",
 ...). A rules table (one per preset, configs/mesh/<preset>.json) maps each logical name to zero or more *mesh*
@@ -225,13 +225,6 @@ def param_logical_axes(path: Sequence[str], ndim: int) -> LogicalAxes:
     if not names or len(names) != ndim:
         raise ValueError(f"no logical axes known for parameter {'/'.join(path)} of rank {ndim}")
     return names
-
-
-def logical_axes(abstract_params: Any) -> Any:
-    """The tree of logical-axis tuples matching a parameter tree (arrays or ShapeDtypeStructs)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: param_logical_axes(_path_names(p), len(x.shape)), abstract_params
-    )
 
 
 def param_specs(abstract_params: Any, mesh: Mesh | AbstractMesh, rules: Rules) -> Any:

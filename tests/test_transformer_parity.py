@@ -17,7 +17,7 @@ import torch
 
 from cosmos_jax.convert.keymap_transformer import params_from_torch_state
 from cosmos_jax.modeling.inputs import GeneratorInputs
-from cosmos_jax.modeling.transformer import Cosmos3Transformer
+from cosmos_jax.modeling.transformer import Cosmos3Transformer, cast_params
 from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence
 from torch_reference import (
     EDGE_STYLE,
@@ -46,15 +46,7 @@ def _jax_params(model, state, dtype, attention="xla"):
     jmodel = Cosmos3Transformer(cfg, dtype=dtype, attention=attention)
     params = params_from_torch_state(state, cfg, jmodel.abstract_params())
     params = jax.tree.map(lambda x: jnp.asarray(x), params)
-    return jmodel, _cast_params(params, dtype)
-
-
-def _cast_params(params, dtype):
-    def cast(path, x):
-        keys = [getattr(p, "key", None) for p in path]
-        return x if "time_embedder" in keys else x.astype(dtype)
-
-    return jax.tree_util.tree_map_with_path(cast, params)
+    return jmodel, cast_params(params, dtype)
 
 
 CASES = {

@@ -28,7 +28,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from cosmos_jax.config import Cosmos3Config
+from cosmos_jax.config import Cosmos3Config, param_dtype
 from cosmos_jax.convert.export import parse_size
 from cosmos_jax.convert.keymap_transformer import key_table
 from cosmos_jax.convert.safetensors_io import write_checkpoint
@@ -80,7 +80,7 @@ def synthetic_tensors(config: Cosmos3Config, seed: int = 0) -> Iterator[tuple[st
         for name in entry.path:
             leaf = leaf[name]
         shape = entry.torch_shape(tuple(leaf.shape[1:]) if entry.per_layer else tuple(leaf.shape))
-        dtype = np.dtype(np.float32) if "time_embedder" in entry.path else np.dtype(ml_dtypes.bfloat16)
+        dtype = np.dtype(param_dtype(entry.path, ml_dtypes.bfloat16))
         for key in entry.torch_keys(config.num_hidden_layers):
             raw = rng.integers(0, 2**16, size=math.prod(shape) * dtype.itemsize // 2, dtype=np.uint16)
             raw &= 0xBFFF  # clear the top exponent bit: no inf/nan patterns

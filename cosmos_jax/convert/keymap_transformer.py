@@ -2,7 +2,7 @@
 
 Each `Entry` names one torch key (per layer, with `{i}`, or top level), where it lives in the Flax trees and the
 transform between the layouts. torch Linear weights are (out, in); Flax kernels are (in, out). The per-domain
-action weights are stored as embeddings [domains, in*out] whose row reshapes to (in, out) (spec gotcha 10).
+action weights are stored as embeddings [domains, in*out] whose row reshapes to (in, out) (docs/model.md, "Conditioning per mode").
 """
 
 from __future__ import annotations

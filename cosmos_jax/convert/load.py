@@ -1,6 +1,6 @@
 """`load`: a Cosmos 3 model from a Hub-layout folder (safetensors, as published) or a converted folder.
 
-Hub layout (spec §1.3): `model_index.json`, `transformer/` (diffusers flat keys, sharded safetensors + index),
+Hub layout: `model_index.json`, `transformer/` (diffusers flat keys, sharded safetensors + index),
 `vae/`, `sound_tokenizer/`, `scheduler/scheduler_config.json`, `text_tokenizer/`, and the reasoner at the root:
 `config.json` (model_type cosmos3_omni) + `model*.safetensors` (+ index) holding the ViT (`blocks.*`, `merger.*`,
 ...) and usually the language tower, sometimes the generator tower too (a unified checkpoint). A bare transformer
@@ -8,7 +8,7 @@ component folder (`config.json` of class Cosmos3OmniTransformer + weights) is ac
 identical arrays.
 
 The reasoner ("reasoner" component, not loaded by default) reuses the transformer's reasoner tower when the root
-holds no language tower or one byte-identical to transformer/'s (spec §4: they are the same tensors), so the LM
+holds no language tower or one byte-identical to transformer/'s (docs/model.md, "The reasoner on its own"), so the LM
 is held once; only a root LM that differs is read as its own copy.
 
 Transformer tensors are read lazily through the key table: each stacked layer buffer is allocated once and
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cosmos_jax.config import ConfigError, Cosmos3Config
+from cosmos_jax.config import ConfigError, Cosmos3Config, param_dtype
 from cosmos_jax.convert import keymap_reasoner, orbax_io
 from cosmos_jax.convert.keymap_audio import audio_params_from_torch_state
 from cosmos_jax.convert.keymap_transformer import DOMAIN, LINEAR, Entry, KeyMapError, check_state, key_table
@@ -89,7 +89,7 @@ class RootContents:
 
 @dataclasses.dataclass
 class ReasonerWeights:
-    """The reasoner of the root files (spec §4), ready for `cosmos_jax.sampling.reason`.
+    """The reasoner of the root files, ready for `cosmos_jax.sampling.reason`.
 
     params: the `Reasoner` tree (embed_tokens, layers, norm, lm_head, and vision unless text-only).
     language_model_from: "transformer" when its LM leaves are the transformer's reasoner tower (the very arrays of
@@ -178,12 +178,10 @@ def locate(path: str | os.PathLike[str]) -> Layout:
 
 
 def target_dtype(path: LeafPath, stored: np.dtype, dtype: Any) -> np.dtype:
-    """The dtype a transformer leaf is loaded in: f32 for the time embedder, else `dtype` (None: as stored)."""
+    """The dtype a transformer leaf is loaded in: `param_dtype`'s policy for `dtype` (None: as stored)."""
     if dtype is None:
         return np.dtype(stored)
-    if "time_embedder" in path:
-        return np.dtype(np.float32)
-    return np.dtype(dtype)
+    return np.dtype(param_dtype(path, dtype))
 
 
 def _dtype_problems(dtypes: Mapping[str, np.dtype], where: str) -> list[str]:

@@ -1,20 +1,27 @@
-"""The one attention dispatch point of the model (DESIGN.md "Attention").
+"""The one attention dispatch point of the model.
 
 Implementations, all with the signatures of `pallas_kernels.reference`:
   "xla"     plain einsum/softmax reference (materialises the logits; the test oracle),
   "blocked" XLA with key blocks and an online softmax (the fast CPU path),
   "pallas"  the Pallas kernel (GPU/TPU; interpret mode on CPU, for tests),
   "auto"    pallas on GPU/TPU, blocked on CPU.
+
+Axis letters of every attention einsum in the project (as in `pallas_kernels.reference`):
+  b  batch row                      n  segment / window / image (attention run independently per n)
+  q  query position                 s  key / value position
+  h  query head                     k  key / value head (grouped-query attention)
+  g  query heads per key/value head (h = k·g; query head h reads key/value head h // g)
+  d  head dimension                 c  channels (the VAE's single-head attention: d = c)
+  l  token position outside attention;  i, o  input / output features of a projection
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-AttentionImpl = Literal["auto", "xla", "blocked", "pallas"]
 IMPLEMENTATIONS = ("auto", "xla", "blocked", "pallas")
 
 
@@ -52,7 +59,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d**-0.5
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * d**-0.5
     logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    return jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, h, d)

@@ -1,4 +1,5 @@
-"""Timestep embedding (spec §2.5, gotcha 12) and the per-embodiment-domain action projection (gotcha 10)."""
+"""Timestep embedding and the per-embodiment-domain action projection (docs/model.md: "Rounding and timestep details",
+"Conditioning per mode")."""
 
 from __future__ import annotations
 
@@ -50,4 +51,4 @@ class DomainAwareLinear(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.num_domains, self.features), self.param_dtype)
         w = jnp.take(kernel, domain, axis=0).astype(self.dtype)
         b = jnp.take(bias, domain, axis=0).astype(self.dtype)
-        return jnp.einsum("bni,bio->bno", x.astype(self.dtype), w) + b[:, None, :]
+        return jnp.einsum("bli,bio->blo", x.astype(self.dtype), w) + b[:, None, :]

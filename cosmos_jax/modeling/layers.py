@@ -1,7 +1,7 @@
 """One layer of one tower, and the joint Mixture-of-Transformers step that pairs layer i of both towers.
 
 A tower layer owns its projections, norms and MLP; the two towers only meet in `joint_layer`, where the
-reasoner's keys/values are shared with the generator's queries (spec §2.3-2.4). The same module serves both
+reasoner's keys/values are shared with the generator's queries (docs/model.md, "Two towers and the joint attention"). The same module serves both
 towers: the reasoner layer has q/k norms only when `qk_norm_for_text`, the generator layer always has them,
 and (Edge) the generator layer owns `und_k_norm`, which normalises the reasoner keys it reads.
 """

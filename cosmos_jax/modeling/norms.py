@@ -1,4 +1,4 @@
-"""RMSNorm in the three rounding variants the reference uses (spec §2.2, gotcha 11)."""
+"""RMSNorm in the three rounding variants the reference uses (docs/model.md, "Rounding and timestep details")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Latent video <-> patch tokens (spec §2.6, gotcha 6): zero-pad odd H/W bottom/right, (py, px, c) features."""
+"""Latent video <-> patch tokens (docs/model.md, "Sequence layout"): zero-pad odd H/W bottom/right, (py, px, c) features."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Interleaved 3D mRoPE (spec §2.7, gotchas 3-4): f32 angles, cos/sin cast to the model dtype, rotate-half."""
+"""Interleaved 3D mRoPE (docs/model.md, "Sequence layout"): f32 angles, cos/sin cast to the model dtype, rotate-half."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The non-layer parameters of each tower: token embedding and LM head (reasoner); modality projections, time
-embedding and output heads (generator). Spec §2.1, §2.5, §2.6, §2.8; gotchas 6-8, 10, 12."""
+embedding and output heads (generator); docs/model.md describes what they compute."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from cosmos_jax.config import Cosmos3Config
+from cosmos_jax.config import Cosmos3Config, param_dtype
 from cosmos_jax.modeling import context_parallel
 from cosmos_jax.modeling.attention import attention_functions
 from cosmos_jax.modeling.inputs import GeneratorInputs, GeneratorOutputs, ReasonerCache, TextInputs
@@ -233,3 +233,13 @@ def _dummy_generator_inputs(cfg: Cosmos3Config, dtype: Any) -> GeneratorInputs:
         action_t=None if action is None else one,
         action_domain=None if action is None else jnp.zeros((1,), jnp.int32),
     )
+
+
+def cast_params(params: Params, dtype: Any) -> Params:
+    """A transformer params tree cast by the dtype policy: each leaf to `param_dtype(its path, dtype)` (the time
+    embedder stays float32)."""
+
+    def cast(path: tuple[Any, ...], x: jax.Array) -> jax.Array:
+        return x.astype(param_dtype([str(getattr(p, "key", p)) for p in path], dtype))
+
+    return jax.tree_util.tree_map_with_path(cast, params)

@@ -1,4 +1,4 @@
-"""The Qwen3-VL vision encoder of the Cosmos 3 reasoner (spec §4): patch embedding, interpolated learned positions,
+"""The Qwen3-VL vision encoder of the Cosmos 3 reasoner (docs/model.md, "The reasoner on its own"): patch embedding, interpolated learned positions,
 2D axial rotary, per-frame attention, deepstack mergers and the final patch merger.
 
 Patches arrive flattened as (C, t, h, w) rows in 2x2 block-major order (what `reasoner_inputs` produces, equal to
@@ -175,13 +175,13 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Ar
     if segment_length:
         shape = (n // segment_length, segment_length, heads, dim)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        logits = jnp.einsum("sqhd,skhd->shqk", q, k, preferred_element_type=jnp.float32) * scale
+        logits = jnp.einsum("nqhd,nshd->nhqs", q, k, preferred_element_type=jnp.float32) * scale
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("shqk,skhd->sqhd", probs, v).reshape(n, heads, dim)
-    logits = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * scale
+        return jnp.einsum("nhqs,nshd->nqhd", probs, v).reshape(n, heads, dim)
+    logits = jnp.einsum("qhd,shd->hqs", q, k, preferred_element_type=jnp.float32) * scale
     same = segments[:, None] == segments[None, :]
     probs = jax.nn.softmax(jnp.where(same, logits, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
-    return jnp.einsum("hqk,khd->qhd", probs, v)
+    return jnp.einsum("hqs,shd->qhd", probs, v)
 
 
 def _layer_norm(features_name: str, dtype: jnp.dtype, param_dtype: jnp.dtype) -> nn.LayerNorm:

@@ -207,9 +207,9 @@ class AttentionBlock(nn.Module):
         qkv = PointwiseConv(3 * c, name="to_qkv", **kw)(ChannelRMSNorm(name="norm", **kw)(x))
         qkv = qkv.reshape(b * t, h * w, 3 * c)
         q, k, v = qkv[..., :c], qkv[..., c : 2 * c], qkv[..., 2 * c :]
-        logits = jnp.einsum("nqc,nkc->nqk", q, k, preferred_element_type=jnp.float32) * (c**-0.5)
+        logits = jnp.einsum("nqc,nsc->nqs", q, k, preferred_element_type=jnp.float32) * (c**-0.5)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("nqk,nkc->nqc", probs, v, preferred_element_type=jnp.float32).astype(self.dtype)
+        out = jnp.einsum("nqs,nsc->nqc", probs, v, preferred_element_type=jnp.float32).astype(self.dtype)
         out = PointwiseConv(c, name="proj", **kw)(out.reshape(b, t, h, w, c))
         return (out + x).astype(self.dtype)
 

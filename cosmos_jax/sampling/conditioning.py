@@ -1,4 +1,4 @@
-"""Pixel-side conditioning for generation, as `Cosmos3OmniPipeline` prepares it (spec §3.4).
+"""Pixel-side conditioning for generation, as `Cosmos3OmniPipeline` prepares it (docs/model.md, "Conditioning per mode").
 
 Everything here is host-side numpy on RGB frames; outputs are float32 channels-first in [-1, 1]:
   - `conditioning_image`: image→video / image conditioning: resize to cover (bilinear, antialiased), centre crop;
@@ -136,15 +136,6 @@ def video_frames(frames: Sequence[Frame], height: int | None = None, width: int 
         raise ValueError(f"conditioning frames of {pil[0].width}x{pil[0].height} are smaller than 16 pixels")
     resized = [f.resize((width, height), resample=Image.Resampling.BILINEAR) for f in pil]
     return np.stack([_pil_to_unit(f) for f in resized], axis=1)
-
-
-def action_canvas_size(frames: Sequence[Frame], tier: int) -> tuple[int, int]:
-    """(H, W) of the action canvas for a clip: the tier's bin closest to the (16-floored) frame aspect."""
-    first = as_pil(frames[0])
-    h, w = first.height // SPATIAL_MULTIPLE * SPATIAL_MULTIPLE, first.width // SPATIAL_MULTIPLE * SPATIAL_MULTIPLE
-    if h < 1 or w < 1:
-        raise ValueError(f"conditioning frames of {first.width}x{first.height} are smaller than 16 pixels")
-    return classify_resolution_bin(h, w, tier)
 
 
 def action_clip(frames: Sequence[Frame], tier: int, num_frames: int) -> tuple[np.ndarray, tuple[int, int]]:

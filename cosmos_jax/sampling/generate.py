@@ -1,7 +1,7 @@
 """The Cosmos 3 generation pipeline: every mode of `Cosmos3OmniPipeline`, with the denoising loop jitted.
 
 Modes: text→image, text→video, image→video, video→video (clean leading latent frames), and the action modes
-policy, forward_dynamics, inverse_dynamics; optional joint sound. The numbers follow the reference (spec §3):
+policy, forward_dynamics, inverse_dynamics; optional joint sound. The numbers follow the reference (docs/model.md, "Conditioning per mode"):
 noise drawn vision → sound → action, starting latents `mask·x0 + (1−mask)·noise` (or the given ones, used as
 is), velocities zero at clean frames/rows, classifier-free guidance `u + g·(c − u)` per modality, one UniPC
 state per modality sharing the coefficients, action channels ≥ the raw width zeroed in the noise, the

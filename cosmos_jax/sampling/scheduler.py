@@ -198,7 +198,7 @@ def make_schedule(config: SchedulerConfig, num_steps: int, *, native_flow: bool 
 
 
 def conditioning_timestep(schedule: Schedule, i: int | jax.Array, timestep_scale: float = 0.001) -> jax.Array:
-    """The float32 time the transformer is conditioned on at step i: `int(σ_i·T) · timestep_scale` (gotcha 1).
+    """The float32 time the transformer is conditioned on at step i: `int(σ_i·T) · timestep_scale` (docs/model.md, "Integer timesteps").
 
     The reference multiplies the int64 timestep by the scale in float32 (`float32(t) * float32(scale)`).
     """

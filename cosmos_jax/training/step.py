@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from cosmos_jax.modeling.transformer import Cosmos3Transformer
+from cosmos_jax.modeling.transformer import Cosmos3Transformer, cast_params
 from cosmos_jax.training.losses import LossConfig, TrainBatch, random_flow_loss
 
 Params = dict[str, Any]
@@ -109,13 +109,8 @@ def init_state(params: Params, optimizer: optax.GradientTransformation, config: 
 
 
 def compute_params(params: Params, dtype: Any) -> Params:
-    """The forward's copy of the fp32 masters: `dtype` everywhere but the time embedder (always f32)."""
-
-    def cast(path: tuple[Any, ...], x: jax.Array) -> jax.Array:
-        keys = [getattr(p, "key", None) for p in path]
-        return x if "time_embedder" in keys else x.astype(dtype)
-
-    return jax.tree_util.tree_map_with_path(cast, params)
+    """The forward's copy of the fp32 masters, cast by the dtype policy (`cosmos_jax.config.param_dtype`)."""
+    return cast_params(params, dtype)
 
 
 def _split_microbatches(batch: TrainBatch, accum: int) -> TrainBatch:
