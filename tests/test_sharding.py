@@ -111,7 +111,7 @@ def test_context_parallel_cached_generate_equals_joint_forward(tiny):
     model = Cosmos3Transformer(cfg, dtype=jnp.float32, attention="blocked", sharding=sharding)
     sharded = jax.device_put(params, param_shardings(params, mesh, RULES))
     cache, _ = jax.jit(model.encode_reasoner)(sharded, shard_batch(text, mesh, RULES))
-    out = jax.jit(model.generate)(sharded, cache, shard_batch(gen, mesh, RULES))
+    out = jax.jit(model.denoise_step)(sharded, cache, shard_batch(gen, mesh, RULES))
     assert _rel_err(out.vision, want.vision) <= REL_TOL
     assert _rel_err(out.action, want.action) <= REL_TOL
 

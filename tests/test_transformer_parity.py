@@ -97,7 +97,7 @@ def _run_case(name, model, state, case, dtype, torch_dtype, cached, attention="x
     )
     if cached:
         cache, _ = jax.jit(jmodel.encode_reasoner)(params, text)
-        out = jax.jit(jmodel.generate)(params, cache, gen)
+        out = jax.jit(jmodel.denoise_step)(params, cache, gen)
     else:
         out = jax.jit(jmodel.__call__)(params, text, gen)
     pairs = [("vision", out.vision[0], want_v), ("sound", None if out.sound is None else out.sound[0], want_s),

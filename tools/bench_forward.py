@@ -4,7 +4,7 @@
 
 Reports seconds per forward, GFLOP/s (dense matmul + unmasked attention FLOPs), the fraction of this machine's
 fp32 matmul ceiling (measured in the same run), the JAX/torch speed ratio, and the cached generator-only step
-(`generate` against a reasoner K/V cache) against the full joint step.
+(`denoise_step` against a reasoner K/V cache) against the full joint step.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     )
     full = jax.jit(jmodel.__call__)
     encode = jax.jit(jmodel.encode_reasoner)
-    step = jax.jit(jmodel.generate)
+    step = jax.jit(jmodel.denoise_step)
 
     compile_start = time.perf_counter()
     jax_out = full(params, text, gen).vision.block_until_ready()

@@ -8,8 +8,8 @@
 Three entry points, all pure and jittable:
   `model(params, text, gen)`                   the joint forward, both towers layer by layer (as the reference);
   `model.encode_reasoner(params, text)`        the reasoner tower alone -> per-layer K/V cache (once per prompt);
-  `model.generate(params, cache, gen)`         the generator tower alone against that cache (every step).
-The reasoner never reads generator tokens, so `generate(encode_reasoner(text), gen) == model(text, gen)`.
+  `model.denoise_step(params, cache, gen)`     the generator tower alone against that cache (every step).
+The reasoner never reads generator tokens, so `denoise_step(encode_reasoner(text), gen) == model(text, gen)`.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ class Cosmos3Transformer:
         )
         return ReasonerCache(k=kv.k, v=kv.v, und_len=text.und_len), und
 
-    def generate(self, params: Params, cache: ReasonerCache, gen: GeneratorInputs) -> GeneratorOutputs:
+    def denoise_step(self, params: Params, cache: ReasonerCache, gen: GeneratorInputs) -> GeneratorOutputs:
         """Run only the generator tower against a reasoner cache (one denoising step)."""
         _, generator_attention = self._attention_functions()
         g_io = self.generator_io

@@ -465,7 +465,7 @@ def _denoiser(
                 action_noisy=static.get("action_noisy"), action_t=t if "action" in x else None,
                 action_domain=static.get("action_domain"),
             )
-            out = model.generate(params, cache, gen) if cache_reasoner else model(params, text, gen)
+            out = model.denoise_step(params, cache, gen) if cache_reasoner else model(params, text, gen)
             new_x, new_states = dict(x), dict(states)
             new_x["vision"], new_states["vision"] = scheduler.step(
                 coefficients, states["vision"], combine(out.vision)[None], x["vision"])
