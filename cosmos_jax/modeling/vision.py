@@ -169,6 +169,7 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Ar
     """Non-causal attention within segments: q, k, v [N, H, hd] -> [N, H, hd]; softmax in f32.
 
     segment_length > 0: every segment has that length (attention per segment); 0: one masked [N, N] matrix.
+    Einsum letters as in `cosmos_jax.modeling.attention` (n segment, q/s query/key position, h head, d head dim).
     """
     n, heads, dim = q.shape
     scale = dim**-0.5

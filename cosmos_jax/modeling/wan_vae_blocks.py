@@ -195,7 +195,9 @@ class ResidualBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Single-head self-attention over the pixels of each frame, residual. `[B,T,H,W,C] -> same`."""
+    """Single-head self-attention over the pixels of each frame, residual. `[B,T,H,W,C] -> same`.
+
+    Einsum letters as in `cosmos_jax.modeling.attention` (n frame, q/s query/key pixel, c channels)."""
 
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
