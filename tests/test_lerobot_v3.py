@@ -482,8 +482,8 @@ def test_generate_reads_and_writes_actions_in_raw_units_with_the_stats_file(tmp_
     np.save(tmp_path / "in.npy", raw_in)
     seen = {}
 
-    def pipeline(*args, **kwargs):
-        seen["actions"] = kwargs["actions"]
+    def pipeline(request, progress=True):
+        seen["actions"] = request.actions
         return types.SimpleNamespace(latents=np.zeros((1, 2)), sound_latents=None, mode="forward_dynamics",
                                      actions=np.array([[-1.0, 1.0], [0.0, 0.0]], np.float32),
                                      timings={"compile": 0.0, "denoise": 0.0, "decode": 0.0})
@@ -491,6 +491,7 @@ def test_generate_reads_and_writes_actions_in_raw_units_with_the_stats_file(tmp_
     parser = argparse.ArgumentParser()
     generate.add_parser(parser)
     argv = ["--model", str(model_dir), "--prompt", "push", "--action-mode", "forward_dynamics", "--domain", "pusht",
+            "--image", str(tmp_path / "first.png"),  # a GenerationRequest needs one; the stand-in never reads it
             "--actions", str(tmp_path / "in.npy"), "--output-type", "latent", "--output", str(tmp_path / "o.npy")]
     generate.generate_and_write(pipeline, parser.parse_args(argv))
     np.testing.assert_allclose(seen["actions"], [[-1, -1], [0, 0], [1, 1]], atol=1e-6)  # raw -> model space

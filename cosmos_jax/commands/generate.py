@@ -76,10 +76,9 @@ def generate_and_write(pipeline: Any, args: argparse.Namespace) -> list[str]:
     """Run the pipeline for parsed arguments and write every output; returns the written paths."""
     import numpy as np
 
+    from cosmos_jax.datasets.normalization import STATS_FILE, normalizer_for_domain
     from cosmos_jax.sampling import media
     from cosmos_jax.sampling.request import GenerationRequest
-
-    from cosmos_jax.datasets.normalization import STATS_FILE, normalizer_for_domain
 
     if args.action_stats and (args.action_mode is None or args.domain is None):
         raise ValueError("--action-stats applies to action modes: give --action-mode and --domain")
