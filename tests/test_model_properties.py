@@ -74,7 +74,7 @@ def test_reasoner_ignores_generator_tokens_and_cache_equals_joint(model_and_para
     assert float(jnp.abs(out_a.vision - out_b.vision).max()) > 1e-3  # the generator did see the change
     cache, und_c = _jitted(model, "encode_reasoner")(params, text)
     chex.assert_trees_all_close(und_c, und_a, atol=1e-6, rtol=1e-6)
-    chex.assert_trees_all_close(_jitted(model, "generate")(params, cache, gen), out_a, atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(_jitted(model, "denoise_step")(params, cache, gen), out_a, atol=1e-6, rtol=1e-6)
 
 
 @settings(max_examples=4)
