@@ -8,7 +8,7 @@ block; padded keys are masked by length and padded query rows are sliced away.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,14 @@ class BlockSizes:
 
     block_q: int
     block_k: int
+
+
+class StreamSegments(NamedTuple):
+    """Segment ids of one padded stream as a kernel reads them: ids [B, L, 1] (queries) or [B, 1, L] (keys)
+    int32, and the per-block (min, max) range table [B, 2·blocks] int32 (see `pallas_kernels.block_math`)."""
+
+    ids: jax.Array
+    ranges: jax.Array
 
 
 def _default_blocks(platform: Platform, head_dim: int) -> tuple[int, int]:
@@ -161,6 +169,28 @@ def validate_generator(
         raise ValueError(f"k_und_for_gen must have at least one token, got shape {tuple(k_und_for_gen.shape)}")
     _check_lengths("und_len", und_len, q_gen.shape[0])
     _check_lengths("gen_len", gen_len, q_gen.shape[0])
+
+
+def validate_segments(name: str, segments: jax.Array | None, shape: tuple[int, int]) -> None:
+    """Raise a clear error unless `segments` is None or an integer array of `shape` ([B, L])."""
+    if segments is None:
+        return
+    _check_tensor(name, segments, 2)
+    if tuple(segments.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {list(shape)} (batch, tokens), got {tuple(segments.shape)}")
+    if not jnp.issubdtype(segments.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {segments.dtype}")
+
+
+def validate_segment_pair(
+    und_segment_ids: jax.Array | None, gen_segment_ids: jax.Array | None, und_shape: tuple[int, int],
+    gen_shape: tuple[int, int],
+) -> None:
+    """Generator segment ids come in pairs: the reasoner keys' and the generator tokens', both or neither."""
+    if (und_segment_ids is None) != (gen_segment_ids is None):
+        raise ValueError("und_segment_ids and gen_segment_ids must be given together (both or neither)")
+    validate_segments("und_segment_ids", und_segment_ids, und_shape)
+    validate_segments("gen_segment_ids", gen_segment_ids, gen_shape)
 
 
 def resolve_scale(scale: float | None, head_dim: int) -> float:

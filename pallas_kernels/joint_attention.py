@@ -5,7 +5,7 @@
                          valid generator key (k_gen, v_gen [B,Lg,K,D]), no causal mask             -> [B,Lg,H,D]
 
 Semantics match `pallas_kernels.reference` (right padding by und_len/gen_len, zero rows for padded queries,
-GQA head h reads kv head h // (H // K)). The backend is picked when lowering: Mosaic on TPU, Triton on
+GQA head h reads kv head h // (H // K), optional segment ids for packed rows). The backend is picked when lowering: Mosaic on TPU, Triton on
 CUDA/ROCm, the Pallas interpreter elsewhere (CPU) unless `interpret` says otherwise.
 """
 
@@ -20,9 +20,11 @@ import jax.numpy as jnp
 
 from pallas_kernels import blocks as blk
 from pallas_kernels.backward import dkv_call, dq_call
+from pallas_kernels.block_math import PAD_SEGMENT, segment_ranges
 from pallas_kernels.forward import forward_call
 
 KeyValues = tuple[tuple[jax.Array, jax.Array], ...]
+Segments = tuple[jax.Array, tuple[jax.Array, ...]] | None  # (query ids [B,Lq], key ids [B,Lk] per source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +66,24 @@ def _pad_kvs(kvs: KeyValues, block_k: int) -> list[tuple[jax.Array, jax.Array]]:
     ]
 
 
+def _stream(ids: jax.Array, block: int, query: bool) -> blk.StreamSegments:
+    """Segment ids [B, L] -> padded ids ([B, Lpad, 1] for queries, [B, 1, Lpad] for keys) and range table."""
+    padded = jnp.pad(
+        ids.astype(jnp.int32), ((0, 0), (0, blk.padded_length(ids.shape[1], block) - ids.shape[1])),
+        constant_values=PAD_SEGMENT,
+    )
+    return blk.StreamSegments(padded[:, :, None] if query else padded[:, None, :], segment_ranges(padded, block))
+
+
+def _kernel_segments(segments: Segments, sizes: blk.BlockSizes):
+    if segments is None:
+        return None
+    q_ids, k_ids = segments
+    return _stream(q_ids, sizes.block_q, True), tuple(_stream(ids, sizes.block_k, False) for ids in k_ids)
+
+
 def _forward_on(
-    config: _Config, platform: blk.Platform, q: jax.Array, kvs: KeyValues, lens: jax.Array
+    config: _Config, platform: blk.Platform, q: jax.Array, kvs: KeyValues, lens: jax.Array, segments: Segments
 ) -> tuple[jax.Array, jax.Array]:
     """(o [B,Lq,H,D], lse [B,H,Lq,1] f32) on one backend."""
     sizes = _blocks(config, platform, q, kvs)
@@ -73,14 +91,14 @@ def _forward_on(
     q_p = blk.to_heads_major(q, blk.padded_length(q_len, sizes.block_q))
     o, lse = forward_call(
         lens, q_p, _pad_kvs(kvs, sizes.block_k), causal=config.causal, blocks=sizes, scale=config.scale,
-        platform=platform,
+        platform=platform, segments=_kernel_segments(segments, sizes),
     )
     return blk.from_heads_major(o, q_len), lse[:, :, :q_len]
 
 
 def _backward_on(
-    config: _Config, platform: blk.Platform, q: jax.Array, kvs: KeyValues, lens: jax.Array, do: jax.Array,
-    lse: jax.Array, delta: jax.Array,
+    config: _Config, platform: blk.Platform, q: jax.Array, kvs: KeyValues, lens: jax.Array, segments: Segments,
+    do: jax.Array, lse: jax.Array, delta: jax.Array,
 ) -> tuple[jax.Array, KeyValues]:
     """(dq [B,Lq,H,D], ((dk, dv) [B,Lk,K,D] per source)) on one backend."""
     sizes = _blocks(config, platform, q, kvs)
@@ -90,33 +108,41 @@ def _backward_on(
     lse_p, delta_p = blk.pad_sequence(lse, q_pad, axis=2), blk.pad_sequence(delta, q_pad, axis=2)
     kvs_p = _pad_kvs(kvs, sizes.block_k)
     common = dict(blocks=sizes, scale=config.scale, platform=platform)
-    dq = dq_call(lens, q_p, do_p, lse_p, delta_p, kvs_p, causal=config.causal, **common)
+    streams = _kernel_segments(segments, sizes)
+    dq = dq_call(lens, q_p, do_p, lse_p, delta_p, kvs_p, causal=config.causal, segments=streams, **common)
     grads = []
     for source, ((k, _), (k_p, v_p)) in enumerate(zip(kvs, kvs_p)):
         pair_lens = lens[jnp.array([0, source + 1])]
-        dk, dv = dkv_call(pair_lens, q_p, do_p, lse_p, delta_p, k_p, v_p, causal=config.causal[source], **common)
+        pair = None if streams is None else (streams[0], streams[1][source])
+        dk, dv = dkv_call(
+            pair_lens, q_p, do_p, lse_p, delta_p, k_p, v_p, causal=config.causal[source], segments=pair, **common
+        )
         grads.append((blk.from_heads_major(dk, k.shape[1]), blk.from_heads_major(dv, k.shape[1])))
     return blk.from_heads_major(dq, q_len), tuple(grads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _joint_attention(config: _Config, q: jax.Array, kvs: KeyValues, lens: jax.Array) -> jax.Array:
-    """q [B,Lq,H,D], kvs ((k, v) [B,Lk,K,D] per source), lens [1+S, B] int32 -> [B,Lq,H,D]."""
-    return _on_platform(config, functools.partial(_forward_on, config), q, kvs, lens)[0]
+def _joint_attention(
+    config: _Config, q: jax.Array, kvs: KeyValues, lens: jax.Array, segments: Segments
+) -> jax.Array:
+    """q [B,Lq,H,D], kvs ((k, v) [B,Lk,K,D] per source), lens [1+S, B] int32, segments -> [B,Lq,H,D]."""
+    return _on_platform(config, functools.partial(_forward_on, config), q, kvs, lens, segments)[0]
 
 
-def _joint_attention_fwd(config: _Config, q: jax.Array, kvs: KeyValues, lens: jax.Array):
-    o, lse = _on_platform(config, functools.partial(_forward_on, config), q, kvs, lens)
-    return o, (q, kvs, lens, o, lse)
+def _joint_attention_fwd(config: _Config, q: jax.Array, kvs: KeyValues, lens: jax.Array, segments: Segments):
+    o, lse = _on_platform(config, functools.partial(_forward_on, config), q, kvs, lens, segments)
+    return o, (q, kvs, lens, segments, o, lse)
 
 
 def _joint_attention_bwd(config: _Config, residuals, do: jax.Array):
-    q, kvs, lens, o, lse = residuals
+    q, kvs, lens, segments, o, lse = residuals
     query_valid = jnp.arange(q.shape[1])[None, :] < lens[0][:, None]
     do = jnp.where(query_valid[:, :, None, None], do, 0).astype(q.dtype)
     delta = jnp.einsum("blhd,blhd->bhl", do.astype(jnp.float32), o.astype(jnp.float32))[..., None]
-    dq, dkvs = _on_platform(config, functools.partial(_backward_on, config), q, kvs, lens, do, lse, delta)
-    return dq, dkvs, None
+    dq, dkvs = _on_platform(
+        config, functools.partial(_backward_on, config), q, kvs, lens, segments, do, lse, delta
+    )
+    return dq, dkvs, None, None
 
 
 _joint_attention.defvjp(_joint_attention_fwd, _joint_attention_bwd)
@@ -134,17 +160,21 @@ def reasoner_attention(
     und_len: jax.Array,
     scale: float | None = None,
     *,
+    und_segment_ids: jax.Array | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """Causal attention among reasoner tokens: q [B,Lu,H,D], k/v [B,Lu,K,D], und_len [B] -> [B,Lu,H,D]."""
+    """Causal attention among reasoner tokens: q [B,Lu,H,D], k/v [B,Lu,K,D], und_len [B] -> [B,Lu,H,D];
+    und_segment_ids [B,Lu] int (optional) restricts each query to keys of its own segment."""
     blk.validate_reasoner(q_und, k_und, v_und, und_len)
+    blk.validate_segments("und_segment_ids", und_segment_ids, q_und.shape[:2])
     config = _Config((True,), blk.resolve_scale(scale, q_und.shape[-1]), block_q, block_k, interpret)
     _check_config(config)
     lu = q_und.shape[1]
     lens = _length_table([(und_len, lu), (und_len, lu)])
-    return _joint_attention(config, q_und, ((k_und, v_und),), lens)
+    segments = None if und_segment_ids is None else (und_segment_ids, (und_segment_ids,))
+    return _joint_attention(config, q_und, ((k_und, v_und),), lens, segments)
 
 
 def generator_attention(
@@ -157,17 +187,22 @@ def generator_attention(
     gen_len: jax.Array,
     scale: float | None = None,
     *,
+    und_segment_ids: jax.Array | None = None,
+    gen_segment_ids: jax.Array | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """Generator queries [B,Lg,H,D] over valid reasoner keys [B,Lu,K,D] and generator keys [B,Lg,K,D]."""
+    """Generator queries [B,Lg,H,D] over valid reasoner keys [B,Lu,K,D] and generator keys [B,Lg,K,D];
+    with segment ids ([B,Lu] and [B,Lg], both or neither) a query sees only keys of its own segment."""
     blk.validate_generator(q_gen, k_und_for_gen, v_und, k_gen, v_gen, und_len, gen_len)
+    blk.validate_segment_pair(und_segment_ids, gen_segment_ids, k_und_for_gen.shape[:2], q_gen.shape[:2])
     config = _Config((False, False), blk.resolve_scale(scale, q_gen.shape[-1]), block_q, block_k, interpret)
     _check_config(config)
     lu, lg = k_und_for_gen.shape[1], q_gen.shape[1]
     lens = _length_table([(gen_len, lg), (und_len, lu), (gen_len, lg)])
-    return _joint_attention(config, q_gen, ((k_und_for_gen, v_und), (k_gen, v_gen)), lens)
+    segments = None if gen_segment_ids is None else (gen_segment_ids, (und_segment_ids, gen_segment_ids))
+    return _joint_attention(config, q_gen, ((k_und_for_gen, v_und), (k_gen, v_gen)), lens, segments)
 
 
 def _check_config(config: _Config) -> None:

@@ -8,7 +8,9 @@ Layout (right padding, one row of the batch per CFG branch or sample):
 
 `und_len[b]` / `gen_len[b]` count the valid (unpadded) tokens of row b. Keys past them are masked; query rows
 past them produce zeros. GQA: query head h reads kv head h // (H // K) (repeat-interleave, not tiling).
-Logits and softmax are computed in f32; outputs are cast back to the query dtype.
+Segment ids (optional, int [B, Lu] / [B, Lg]) pack several samples into one row: a query then sees only keys
+with its own id, on top of the masks above. Logits and softmax are computed in f32; outputs are cast back to
+the query dtype.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def _grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
 
 
 def reasoner_attention_reference(
-    q_und: jax.Array, k_und: jax.Array, v_und: jax.Array, und_len: jax.Array, scale: float | None = None
+    q_und: jax.Array, k_und: jax.Array, v_und: jax.Array, und_len: jax.Array, scale: float | None = None, *,
+    und_segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Causal attention among reasoner tokens. Shapes as in the module docstring; returns [B, Lu, H, D]."""
     lu = q_und.shape[1]
@@ -45,6 +48,8 @@ def reasoner_attention_reference(
     pos = jnp.arange(lu)
     valid = pos[None, :] < und_len[:, None]
     mask = (pos[None, :, None] >= pos[None, None, :]) & valid[:, None, :] & valid[:, :, None]
+    if und_segment_ids is not None:
+        mask = mask & (und_segment_ids[:, :, None] == und_segment_ids[:, None, :])
     return _grouped_attention(q_und, k_und, v_und, mask, scale)
 
 
@@ -57,6 +62,9 @@ def generator_attention_reference(
     und_len: jax.Array,
     gen_len: jax.Array,
     scale: float | None = None,
+    *,
+    und_segment_ids: jax.Array | None = None,
+    gen_segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Generator queries over all valid reasoner + generator keys, no causal mask. Returns [B, Lg, H, D]."""
     lu, lg = k_und_for_gen.shape[1], q_gen.shape[1]
@@ -68,4 +76,7 @@ def generator_attention_reference(
     )
     query_valid = jnp.arange(lg)[None, :] < gen_len[:, None]
     mask = query_valid[:, :, None] & key_valid[:, None, :]
+    if gen_segment_ids is not None:
+        key_segments = jnp.concatenate([und_segment_ids, gen_segment_ids], axis=1)
+        mask = mask & (gen_segment_ids[:, :, None] == key_segments[:, None, :])
     return _grouped_attention(q_gen, keys, values, mask, scale)

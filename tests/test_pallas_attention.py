@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import export
 
-from pallas_kernels import blocked_xla
+from pallas_kernels.xla import blocked as blocked_xla
 from pallas_kernels import joint_attention as pallas_attention
 from pallas_kernels.reference import generator_attention_reference, reasoner_attention_reference
 

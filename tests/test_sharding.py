@@ -40,7 +40,8 @@ from cosmos_jax.sharding import (
     spec_for,
     specs_snapshot,
 )
-from pallas_kernels import blocked_xla, reference
+from pallas_kernels import reference
+from pallas_kernels.xla import blocked as blocked_xla
 
 REL_TOL = 2e-5
 GOLDEN = Path(__file__).parent / "golden"

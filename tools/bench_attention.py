@@ -19,7 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import blocked_xla
+from pallas_kernels.xla import blocked as blocked_xla
 from pallas_kernels import joint_attention as pallas_attention
 from pallas_kernels.reference import generator_attention_reference, reasoner_attention_reference
 from timing import median_seconds

@@ -43,9 +43,9 @@ def attention_functions(impl: str) -> tuple[Callable[..., jax.Array], Callable[.
 
         return reference.reasoner_attention_reference, reference.generator_attention_reference
     if impl == "blocked":
-        from pallas_kernels import blocked_xla
+        from pallas_kernels.xla import blocked
 
-        return blocked_xla.reasoner_attention, blocked_xla.generator_attention
+        return blocked.reasoner_attention, blocked.generator_attention
     from pallas_kernels import joint_attention
 
     return joint_attention.reasoner_attention, joint_attention.generator_attention
