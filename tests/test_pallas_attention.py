@@ -169,6 +169,70 @@ def test_fully_padded_row_gives_zeros_and_finite_gradients(impl: str) -> None:
     assert float(jnp.abs(out[1]).max()) == 0.0
 
 
+@st.composite
+def _segment_ids(draw, batch: int, size: int) -> jax.Array:
+    """[batch, size] int32: packed rows (non-decreasing runs of up to 4 segments) or, sometimes, arbitrary ids."""
+    rows = []
+    for _ in range(batch):
+        ids = draw(st.lists(st.integers(0, 3), min_size=size, max_size=size))
+        rows.append(sorted(ids) if draw(st.booleans()) else ids)
+    return jnp.asarray(rows, jnp.int32)
+
+
+@st.composite
+def segmented_cases(draw):
+    batch = draw(st.integers(1, 2))
+    und, gen = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    return dict(
+        seed=draw(st.integers(0, 2**16)), batch=batch, und=und, gen=gen, kv_heads=draw(st.sampled_from([1, 2])),
+        group=draw(st.sampled_from([1, 2, 4])), head_dim=64, und_len=draw(_lengths(batch, und, 0)),
+        gen_len=draw(_lengths(batch, gen, 0)), und_segments=draw(_segment_ids(batch, und)),
+        gen_segments=draw(_segment_ids(batch, gen)),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_segment_ids_match_reference_with_gradients(impl: str) -> None:
+    """Packed rows: both passes, forward and gradients, against the reference with the same segment mask."""
+    reasoner, generator = IMPLEMENTATIONS[impl]
+
+    @settings(max_examples=MAX_EXAMPLES[impl], deadline=None)
+    @given(segmented_cases())
+    def check(case):
+        und_seg, gen_seg = case.pop("und_segments"), case.pop("gen_segments")
+        arrays, lengths = _reasoner_case(
+            case["seed"], case["batch"], case["und"], case["kv_heads"], case["group"], 64, jnp.float32,
+            case["und_len"],
+        )
+        seg = dict(und_segment_ids=und_seg)
+        _assert_matches(functools.partial(reasoner, **seg), functools.partial(reasoner_attention_reference, **seg),
+                        arrays, lengths, jnp.float32, case["seed"])
+        arrays, lengths = _generator_case(dtype=jnp.float32, **case)
+        seg = dict(und_segment_ids=und_seg, gen_segment_ids=gen_seg)
+        _assert_matches(functools.partial(generator, **seg), functools.partial(generator_attention_reference, **seg),
+                        arrays, lengths, jnp.float32, case["seed"])
+
+    check()
+
+
+def test_segment_ids_isolate_packed_samples() -> None:
+    """Two samples packed in one row give exactly what each gives alone (the reference and both kernels)."""
+    arrays, _ = _generator_case(9, 1, 24, 40, 2, 2, 64, jnp.float32, [24], [40])
+    q, ku, vu, kg, vg = arrays
+    und_seg = jnp.asarray([[0] * 10 + [1] * 14], jnp.int32)
+    gen_seg = jnp.asarray([[0] * 15 + [1] * 25], jnp.int32)
+    first = generator_attention_reference(q[:, :15], ku[:, :10], vu[:, :10], kg[:, :15], vg[:, :15],
+                                          jnp.array([10]), jnp.array([15]))
+    second = generator_attention_reference(q[:, 15:], ku[:, 10:], vu[:, 10:], kg[:, 15:], vg[:, 15:],
+                                           jnp.array([14]), jnp.array([25]))
+    alone = jnp.concatenate([first, second], axis=1)
+    for _, generator in IMPLEMENTATIONS.values():
+        packed = generator(q, ku, vu, kg, vg, jnp.array([24]), jnp.array([40]), und_segment_ids=und_seg,
+                           gen_segment_ids=gen_seg)
+        np.testing.assert_allclose(packed, alone, atol=2e-5, rtol=0)
+
+
 def test_pallas_default_blocks_match_reference() -> None:
     """Default (heuristic) blocks and the automatic interpreter choice on CPU."""
     arrays, lengths = _generator_case(8, 1, 70, 150, 2, 2, 64, jnp.float32, [70], [131])
@@ -192,6 +256,12 @@ def test_bad_inputs_raise_clear_errors(module) -> None:
         module.reasoner_attention(q, k, v, und_len, block_q=24)
     with pytest.raises(ValueError, match="k_gen length"):
         module.generator_attention(q, k, v, k[:, :5], v[:, :5], und_len, und_len)
+    with pytest.raises(ValueError, match=r"und_segment_ids must have shape \[2, 8\]"):
+        module.reasoner_attention(q, k, v, und_len, und_segment_ids=jnp.zeros((2, 7), jnp.int32))
+    with pytest.raises(ValueError, match="und_segment_ids must be an integer array"):
+        module.reasoner_attention(q, k, v, und_len, und_segment_ids=jnp.zeros((2, 8)))
+    with pytest.raises(ValueError, match="given together"):
+        module.generator_attention(q, k, v, k, v, und_len, und_len, gen_segment_ids=jnp.zeros((2, 8), jnp.int32))
 
 
 def _lower(platform: str, fn: Callable[..., object], *shapes: jax.ShapeDtypeStruct) -> str:
@@ -224,3 +294,14 @@ def test_kernels_lower_for_accelerators(platform: str, marker: str) -> None:
     assert backward.count(marker) >= 3  # forward, dQ, dK/dV
     generator = _lower(platform, generator_grads, q_gen, kv_und, kv_und, kv_gen, kv_gen, lens, lens)
     assert generator.count(marker) >= 4  # forward, dQ, dK/dV per key source
+
+    def segmented_grads(q, ku, vu, kg, vg, und_len, gen_len, und_seg, gen_seg):
+        segments = dict(und_segment_ids=und_seg, gen_segment_ids=gen_seg)
+        loss = lambda *xs: jnp.sum(  # noqa: E731
+            pallas_attention.generator_attention(*xs, und_len, gen_len, **segments).astype(jnp.float32)
+        )
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, ku, vu, kg, vg)
+
+    und_seg, gen_seg = spec((b, lu), jnp.int32), spec((b, lg), jnp.int32)
+    segmented = _lower(platform, segmented_grads, q_gen, kv_und, kv_und, kv_gen, kv_gen, lens, lens, und_seg, gen_seg)
+    assert segmented.count(marker) >= 4
