@@ -15,12 +15,14 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cosmos_jax.compile_cache import enable as enable_compile_cache
     from cosmos_jax.demo import DEFAULT_CACHE, MODEL_DESCRIPTION, run_demo
 
     if args.steps < 1:
         print(f"error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
         return 2
     out = args.out if args.out is not None else DEFAULT_CACHE
+    enable_compile_cache()
     print(f"model: {MODEL_DESCRIPTION}")
     report = run_demo(out, steps=args.steps, progress=not args.no_progress)
     print(f"checkpoint (Hub layout): {report['checkpoint']}")

@@ -124,6 +124,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from cosmos_jax.compile_cache import enable as enable_compile_cache
+
+    enable_compile_cache()
     import jax.numpy as jnp
 
     from cosmos_jax.sampling.generate import Cosmos3Pipeline
