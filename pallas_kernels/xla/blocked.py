@@ -39,7 +39,8 @@ Carry = tuple[jax.Array, jax.Array, jax.Array]
 
 
 class _Chunks(NamedTuple):
-    """Keys laid out for the scan: k/v [C,B,K,bk,D] f32, bias [C,B,1,1,bk] (0 or -inf), starts [C], and the
+    """Keys laid out for the scan: k [C,B,K,D,bk] (transposed once, so q·k is a plain matmul) and v [C,B,K,bk,D]
+    f32, bias [C,B,1,1,bk] (0 or -inf), starts [C], and the
     key segment ids [C,B,1,1,bk] (or None)."""
 
     k: jax.Array
@@ -81,19 +82,21 @@ def _lay_out_keys(
 ) -> _Chunks:
     """k/v [B,S,K,D], valid [B,S] bool, segments [B,S] int or None -> `_Chunks` (done once per call)."""
     num_chunks = -(-k.shape[1] // chunk)
-    layout = lambda x: _chunked(x.astype(jnp.float32), num_chunks, chunk, 0.0).transpose(0, 1, 3, 2, 4)  # noqa: E731
+    k = _chunked(k.astype(jnp.float32), num_chunks, chunk, 0.0).transpose(0, 1, 3, 4, 2)
+    v = _chunked(v.astype(jnp.float32), num_chunks, chunk, 0.0).transpose(0, 1, 3, 2, 4)
     bias = _chunked(jnp.where(valid, 0.0, -jnp.inf), num_chunks, chunk, -jnp.inf)[:, :, None, None, :]
     seg = None if segments is None else _chunked(segments.astype(jnp.int32), num_chunks, chunk, -1)[:, :, None, None, :]
-    return _Chunks(layout(k), layout(v), bias, jnp.arange(num_chunks) * chunk, seg)
+    return _Chunks(k, v, bias, jnp.arange(num_chunks) * chunk, seg)
 
 
 def _online_step(carry: Carry, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> Carry:
-    """Fold one key chunk into (max, denominator [B,K,R,1], accumulator [B,K,R,D]); bias broadcasts to the logits.
+    """Fold one key chunk (k [B,K,D,bk], v [B,K,bk,D]) into (max, denominator [B,K,R,1], accumulator [B,K,R,D]);
+    bias broadcasts to the logits.
 
     The running max starts finite, so exp2(-inf - max) is exactly 0 and masked logits need no second select.
     """
     m_prev, l_prev, acc_prev = carry
-    s = jnp.einsum("bkrd,bksd->bkrs", q, k) + bias
+    s = jnp.einsum("bkrd,bkds->bkrs", q, k) + bias
     m_new = jax.lax.stop_gradient(jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True)))
     p = jnp.exp2(s - m_new)
     alpha = jnp.exp2(m_prev - m_new)
@@ -106,7 +109,7 @@ def _scan_chunks(
 ) -> Carry:
     """Fold every chunk into the carry; q [B,K,R,D] f32 pre-scaled by scale·log2(e), q_pos [R] if causal,
     q_seg [B,1,R,1] if segmented."""
-    chunk = chunks.k.shape[3]
+    chunk = chunks.v.shape[3]
 
     @jax.checkpoint
     def step(carry: Carry, xs) -> tuple[Carry, None]:
@@ -150,6 +153,13 @@ def _choose(block: int | None, default: int, name: str) -> int:
         return default
     blk.check_block(name, block)
     return block
+
+
+def _even_chunk(length: int, target: int) -> int:
+    """The chunk length that splits `length` keys into ceil(length / target) near-equal chunks (a multiple of 8),
+    so the padding is under 8 keys per chunk instead of up to a whole chunk."""
+    num_chunks = -(-length // target)
+    return -(-length // (8 * num_chunks)) * 8
 
 
 def _valid(lengths: jax.Array, size: int) -> jax.Array:
@@ -228,7 +238,7 @@ def generator_attention(
         jnp.concatenate([v_und, v_gen], axis=1),
         jnp.concatenate([_valid(und_len, lu), _valid(gen_len, lg)], axis=1),
         jnp.concatenate([und_segment_ids, gen_segment_ids], axis=1) if segmented else None,
-        min(block_k, lu + lg),
+        _even_chunk(lu + lg, block_k),
     )
     block_q = min(block_q, lg)
     num_tiles = -(-lg // block_q)
