@@ -1,10 +1,13 @@
 """Jitted JAX transformer forward vs diffusers' eager Cosmos3OmniTransformer, same weights, one process.
 
     python tools/bench_forward.py [--layers 4] [--hidden 512] [--text 256] [--frames 12] [--repeats 3]
+    python tools/bench_forward.py --breakdown     # where one layer's time goes, piece by piece (no torch)
 
 Reports seconds per forward, GFLOP/s (dense matmul + unmasked attention FLOPs), the fraction of this machine's
 fp32 matmul ceiling (measured in the same run), the JAX/torch speed ratio, and the cached generator-only step
-(`denoise_step` against a reasoner K/V cache) against the full joint step.
+(`denoise_step` against a reasoner K/V cache) against the full joint step. `--breakdown` times the pieces of one
+joint layer at the same shapes instead (attention passes, projections, MLP, norms, rope, and the attention's
+own matmuls and softmax alone), interleaved with the ceiling.
 """
 
 from __future__ import annotations
@@ -57,6 +60,67 @@ def matmul_ceiling(repeats: int = 5) -> float:
     return 2 * 2048**3 / best / 1e9
 
 
+def breakdown(cfg, und_len: int, gen_len: int, repeats: int) -> None:
+    """Print a table of one joint layer's pieces at the benchmark shapes, each timed alone (fp32, jitted)."""
+    from pallas_kernels.xla import blocked
+
+    from cosmos_jax.modeling.norms import RMSNorm
+    from cosmos_jax.modeling.rope import apply_rope
+
+    key = iter(jax.random.split(jax.random.key(0), 32))
+    normal = lambda *shape: jax.random.normal(next(key), shape, jnp.float32)  # noqa: E731
+    d, hd, h, k, inter = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
+    tokens, group, rows = und_len + gen_len, h // k, 64 * (h // k)
+    q_gen, q_und = normal(1, gen_len, h, hd), normal(1, und_len, h, hd)
+    kv_und, kv_gen = normal(1, und_len, k, hd), normal(1, gen_len, k, hd)
+    lens = (jnp.array([und_len]), jnp.array([gen_len]))
+    x, w_qkv, w_o = normal(1, tokens, d), normal(d, hd * (h + 2 * k)), normal(h * hd, d)
+    w_gate, w_up, w_down = normal(d, inter), normal(d, inter), normal(inter, d)
+    norm = RMSNorm(cfg.rms_norm_eps)
+    norm_params, head_norm_params = norm.init(jax.random.key(0), x), norm.init(jax.random.key(0), q_gen)
+    cos, sin = normal(1, tokens, hd), normal(1, tokens, hd)
+    q_rows, k_t, v_rows = normal(rows, hd), normal(hd, tokens), normal(tokens, hd)
+    logits = normal(rows, tokens)
+    tiles = k * -(-gen_len // 64)  # the blocked path's (query tile, kv head) matmul pairs per layer
+    attn_flops = 4 * h * hd * gen_len * tokens
+    pieces = {
+        "generator attention (blocked)": (lambda: blocked.generator_attention(q_gen, kv_und, kv_und, kv_gen, kv_gen, *lens), attn_flops),
+        "reasoner attention (blocked)": (lambda: blocked.reasoner_attention(q_und, kv_und, kv_und, lens[0]),
+                                         4 * h * hd * und_len * (und_len + 1) / 2),
+        "  its q·kᵀ matmuls alone": (lambda: [q_rows @ k_t for _ in range(tiles)], attn_flops / 2),
+        "  its p·v matmuls alone": (lambda: [logits @ v_rows for _ in range(tiles)], attn_flops / 2),
+        "  its softmax alone (max, exp2, sum)": (
+            lambda: [jnp.sum(jnp.exp2(logits - jnp.max(logits, -1, keepdims=True)), -1) for _ in range(tiles)], 0),
+        "q/k/v + o projections": (lambda: (x @ w_qkv, x[:, :, : h * hd] @ w_o), 2 * tokens * d * hd * (2 * h + 2 * k)),
+        "MLP (SwiGLU)": (lambda: (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down, 6 * tokens * d * inter),
+        "RMSNorms (input, post-attention, q, k)": (
+            lambda: (norm.apply(norm_params, x), norm.apply(norm_params, x), norm.apply(head_norm_params, q_gen),
+                     norm.apply(head_norm_params, kv_gen)), 0),
+        "rope (q and k)": (lambda: (apply_rope(q_gen, cos[:, :gen_len], sin[:, :gen_len]),
+                                    apply_rope(kv_gen, cos[:, :gen_len], sin[:, :gen_len])), 0),
+    }
+    compiled = {name: jax.jit(fn) for name, (fn, _) in pieces.items()}
+    square = jnp.ones((2048, 2048), jnp.float32)
+    compiled["ceiling"] = jax.jit(lambda: square @ square)
+    for fn in compiled.values():
+        jax.block_until_ready(fn())
+    times = {name: [] for name in compiled}
+    for _ in range(repeats):
+        for name, fn in compiled.items():
+            times[name].append(_timed(lambda: jax.block_until_ready(fn())))
+    best = {name: min(t) for name, t in times.items()}
+    ceiling = 2 * 2048**3 / best.pop("ceiling") / 1e9
+    layer = sum(best[name] for name in best if not name.startswith("  "))
+    print(f"fp32 matmul ceiling (XLA 2048^3): {ceiling:.0f} GFLOP/s; {und_len} text + {gen_len} generator tokens\n")
+    print("| piece of one joint layer | ms | share of the layer | GFLOP/s | of ceiling |")
+    print("|---|---:|---:|---:|---:|")
+    for name, seconds in best.items():
+        flops = pieces[name][1]
+        rate = f"{flops / seconds / 1e9:.0f} | {flops / seconds / 1e9 / ceiling:.0%}" if flops else "– | –"
+        share = "" if name.startswith("  ") else f"{seconds / layer:.0%}"
+        print(f"| {name} | {seconds * 1e3:.1f} | {share} | {rate} |")
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -73,6 +137,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=12, help="latent frames of 32x32 latents (256 tokens each)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attention", default="auto", help="JAX attention implementation")
+    parser.add_argument("--breakdown", action="store_true", help="time one layer's pieces instead (no torch)")
     args = parser.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -84,6 +149,9 @@ def main() -> None:
     )
     model = build_torch_transformer(style, seed=0)
     cfg = jax_config(model)
+    if args.breakdown:
+        breakdown(cfg, args.text, args.frames * 256, max(args.repeats, 5))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         state = save_and_read_state(model, tmp)
     latent = (args.frames, 32, 32)
