@@ -13,6 +13,7 @@ own matmuls and softmax alone), interleaved with the ceiling.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -83,25 +84,40 @@ def breakdown(cfg, und_len: int, gen_len: int, repeats: int) -> None:
     logits = normal(rows, tokens)
     tiles = k * -(-gen_len // 64)  # the blocked path's (query tile, kv head) matmul pairs per layer
     attn_flops = 4 * h * hd * gen_len * tokens
-    pieces = {
-        "generator attention (blocked)": (lambda: blocked.generator_attention(q_gen, kv_und, kv_und, kv_gen, kv_gen, *lens), attn_flops),
-        "reasoner attention (blocked)": (lambda: blocked.reasoner_attention(q_und, kv_und, kv_und, lens[0]),
+    def norms(x, q, k):
+        return (norm.apply(norm_params, x), norm.apply(norm_params, x), norm.apply(head_norm_params, q),
+                norm.apply(head_norm_params, k))
+
+    def repeated(fn, a, b):
+        """`tiles` calls of fn(a, b) in a loop, each made to depend on the last so none is merged or hoisted."""
+        def body(_, total):
+            out = fn(a, b + total * 0.0)
+            return total + out.reshape(-1)[0]
+        return jax.lax.fori_loop(0, tiles, body, jnp.float32(0))
+
+    def softmax(s, _):
+        return jnp.sum(jnp.exp2(s - jnp.max(s, -1, keepdims=True)), -1)
+
+    pieces = {  # name: (function, arguments, FLOPs)
+        "generator attention (blocked)": (blocked.generator_attention, (q_gen, kv_und, kv_und, kv_gen, kv_gen, *lens),
+                                          attn_flops),
+        "reasoner attention (blocked)": (blocked.reasoner_attention, (q_und, kv_und, kv_und, lens[0]),
                                          4 * h * hd * und_len * (und_len + 1) / 2),
-        "  its q·kᵀ matmuls alone": (lambda: [q_rows @ k_t for _ in range(tiles)], attn_flops / 2),
-        "  its p·v matmuls alone": (lambda: [logits @ v_rows for _ in range(tiles)], attn_flops / 2),
+        "  its q·kᵀ matmuls alone": (functools.partial(repeated, jnp.matmul), (q_rows, k_t), attn_flops / 2),
+        "  its p·v matmuls alone": (functools.partial(repeated, jnp.matmul), (logits, v_rows), attn_flops / 2),
         "  its softmax alone (max, exp2, sum)": (
-            lambda: [jnp.sum(jnp.exp2(logits - jnp.max(logits, -1, keepdims=True)), -1) for _ in range(tiles)], 0),
-        "q/k/v + o projections": (lambda: (x @ w_qkv, x[:, :, : h * hd] @ w_o), 2 * tokens * d * hd * (2 * h + 2 * k)),
-        "MLP (SwiGLU)": (lambda: (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down, 6 * tokens * d * inter),
-        "RMSNorms (input, post-attention, q, k)": (
-            lambda: (norm.apply(norm_params, x), norm.apply(norm_params, x), norm.apply(head_norm_params, q_gen),
-                     norm.apply(head_norm_params, kv_gen)), 0),
-        "rope (q and k)": (lambda: (apply_rope(q_gen, cos[:, :gen_len], sin[:, :gen_len]),
-                                    apply_rope(kv_gen, cos[:, :gen_len], sin[:, :gen_len])), 0),
+            functools.partial(repeated, lambda s, b: softmax(s + b, None)), (logits, jnp.float32(0)), 0),
+        "q/k/v + o projections": (lambda x, a, b: (x @ a, x[:, :, : h * hd] @ b), (x, w_qkv, w_o),
+                                  2 * tokens * d * hd * (2 * h + 2 * k)),
+        "MLP (SwiGLU)": (lambda x, g, u, w: (jax.nn.silu(x @ g) * (x @ u)) @ w, (x, w_gate, w_up, w_down),
+                         6 * tokens * d * inter),
+        "RMSNorms (input, post-attention, q, k)": (norms, (x, q_gen, kv_gen), 0),
+        "rope (q and k)": (lambda q, k, c, s: (apply_rope(q, c, s), apply_rope(k, c, s)),
+                           (q_gen, kv_gen, cos[:, :gen_len], sin[:, :gen_len]), 0),
     }
-    compiled = {name: jax.jit(fn) for name, (fn, _) in pieces.items()}
     square = jnp.ones((2048, 2048), jnp.float32)
-    compiled["ceiling"] = jax.jit(lambda: square @ square)
+    pieces["ceiling"] = (lambda a: a @ a, (square,), 2 * 2048**3)
+    compiled = {name: functools.partial(jax.jit(fn), *args) for name, (fn, args, _) in pieces.items()}
     for fn in compiled.values():
         jax.block_until_ready(fn())
     times = {name: [] for name in compiled}
@@ -115,7 +131,7 @@ def breakdown(cfg, und_len: int, gen_len: int, repeats: int) -> None:
     print("| piece of one joint layer | ms | share of the layer | GFLOP/s | of ceiling |")
     print("|---|---:|---:|---:|---:|")
     for name, seconds in best.items():
-        flops = pieces[name][1]
+        flops = pieces[name][2]
         rate = f"{flops / seconds / 1e9:.0f} | {flops / seconds / 1e9 / ceiling:.0%}" if flops else "– | –"
         share = "" if name.startswith("  ") else f"{seconds / layer:.0%}"
         print(f"| {name} | {seconds * 1e3:.1f} | {share} | {rate} |")
