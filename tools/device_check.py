@@ -182,7 +182,7 @@ def stack_row(plan: Plan) -> dict[str, Any]:
         vision_noisy=jnp.asarray(np.stack([layout.vision_noisy] * 2)), vision_t=jnp.full((2,), 973.0),
     )
     cache, _ = jax.jit(model.encode_reasoner)(params, text)
-    step = jax.jit(model.generate)
+    step = jax.jit(model.denoise_step)
     jax.block_until_ready(step(params, cache, gen).vision)
     seconds = median_seconds(lambda: jax.block_until_ready(step(params, cache, gen).vision), plan.repeats)
     extrapolated = seconds * NANO_LAYERS / plan.stack_layers * NANO_STEPS
@@ -197,10 +197,12 @@ def stack_row(plan: Plan) -> dict[str, Any]:
 
 def _tiny_pipeline_latents(checkpoint: Path, attention: str) -> np.ndarray:
     from cosmos_jax.sampling.generate import Cosmos3Pipeline
+    from cosmos_jax.sampling.request import GenerationRequest
 
     pipeline = Cosmos3Pipeline.from_pretrained(checkpoint, dtype=jnp.float32, attention=attention)
-    result = pipeline(prompt="A robot arm picks up a red cube.", num_frames=9, height=64, width=64, steps=3,
-                      guidance=6.0, seed=0, output_type="latent", progress=False)
+    request = GenerationRequest("A robot arm picks up a red cube.", num_frames=9, height=64, width=64, steps=3,
+                                guidance=6.0, seed=0, output_type="latent")
+    result = pipeline(request, progress=False)
     return np.asarray(result.latents, np.float32)
 
 
