@@ -32,6 +32,7 @@ from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.modeling.wan_vae import COSMOS3_LATENTS_MEAN, COSMOS3_LATENTS_STD, WanVAE, WanVAEConfig
+from cosmos_jax.sampling.batch import sample_key
 from cosmos_jax.sampling.generate import Cosmos3Pipeline
 from cosmos_jax.sampling.request import GenerationRequest
 from cosmos_jax.sampling.prompts import ChatTokenizer
@@ -232,7 +233,7 @@ def test_pipeline_matches_reference(reference, pipeline, name, case):
 
     if encode:  # the JAX pipeline's own conditioning (preprocessing + VAE encoding) gives the same clean frames
         plan = pipeline.plan(GenerationRequest(PROMPT, **kwargs, guidance=guidance))
-        own_vision, _, own_action = pipeline._starting_latents(plan, 0, None, None, None)
+        own_vision, _, own_action = pipeline.starting_latents(plan, sample_key(0, 0), (None, None, None))
         assert own_vision.shape == vision0.shape and plan.clean_frames
         for frame in plan.clean_frames:
             np.testing.assert_allclose(own_vision[:, :, frame], vision0[:, :, frame], atol=ATOL, rtol=0)
@@ -299,7 +300,7 @@ def test_bad_input_is_refused_before_compute(pipeline, monkeypatch, name):
     def no_compute(*args, **kw):
         raise AssertionError("compute started before the input was checked")
 
-    monkeypatch.setattr(pipeline, "_starting_latents", no_compute)
+    monkeypatch.setattr(pipeline, "starting_latents", no_compute)
     monkeypatch.setattr(pipeline, "_executable", no_compute)
     with pytest.raises(error, match=message):
         pipeline(GenerationRequest(PROMPT, steps=STEPS, output_type=kwargs.pop("output_type", "latent"), **kwargs),
