@@ -167,8 +167,9 @@ def _materialise(case: dict) -> dict:
     return kwargs
 
 
-def _reference_run(reference, kwargs: dict, decode: bool) -> dict:
-    """prepare_latents (seeded torch noise, clean frames encoded by the reference), then __call__ from them."""
+def _reference_run(reference, kwargs: dict, decode: bool, seed: int = 0, prompt: str = PROMPT) -> dict:
+    """prepare_latents (torch noise seeded with `seed`, clean frames encoded by the reference), then __call__ from
+    them with `prompt`."""
     action = None
     if "action_mode" in kwargs:
         raw = kwargs.get("actions")
@@ -186,7 +187,7 @@ def _reference_run(reference, kwargs: dict, decode: bool) -> dict:
     with torch.no_grad():
         start = reference.prepare_latents(
             image=image, video=video, num_frames=num_frames, height=height, width=width, fps=24.0,
-            generator=torch.Generator().manual_seed(0), device="cpu", dtype=torch.float32, enable_sound=sound,
+            generator=torch.Generator().manual_seed(seed), device="cpu", dtype=torch.float32, enable_sound=sound,
             action=action,
         )
     vision0, sound0, action0 = start[0], start[1], start[2]
@@ -205,7 +206,7 @@ def _reference_run(reference, kwargs: dict, decode: bool) -> dict:
     reference.decode_sound = decode_sound
     try:
         out = reference(
-            PROMPT, image=image, video=video, action=action,
+            prompt, image=image, video=video, action=action,
             num_frames=None if action else num_frames, height=height, width=width, fps=24.0,
             num_inference_steps=STEPS, guidance_scale=kwargs["guidance"], enable_sound=sound,
             latents=vision0, sound_latents=sound0, action_latents=action0,
