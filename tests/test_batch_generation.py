@@ -248,3 +248,51 @@ def test_plan_batches_covers_every_sample_once_in_same_shape_batches(labels, per
     if data > 1:
         with pytest.raises(ValueError, match=f"batch size {batch_size + 1} does not divide over the data axis"):
             check_batch_size(batch_size + 1, data)
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_numbered_samples_and_a_listing(folder, solo, tmp_path):
+    """`--num-samples 3 --batch-size 2`: clip-00000.npy .. clip-00002.npy, equal to the library's samples 0..2,
+    and clip.samples.json with each output's seed and sample index."""
+    import json
+
+    from cosmos_jax.cli import main
+
+    out = tmp_path / "out" / "clip.npy"
+    code = main(["generate", "--model", str(folder), "--prompt", PROMPT, "--num-frames", "9", "--height", "32",
+                 "--width", "32", "--steps", str(STEPS), "--guidance", "4", "--seed", "100", "--num-samples", "3",
+                 "--batch-size", "2", "--output-type", "latent", "--output", str(out), "--dtype", "float32",
+                 "--attention", "xla", "--no-progress"])
+    assert code == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "clip-00000.npy", "clip-00001.npy", "clip-00002.npy", "clip.samples.json"]
+    for k in range(3):
+        want = solo("text2video", 0, k).latents
+        err = np.abs(np.load(out.parent / f"clip-{k:05d}.npy") - want).max() / np.abs(want).max()
+        assert err <= BATCH_REL
+    listing = json.loads((out.parent / "clip.samples.json").read_text())
+    assert [(s["sample_index"], s["seed"], s["output"]) for s in listing["samples"]] == [
+        (k, 100, str(out.parent / f"clip-{k:05d}.npy")) for k in range(3)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-samples", "0"], "--num-samples must be a positive integer, got 0"),
+    (["--batch-size", "0"], "--batch-size: batch size must be a positive int, got 0"),
+    (["--batch-size", "3", "--mesh", "data=2"], "--batch-size: batch size 3 does not divide over the data axis"),
+    (["--mesh", "data=2,model=4"], "unknown axis 'model'"),
+    (["--num-samples", "2", "--init-noise", "NOISE"], "--init-noise fix the starting latents"),
+])
+def test_cli_refuses_bad_sample_counts_before_loading(tmp_path, capsys, flags, message):
+    from cosmos_jax.cli import main
+
+    (tmp_path / "model").mkdir()  # an empty folder: the refusal must come before the model is read
+    noise = tmp_path / "noise.npy"
+    np.save(noise, np.zeros((1, 48, 3, 2, 2), np.float32))
+    flags = [str(noise) if f == "NOISE" else f for f in flags]
+    code = main(["generate", "--model", str(tmp_path / "model"), "--prompt", "x", "--output",
+                 str(tmp_path / "o.mp4"), *flags])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.mp4").exists()
