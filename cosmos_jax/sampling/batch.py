@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +28,8 @@ from cosmos_jax.modeling.inputs import GeneratorInputs, ReasonerCache, TextInput
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence
 from cosmos_jax.sampling import scheduler
-
-if TYPE_CHECKING:
-    from cosmos_jax.sampling.generate import GenerationPlan
-    from cosmos_jax.sampling.request import GenerationRequest
+from cosmos_jax.sampling.plan import GenerationPlan
+from cosmos_jax.sampling.request import GenerationRequest
 
 TEMPORAL_COMPRESSION = 4
 _MAX_INDEX = 2**32 - 1

@@ -52,6 +52,7 @@ from cosmos_jax.sampling.batch import (
     sample_key,
     sample_noise,
 )
+from cosmos_jax.sampling.plan import GenerationPlan
 from cosmos_jax.sampling.prompts import EMBODIMENT_DOMAINS, ChatTokenizer, build_prompt_pair, raw_action_dim
 from cosmos_jax.sampling.request import TEMPORAL_COMPRESSION, GenerationRequest, is_path
 from cosmos_jax.scheduler_config import SchedulerConfig
@@ -82,31 +83,6 @@ class GenerationResult:
     sample_rate: int | None = None
     actions: np.ndarray | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationPlan:
-    """Everything decided host-side before any compute: mode, geometry, latent layout, prompt ids, the
-    pixels to encode for clean frames, the action rows (forward dynamics' given actions) and domain."""
-
-    mode: str
-    num_frames: int
-    height: int
-    width: int
-    fps: float
-    latent_shape: tuple[int, int, int]
-    clean_frames: tuple[int, ...]
-    cond_ids: list[int]
-    uncond_ids: list[int]
-    use_cfg: bool
-    pixels: np.ndarray | None  # [3, F', H, W] frames to encode for the clean latent frames
-    latent_crop: tuple[int, int] | None  # action canvas: keep latent [:h, :w]
-    sound_len: int
-    action_len: int
-    clean_action_rows: tuple[int, ...]
-    action_x0: np.ndarray | None  # [chunk, action_dim]
-    raw_action_dim: int | None
-    domain_id: int | None
 
 
 class _ProgressSink:
