@@ -29,9 +29,8 @@ from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence
 from cosmos_jax.sampling import scheduler
 from cosmos_jax.sampling.plan import GenerationPlan
-from cosmos_jax.sampling.request import GenerationRequest
+from cosmos_jax.sampling.request import TEMPORAL_COMPRESSION, GenerationRequest
 
-TEMPORAL_COMPRESSION = 4
 _MAX_INDEX = 2**32 - 1
 # Logical axes of the per-row reasoner K/V [layers, rows, Lu, kv_heads, head_dim] (cosmos_jax.sharding).
 _CACHE_AXES = (None, "batch", "seq", "kv_heads", None)
