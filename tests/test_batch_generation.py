@@ -5,9 +5,10 @@ time; the reasoner runs once per distinct prompt; impossible batches are refused
 The tiny reference pipeline of test_pipeline_parity (fp32, XLA attention, 2 steps), `output_type="latent"`.
 Tolerances (fp32): a sample in any batch / position / mesh equals its run alone within BATCH_REL = 2e-6 of
 max(1, the output's max abs value) (final latents and actions; observed up to 1.1e-6, i.e. 1.7e-6 abs at
-|x| ~ 4: a few ulp). Moving a sample to another position of the same batch is bitwise; another batch size or mix
-of prompts is not on XLA:CPU, whose kernel choice for the small matmuls of these tiny widths changes with the
-number of rows (and the longest prompt changes the padded text length), summing in another order. Parity with
+|x| ~ 4: a few ulp). Bitwise: another position in the same batch, and a data mesh holding on every device the
+rows of the solo run (one sample per device, prompts of the same padded length). Not bitwise: another number of
+rows per device (XLA:CPU picks another kernel for the small matmuls of these tiny widths, summing in another
+order), a longer prompt elsewhere in the batch (a longer padded text), tensor-parallel partial sums. Parity with
 the reference within the existing 1e-4 abs.
 """
 
@@ -182,6 +183,14 @@ def test_a_mesh_gives_the_samples_of_one_device(pipeline, requests, solo, mesh_s
     assert len(results) == count
     for (r, k), got in zip(composition, results):
         _assert_same_sample(got, solo("text2video", r, k))
+
+
+def test_one_sample_per_device_is_bitwise(pipeline, requests, solo):
+    """data=8, 8 samples of one request: every device holds exactly the rows of a solo run."""
+    sharded = pipeline.on_mesh(make_mesh("data=8"), load_mesh_preset("tiny").rules)
+    results = sharded.run_batch([Sample(requests["text2video"][0], k) for k in range(8)], progress=False)
+    for k, got in enumerate(results):
+        assert _assert_same_sample(got, solo("text2video", 0, k)) == (0.0, True)
 
 
 def test_generate_samples_streams_every_sample_in_same_shape_batches(pipeline, requests, solo):
