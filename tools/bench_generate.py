@@ -13,18 +13,18 @@ Two cases:
     the reference does) and diffusers.
 Per step: JAX = denoise seconds of a warm call / steps (the loop is one executable); diffusers = median gap
 between `callback_on_step_end` calls. End to end: wall seconds of a warm call with output_type="latent".
-Compile: the JAX executable's AOT compile seconds (first call only).
+Compile: the JAX executable's AOT compile seconds (first call only). The reference's end to end includes its
+VAE encode of the (all-zero or first-frame) conditioning video, which it runs even for text→video; the JAX
+pipeline skips it (text→video) or, here, is handed the same starting latents. Prints one markdown table.
 
     python tools/bench_generate.py --batch-sweep [--sizes 1 2 4 8] [--repeats 3]
 
 runs only the batch sweep instead: B samples of one text2video request (guidance 6, so 2B rows) in one
-`Cosmos3Pipeline.run_batch`, timed warm (denoise seconds, median of `--repeats`): samples/s and seconds per
+`Cosmos3Pipeline.run_batch`, timed warm (denoise seconds, median of `--tiny-repeats` or `--repeats`): samples/s and seconds per
 sample, on the tiny pipeline above and on a compute-bound config (4 layers, hidden 512, 8/4 heads x 64; 17
 frames at 256x256 = 320 generator tokens per row; random JAX weights, no VAE, latents out), where GFLOP/s
 (dense matmul + unmasked attention FLOPs of every step and the reasoner pass) and the fraction of this machine's
-fp32 matmul ceiling (an XLA 2048^3 matmul, measured in the same run) are reported too. The reference's end to end includes its
-VAE encode of the (all-zero or first-frame) conditioning video, which it runs even for text→video; the JAX
-pipeline skips it (text→video) or, here, is handed the same starting latents. Prints one markdown table.
+fp32 matmul ceiling (an XLA 2048^3 matmul, measured in the same run) are reported too.
 """
 
 from __future__ import annotations
