@@ -193,6 +193,7 @@ def test_one_sample_per_device_is_bitwise(pipeline, requests, solo):
         assert _assert_same_sample(got, solo("text2video", 0, k)) == (0.0, True)
 
 
+@pytest.mark.slow  # two shapes, three compiles: ~15 s quiet, ~40 s on a loaded 2-core host
 def test_generate_samples_streams_every_sample_in_same_shape_batches(pipeline, requests, solo):
     mixed = [requests["text2video"][0], requests["policy"][1], requests["text2video"][2]]
     results = list(pipeline.generate_samples(mixed, num_samples=2, batch_size=3, progress=False))
