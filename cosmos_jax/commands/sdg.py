@@ -25,6 +25,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--best-of", type=int, default=1, help="candidates per episode; the best score is kept")
     parser.add_argument("--min-consistency", type=float, default=None,
                         help="drop episodes whose consistency score (0..1, exp(-error)) is below this")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a jax.distributed job first (SLURM, Open MPI, Cloud TPU and Kubernetes are "
+                             "detected; elsewhere give --coordinator, --num-processes and --process-id)")
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="jax.distributed coordinator")
+    parser.add_argument("--num-processes", type=int, default=None, help="jax.distributed process count")
+    parser.add_argument("--process-id", type=int, default=None, help="this process's jax.distributed index")
     parser.add_argument("--skip-bad", action="store_true", help="report bad job lines and skip them")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -40,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             raise ValueError(f"{', '.join(missing)} required (or --merge DATASET)")
         from cosmos_jax.sdg.engine import Settings
+
+        if args.distributed:
+            import jax
+
+            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
         settings = Settings(best_of=args.best_of, min_consistency=args.min_consistency, dtype=args.dtype,
                             batch_size=args.batch_size)
