@@ -50,12 +50,11 @@ from cosmos_jax.sdg.selection import choose, slot_samples
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What a run is asked beyond the jobs. `best_of`, `min_consistency`, `critic` and `dtype` change the
+    """What a run is asked beyond the jobs. `best_of`, `min_consistency` and `dtype` change the
     dataset (so they enter the run's fingerprint); `batch_size` and the mesh only change the speed."""
 
     best_of: int = 1
     min_consistency: float | None = None
-    critic: bool = False
     dtype: str = "float32"
     batch_size: int | None = None
 
@@ -67,8 +66,7 @@ class Settings:
                              f"{self.min_consistency!r}")
 
     def fingerprinted(self) -> dict[str, Any]:
-        return {"best_of": self.best_of, "min_consistency": self.min_consistency, "critic": self.critic,
-                "dtype": self.dtype}
+        return {"best_of": self.best_of, "min_consistency": self.min_consistency, "dtype": self.dtype}
 
 
 @dataclasses.dataclass
@@ -81,7 +79,6 @@ class _Episode:
     chunks: list[GenerationResult]
     actions: np.ndarray | None = None
     scores: dict[str, Any] = dataclasses.field(default_factory=dict)
-    critic: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def frames(self) -> np.ndarray:
@@ -156,8 +153,7 @@ class Engine:
     """Runs the batches of one process (see the module docstring) and journals every candidate."""
 
     def __init__(self, pipeline: Cosmos3Pipeline, jobs: Sequence[Job], requests: Sequence[GenerationRequest],
-                 settings: Settings, normalizer: ActionNormalizer | None, model_fingerprint: str,
-                 critic: Any = None) -> None:
+                 settings: Settings, normalizer: ActionNormalizer | None, model_fingerprint: str) -> None:
         self.pipeline = pipeline
         self.jobs = list(jobs)
         self.requests = list(requests)
@@ -165,7 +161,6 @@ class Engine:
         self.normalizer = normalizer
         self.model_fingerprint = model_fingerprint
         self.version = cosmos_jax_version()
-        self.critic = critic
         self._job_of = {id(r): j for j, r in enumerate(self.requests)}
 
     def batches(self) -> list[PlannedBatch]:
@@ -221,10 +216,6 @@ class Engine:
         self._label(episodes)
         self._read_back(episodes)
         self._rerender(episodes)
-        if self.critic is not None:
-            for episode, answer in zip(episodes, self.critic.rate([e.frames for e in episodes],
-                                                                  [e.job.prompt for e in episodes])):
-                episode.critic = answer
         return episodes
 
     def _run(self, samples: list[Sample], batch: PlannedBatch | None = None) -> list[GenerationResult]:
@@ -313,7 +304,6 @@ class Engine:
             "action_nmse": episode.scores.get("action_nmse"),
             "action_nmse_per_channel": episode.scores.get("action_nmse_per_channel"),
             "latent_mse": episode.scores.get("latent_mse"),
-            "critic": episode.critic.get("score"), "critic_answer": episode.critic.get("answer"),
             "seconds": seconds,
         }
         return Candidate(episode.job_index, episode.sample_index, episode.frames, episode.actions, record)

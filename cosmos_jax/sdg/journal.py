@@ -63,7 +63,7 @@ def check_same_run(found: dict[str, Any], wanted: dict[str, Any], where: Path) -
     if found.get("format") != RUN_FORMAT:
         raise ValueError(f"{where} is not a cosmos-jax sdg run file")
     for key, what in (("jobs_fingerprint", "jobs (or the files they read, or --best-of/--min-consistency/"
-                                           "--critic/--dtype)"), ("model_fingerprint", "model")):
+                                           "--dtype)"), ("model_fingerprint", "model")):
         if found.get(key) != wanted.get(key):
             raise ValueError(f"{where} was made from other {what} ({key} {found.get(key)} != {wanted.get(key)}); "
                              "refusing to mix them: use another --out, or delete it to start over")
@@ -72,7 +72,7 @@ def check_same_run(found: dict[str, Any], wanted: dict[str, Any], where: Path) -
 @dataclasses.dataclass(frozen=True)
 class Candidate:
     """One generated candidate as journaled: frames [F, H, W, 3] uint8; actions [F-1, A] float32 in model space
-    (None for an unlabelled dataset); `record` the JSON-able rest (job, seed, index, mode, scores, critic)."""
+    (None for an unlabelled dataset); `record` the JSON-able rest (job, seed, index, mode, scores)."""
 
     job_index: int
     sample_index: int

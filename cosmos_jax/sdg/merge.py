@@ -6,7 +6,7 @@ prompt, `action` in raw units when the run had the domain's normalisation stats 
 in the feature's `info`). An episode of F frames has F − 1 actions (action t takes frame t to t + 1); its
 last row is zeros for delta actions and repeats the last action otherwise, as `info.last_row` says. Each
 episodes row gets `cosmos_sdg/...` columns (job id, sample index, seed, mode, chunks, model fingerprint,
-cosmos-jax version, scores, critic). `meta/cosmos_sdg/` holds run.json, episodes.jsonl (one line per
+cosmos-jax version, scores). `meta/cosmos_sdg/` holds run.json, episodes.jsonl (one line per
 episode), report.json and report.png.
 
 The dataset is assembled in the work folder and renamed to its place, so the output folder never holds a
@@ -31,8 +31,7 @@ from cosmos_jax.sdg.report import build_report, write_report_png
 from cosmos_jax.sdg.selection import choose, slot_samples
 
 EPISODE_FIELDS = ("job_id", "sample_index", "seed", "mode", "chunks", "model_fingerprint", "cosmos_jax_version",
-                  "consistency", "consistency_kind", "action_nmse", "action_nmse_per_channel", "latent_mse",
-                  "critic")
+                  "consistency", "consistency_kind", "action_nmse", "action_nmse_per_channel", "latent_mse")
 COLUMN_PREFIX = "cosmos_sdg/"
 
 
@@ -112,8 +111,7 @@ def merge(out: str | os.PathLike, journal: Journal, *, wall_seconds: float | Non
             writer.add_episode(task=job.prompt, columns=columns, frames={job.camera_key: candidate.frames},
                                episode_columns={COLUMN_PREFIX + k: record.get(k) for k in EPISODE_FIELDS})
             episodes_meta.append({"episode_index": number, **{k: record.get(k) for k in EPISODE_FIELDS},
-                                  "action_nmse_per_channel": record.get("action_nmse_per_channel"),
-                                  "critic_answer": record.get("critic_answer"), "prompt": job.prompt})
+                                  "prompt": job.prompt})
             if len(contact) < 6:
                 contact.append((candidate.frames[0], candidate.frames[-1], f"ep {number} {job.id}"))
         writer.finalize()

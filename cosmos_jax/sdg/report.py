@@ -1,4 +1,4 @@
-"""The report of an sdg run: `report.json` (counts, time, throughput, score and critic distributions) and
+"""The report of an sdg run: `report.json` (counts, time, throughput, score distributions) and
 `report.png` (the consistency histogram of kept and rejected candidates beside a contact sheet of a few
 episodes' first and last frames), drawn with PIL."""
 
@@ -33,7 +33,6 @@ def build_report(records: Sequence[dict[str, Any]], wall_seconds: float | None) 
     rejected = [r for r in records if r["outcome"] != "kept"]
     seconds = float(sum(r.get("seconds") or 0.0 for r in records))
     scores = lambda rs: [r["consistency"] for r in rs if r.get("consistency") is not None]  # noqa: E731
-    critic = [r.get("critic") for r in records]
     return {
         "candidates": len(records), "episodes": len(kept),
         "rejected": {"best_of": sum(r["outcome"] == "best_of" for r in records),
@@ -45,8 +44,6 @@ def build_report(records: Sequence[dict[str, Any]], wall_seconds: float | None) 
         "consistency": {"kept": distribution(scores(kept)), "rejected": distribution(scores(rejected))},
         "rejected_candidates": [{"job_id": r["job_id"], "sample_index": r["sample_index"], "reason": r["outcome"],
                                  "consistency": r.get("consistency")} for r in rejected],
-        "critic": {"answered": {str(k): critic.count(k) for k in range(1, 6)},
-                   "missing": sum(c is None for c in critic)},
         "by_mode": {mode: sum(r["mode"] == mode for r in kept) for mode in sorted({r["mode"] for r in records})},
     }
 

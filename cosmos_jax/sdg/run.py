@@ -88,12 +88,7 @@ def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | o
            "skipped_lines": [e.line for e in errors]}
     journal = Journal(work_dir(out), process)
     journal.start(run)
-    critic = None
-    if settings.critic:
-        from cosmos_jax.sdg.critic import Critic
-
-        critic = Critic.from_pretrained(model, dtype=settings.dtype, attention=attention)
-    engine = Engine(pipeline, jobs, requests, settings, normalizer, wanted["model_fingerprint"], critic)
+    engine = Engine(pipeline, jobs, requests, settings, normalizer, wanted["model_fingerprint"])
     done = journal.done()
     batches = engine.todo(done, process, count)
     tally = Tally(jobs, settings)
