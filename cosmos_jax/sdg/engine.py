@@ -184,13 +184,13 @@ class Engine:
         made = 0
         for batch in batches:
             start = time.perf_counter()
-            episodes = self.generate(batch)
+            episodes, checking = self.generate(batch)
             seconds = (time.perf_counter() - start) / len(episodes)
             records = []
             for episode, key in zip(episodes, self.keys(batch)):
                 if key in done:
                     continue
-                candidate = self.candidate(episode, seconds)
+                candidate = self.candidate(episode, seconds, checking / len(episodes))
                 journal.write(candidate)
                 records.append(candidate.record)
             made += len(records)
@@ -199,8 +199,9 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ passes
 
-    def generate(self, batch: PlannedBatch) -> list[_Episode]:
-        """Every pass of one batch (module docstring); the episodes in batch order."""
+    def generate(self, batch: PlannedBatch) -> tuple[list[_Episode], float]:
+        """Every pass of one batch (module docstring); (the episodes in batch order, the seconds the
+        consistency passes took)."""
         results = self._run(list(batch.samples), batch)
         episodes = [_Episode(self.jobs[self._job_of[id(s.request)]], self._job_of[id(s.request)], s.index, [r])
                     for s, r in zip(batch.samples, results)]
@@ -214,9 +215,10 @@ class Engine:
             elif job.mode == "inverse_dynamics":
                 episode.actions = episode.chunks[0].actions.astype(np.float32)
         self._label(episodes)
+        start = time.perf_counter()
         self._read_back(episodes)
         self._rerender(episodes)
-        return episodes
+        return episodes, time.perf_counter() - start
 
     def _run(self, samples: list[Sample], batch: PlannedBatch | None = None) -> list[GenerationResult]:
         results = self.pipeline.run_batch(batch if batch is not None else samples, progress=False)
@@ -294,7 +296,9 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ records
 
-    def candidate(self, episode: _Episode, seconds: float) -> Candidate:
+    def candidate(self, episode: _Episode, seconds: float, consistency_seconds: float) -> Candidate:
+        """The journal entry of one episode; `seconds` its share of its batch's time, of which
+        `consistency_seconds` went to the consistency passes."""
         job = episode.job
         record = {
             "job_index": episode.job_index, "job_id": job.id, "sample_index": episode.sample_index,
@@ -304,7 +308,7 @@ class Engine:
             "action_nmse": episode.scores.get("action_nmse"),
             "action_nmse_per_channel": episode.scores.get("action_nmse_per_channel"),
             "latent_mse": episode.scores.get("latent_mse"),
-            "seconds": seconds,
+            "seconds": seconds, "consistency_seconds": consistency_seconds,
         }
         return Candidate(episode.job_index, episode.sample_index, episode.frames, episode.actions, record)
 

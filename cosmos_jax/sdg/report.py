@@ -32,12 +32,16 @@ def build_report(records: Sequence[dict[str, Any]], wall_seconds: float | None) 
     kept = [r for r in records if r["outcome"] == "kept"]
     rejected = [r for r in records if r["outcome"] != "kept"]
     seconds = float(sum(r.get("seconds") or 0.0 for r in records))
+    checking = float(sum(r.get("consistency_seconds") or 0.0 for r in records))
     scores = lambda rs: [r["consistency"] for r in rs if r.get("consistency") is not None]  # noqa: E731
     return {
         "candidates": len(records), "episodes": len(kept),
         "rejected": {"best_of": sum(r["outcome"] == "best_of" for r in records),
                      "min_consistency": sum(r["outcome"] == "min_consistency" for r in records)},
-        "generation_seconds": round(seconds, 3),
+        "seconds": round(seconds, 3),
+        "consistency_seconds": round(checking, 3),
+        "consistency_fraction_of_generation": round(checking / (seconds - checking), 4) if seconds > checking
+        else None,
         "wall_seconds_last_session": None if wall_seconds is None else round(wall_seconds, 3),
         "candidates_per_second": round(len(records) / seconds, 4) if seconds else None,
         "episodes_per_second": round(len(kept) / seconds, 4) if seconds else None,
