@@ -354,3 +354,25 @@ def test_two_jax_distributed_processes_equal_one(world, reference):
     texts = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], texts
     assert_same_dataset(reference, out, exact=True)
+
+
+def test_with_the_models_action_stats_the_dataset_holds_raw_units(world, tmp_path):
+    from cosmos_jax.datasets.lerobot_reader import open_lerobot
+    from cosmos_jax.datasets.normalization import STATS_FILE, normalizer_from_stats, write_normalizer
+    from cosmos_jax.sdg.engine import Settings
+    from cosmos_jax.sdg.run import run_sdg
+
+    model = tmp_path / "model"
+    shutil.copytree(world["checkpoint"], model)
+    stats = {"q01": np.full(10, -2.0), "q99": np.full(10, 4.0), "mean": np.ones(10), "std": np.full(10, 3.0)}
+    write_normalizer(model / STATS_FILE, normalizer_from_stats("bridge_orig_lerobot", stats))
+    for name in ("frame.png", "actions.npy"):
+        shutil.copy(world["jobs"].parent / name, tmp_path / name)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(world["jobs"].read_text().splitlines()[1] + "\n")
+    out = tmp_path / "raw"
+    run_sdg(model, jobs, out, Settings(), pipeline=world["pipeline"], progress=False, say=lambda m: None)
+    dataset = open_lerobot(out)
+    assert dataset.features["action"]["info"]["space"] == "raw"
+    actions = dataset.episode_columns(dataset.episodes[0], ["action"])["action"]
+    np.testing.assert_allclose(actions[:4], np.load(tmp_path / "actions.npy")[:4], atol=1e-6, rtol=0)

@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -44,7 +45,7 @@ from cosmos_jax.sampling.request import GenerationRequest
 from cosmos_jax.sdg import consistency
 from cosmos_jax.sdg.fingerprint import cosmos_jax_version
 from cosmos_jax.sdg.jobs import Job, JobError, load_actions, request_for
-from cosmos_jax.sdg.journal import Candidate, Journal
+from cosmos_jax.sdg.journal import META_DIR, RUN_FILE, Candidate, Journal
 from cosmos_jax.sdg.selection import choose, slot_samples
 
 
@@ -334,6 +335,13 @@ class Tally:
 def process_info() -> tuple[int, int]:
     """(this process's index, the number of processes) under jax.distributed (0, 1 otherwise)."""
     return jax.process_index(), jax.process_count()
+
+
+def wait_for_merge(out: Path, poll_s: float = 0.5) -> None:
+    """Block until process 0 has merged the dataset at `out` (the other processes, so that every process
+    reaches jax.distributed's shutdown barrier together)."""
+    while not (out / META_DIR / RUN_FILE).is_file():
+        time.sleep(poll_s)
 
 
 def wait_for_shards(journal: Journal, count: int, poll_s: float = 0.5, timeout_s: float | None = None) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from cosmos_jax.datasets.normalization import STATS_FILE, normalizer_for_domain
-from cosmos_jax.sdg.engine import Engine, Settings, Tally, job_requests, process_info, wait_for_shards
+from cosmos_jax.sdg.engine import (Engine, Settings, Tally, job_requests, process_info, wait_for_merge,
+                                   wait_for_shards)
 from cosmos_jax.sdg.fingerprint import cosmos_jax_version, jobs_fingerprint, model_fingerprint
 from cosmos_jax.sdg.jobs import JobError, JobErrors, read_jobs
 from cosmos_jax.sdg.journal import META_DIR, RUN_FILE, RUN_FORMAT, Journal, check_same_run, finished_run, work_dir
@@ -113,6 +114,7 @@ def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | o
             bar.close()
     journal.finish_shard({"process": process})
     if process != 0:
+        wait_for_merge(out)
         return {"shard_done": process}
     wait_for_shards(journal, count)
     report = merge(out, journal, wall_seconds=time.perf_counter() - start)
