@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from cosmos_jax.datasets.embodiments import embodiment
-from cosmos_jax.datasets.lerobot_writer import LeRobotWriter, vector_feature, video_feature
-from cosmos_jax.datasets.normalization import ActionNormalizer
+from cosmos_jax.datasets import normalization
+from cosmos_jax.datasets.lerobot_writer import LeRobotWriter, video_feature
+from cosmos_jax.datasets.normalization import ActionNormalizer, action_feature
 from cosmos_jax.sdg.jobs import Job
 from cosmos_jax.sdg.journal import META_DIR, RUN_FILE, Candidate, Journal, atomic_write_bytes, atomic_write_json
 from cosmos_jax.sdg.report import build_report, write_report_png
@@ -46,22 +47,19 @@ def normalizer_of_run(run: dict[str, Any]) -> ActionNormalizer | None:
 def dataset_actions(actions: np.ndarray, domain: str, normalizer: ActionNormalizer | None) -> np.ndarray:
     """[F − 1, A] model-space actions -> the dataset's [F, A] float32 (raw units with a normaliser; the last
     row zeros for delta actions, the last action repeated otherwise)."""
-    values = normalizer.to_raw(actions) if normalizer is not None else np.asarray(actions, np.float64)
+    values = normalization.dataset_actions(actions, normalizer)
     kind = normalizer.kind if normalizer is not None else embodiment(domain).kind
     last = np.zeros_like(values[-1:]) if kind == "delta" else values[-1:]
-    return np.concatenate([values, last]).astype(np.float32)
+    return np.concatenate([values, last])
 
 
 def _features(job: Job, frames: np.ndarray, normalizer: ActionNormalizer | None) -> dict[str, Any]:
     features = {job.camera_key: video_feature(int(frames.shape[1]), int(frames.shape[2]))}
     if job.labelled:
-        entry = embodiment(job.domain)
-        kind = normalizer.kind if normalizer is not None else entry.kind
-        features["action"] = vector_feature(entry.channels, info={
-            "space": "raw" if normalizer is not None else "model",
-            "domain": job.domain, "kind": kind,
-            "last_row": "zeros (delta actions)" if kind == "delta" else "the last action repeated",
-        })
+        feature = action_feature(job.domain, normalizer)
+        delta = feature["info"]["kind"] == "delta"
+        feature["info"]["last_row"] = "zeros (delta actions)" if delta else "the last action repeated"
+        features["action"] = feature
     return features
 
 
