@@ -4,7 +4,8 @@ A tiny model trained briefly on the pushed-disc world (tools/synthetic_world.py:
 STEPS steps) reads each held-out clip back by inverse dynamics (its one-step posterior-mean estimate), and
 `cosmos_jax.sdg.consistency` scores the clip's exact pushes, the pushes of another clip (shuffled) and
 uniform noise pushes against that read-back. The exact pushes must score best on average and on most clips.
-Slow: 400 training steps, about 11 minutes on a loaded 2-core CPU.
+Slow: 400 training steps, 11-14 minutes on a loaded 2-core CPU (observed: mean score 0.746 exact, 0.674
+shuffled, 0.661 noise; exact wins on 65% and 73% of the 48 clips).
 """
 
 from __future__ import annotations

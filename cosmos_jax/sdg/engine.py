@@ -88,7 +88,7 @@ class _Episode:
         return np.concatenate(parts)
 
 
-def frame_size(pipeline: Cosmos3Pipeline, job: Job, request: GenerationRequest) -> tuple[int, int]:
+def frame_size(pipeline: Cosmos3Pipeline, request: GenerationRequest) -> tuple[int, int]:
     """(H, W) of the frames a job's episodes have (the decoded size of its latents)."""
     plan = pipeline.plan(request)
     sf = pipeline.vae.config.spatial_compression
@@ -120,7 +120,7 @@ def job_requests(pipeline: Cosmos3Pipeline, jobs: Sequence[Job], normalizer: Act
         actions = model_actions(job, normalizer)[: job.chunk] if job.mode == "forward_dynamics" else None
         try:
             request = request_for(job, actions=actions)
-            this = frame_size(pipeline, job, request)
+            this = frame_size(pipeline, request)
         except (ValueError, FileNotFoundError, OSError) as e:
             errors.append(JobError(jobs_path, job.line, None, f"the model refuses it: {e}"))
             continue

@@ -117,8 +117,8 @@ def load_actions(path: str) -> np.ndarray:
     return np.asarray(np.load(path, allow_pickle=False), np.float32)
 
 
-def request_for(job: Job, *, image: Any = None, actions: np.ndarray | None = None, seed: int | None = None,
-                chunk_actions: bool = False) -> GenerationRequest:
+def request_for(job: Job, *, image: Any = None, actions: np.ndarray | None = None, seed: int | None = None
+                ) -> GenerationRequest:
     """The generation request of a job's first chunk (or, with `image`/`actions`/`seed`, of a later one).
     `actions` are model-space rows for forward dynamics (default: the job's file, as given)."""
     if job.mode == "forward_dynamics" and actions is None:
