@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size)
         run_sdg(args.model, args.jobs, args.out, settings, mesh=args.mesh, mesh_rules=args.mesh_rules,
                 attention=args.attention, skip_bad=args.skip_bad, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

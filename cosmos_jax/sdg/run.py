@@ -46,6 +46,7 @@ def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | o
     than 0). Raises JobErrors (every bad line) before any compute, ValueError when `out` or its work folder
     belongs to another run."""
     model, jobs_path, out = Path(model), Path(jobs_path), Path(out)
+    _check_writer_dependencies()
     if not model.is_dir():
         raise FileNotFoundError(f"--model folder not found: {model}")
     jobs, errors = read_jobs(jobs_path, skip_bad=skip_bad)
@@ -135,6 +136,16 @@ def merge_only(out: str | os.PathLike, say: Callable[[str], None] = _say) -> dic
     report = merge(out, journal)
     say(f"{out}: merged {report['episodes']} episodes")
     return report
+
+
+def _check_writer_dependencies() -> None:
+    """The LeRobot writer's pyarrow and pandas, checked before any compute rather than at the merge."""
+    try:
+        import pandas  # noqa: F401
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ImportError("cosmos-jax sdg writes LeRobot datasets, which needs pyarrow and pandas: "
+                          "pip install 'cosmos-jax[lerobot]'") from None
 
 
 def _bar(total: int, show: bool) -> Any:
