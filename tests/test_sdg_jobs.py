@@ -115,3 +115,18 @@ def test_consistency_errors_and_scores() -> None:
     assert consistency.score(0.0) == 1.0 and consistency.score(1.0) == pytest.approx(np.exp(-1))
     with pytest.raises(ValueError, match="must be the same"):
         consistency.action_nmse(actions[:2], actions)
+
+
+def test_the_command_prints_every_bad_line_and_exits_2_before_loading(folder: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    from cosmos_jax.cli import main
+
+    path = _write(folder, POLICY, "{oops", {**POLICY, "id": "q", "mode": "dance"})
+    model = tmp_path / "no-weights"
+    model.mkdir()
+    out = tmp_path / "dataset"
+    assert main(["sdg", "--model", str(model), "--jobs", str(path), "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and "jobs.jsonl:2: not valid JSON" in lines[0]
+    assert "jobs.jsonl:3: field 'mode'" in lines[1]
+    assert not out.exists() and not (tmp_path / "dataset.sdg-work").exists()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -36,27 +35,31 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Bad input raises (cli.main prints `error: ...`, exit 2); a bad jobs file prints one error per bad line."""
+    from cosmos_jax.commands.errors import EXIT_USAGE, report
+    from cosmos_jax.sdg.engine import Settings
+    from cosmos_jax.sdg.jobs import JobErrors
     from cosmos_jax.sdg.run import merge_only, run_sdg
 
+    if args.merge is not None:
+        merge_only(args.merge)
+        return 0
+    missing = [f"--{n}" for n in ("model", "jobs", "out") if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or --merge DATASET)")
+    settings = Settings(best_of=args.best_of, min_consistency=args.min_consistency, dtype=args.dtype,
+                        batch_size=args.batch_size)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
-        if args.merge is not None:
-            merge_only(args.merge)
-            return 0
-        missing = [f"--{n}" for n in ("model", "jobs", "out") if getattr(args, n) is None]
-        if missing:
-            raise ValueError(f"{', '.join(missing)} required (or --merge DATASET)")
-        from cosmos_jax.sdg.engine import Settings
-
-        if args.distributed:
-            import jax
-
-            jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-
-        settings = Settings(best_of=args.best_of, min_consistency=args.min_consistency, dtype=args.dtype,
-                            batch_size=args.batch_size)
         run_sdg(args.model, args.jobs, args.out, settings, mesh=args.mesh, mesh_rules=args.mesh_rules,
                 attention=args.attention, skip_bad=args.skip_bad, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except JobErrors as e:
+        for error in e.errors:
+            report(error)
+        return EXIT_USAGE
+    except ImportError as e:
+        return report(e)
     return 0
