@@ -19,7 +19,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: the data axis)")
     parser.add_argument("--mesh", default=None, metavar="data=N", help="mesh over this process's devices")
     parser.add_argument("--mesh-rules", default="tiny", help="mesh preset whose rules shard the parameters")
-    parser.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    parser.add_argument("--dtype", choices=_DTYPES, default="bfloat16",
+                        help="weights and activations dtype (float32 for exact reproduction checks)")
     parser.add_argument("--attention", default="auto", help="attention implementation: auto, xla, blocked, pallas")
     parser.add_argument("--best-of", type=int, default=1, help="candidates per episode; the best score is kept")
     parser.add_argument("--min-consistency", type=float, default=None,
