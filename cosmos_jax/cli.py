@@ -23,6 +23,7 @@ COMMANDS = {
     "plan": "Plan memory for a config on a device mesh (abstract, nothing allocated).",
     "train": "Fine-tune with flow matching (and optionally the language loss).",
     "prepare": "Turn a robot dataset (LeRobot v2 layout) into cosmos-jax training data (VAE latents, captions, actions).",
+    "serve": "Serve a model: openpi WebSocket policy endpoint and the /v1/videos jobs API.",
 }
 
 
