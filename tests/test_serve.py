@@ -117,7 +117,8 @@ def test_video_job_create_poll_download_equals_cosmos_jax_generate(server, check
     assert created.status_code == 200 and created.json()["status"] == "queued"
     job_id = created.json()["id"]
     record = _wait(address, job_id, headers)
-    assert record["status"] == "completed" and record["progress"] == 100 and record["content"] == ["video"]
+    assert (record["status"], record["progress"], record["batch_size"]) == ("completed", 100, 1)
+    assert record["content"] == ["video", "latents"]
     mp4 = httpx.get(f"http://{address}/v1/videos/{job_id}/content", headers=headers)
     assert mp4.status_code == 200 and mp4.headers["content-type"] == "video/mp4"
     _generate(checkpoint, tmp_path / "offline.mp4", "--prompt", VIDEO["prompt"], "--num-frames", "5", "--height",
@@ -218,3 +219,17 @@ def test_killed_server_keeps_finished_jobs_and_reports_queued_ones_failed(checkp
                 process.kill()
     record = json.loads((results / accepted / "job.json").read_text())
     assert record["status"] == "completed" and os.path.getsize(results / accepted / "video.mp4") > 0
+
+
+def test_bench_serve_short_run(checkpoint, tmp_path):
+    report_path = tmp_path / "bench.json"
+    tool = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "bench_serve.py")
+    run = subprocess.run([sys.executable, tool, "--model", str(checkpoint), "--clients", "2", "--requests", "2",
+                          "--burst", "2", "--max-batch", "2", "--json", str(report_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads(report_path.read_text())
+    assert report["all_equal_offline"] and report["replies_differing_from_offline"] == 0
+    assert report["policy"]["replies"] == 4 and report["videos"]["jobs"] == 2
+    assert report["rss_within_bound"] and report["rss_mb"]["growth"] <= report["rss_mb"]["bound"]
+    assert sum(report["policy"]["batch_sizes"].values()) == 4 and report["policy"]["p99_s"] > 0

@@ -238,8 +238,8 @@ def test_drain_finishes_accepted_requests_and_refuses_new(tmp_path):
 def test_job_store_marks_unfinished_jobs_failed_after_a_restart(tmp_path):
     store = JobStore(tmp_path)
     done, running, queued = (store.create({"prompt": str(i)})["id"] for i in range(3))
-    store.start(running, compiling=True)
-    store.start(done, compiling=False)
+    store.start(running, compiling=True, batch_size=1)
+    store.start(done, compiling=False, batch_size=2)
     result = GenerationResult(mode="text2video", fps=24.0, latents=np.zeros(1, np.float32),
                               video=np.random.default_rng(0).random((5, 16, 16, 3), np.float32))
     store.complete(done, result, None)
@@ -247,6 +247,7 @@ def test_job_store_marks_unfinished_jobs_failed_after_a_restart(tmp_path):
     again = JobStore(tmp_path)
     assert again.recovered_failed == 2
     assert again.get(done)["status"] == COMPLETED and again.content(done, "video")[0].read_bytes() == mp4
+    assert again.get(done)["content"] == ["video", "latents"] and again.get(done)["batch_size"] == 2
     for job in (running, queued):
         record = again.get(job)
         assert record["status"] == FAILED and "server stopped" in record["error"]["message"]

@@ -59,8 +59,8 @@ class Batcher:
     def submit(self, item: Prepared, on_start: Callable[[bool, int], None] | None = None,
                on_progress: Callable[[float], None] | None = None) -> concurrent.futures.Future:
         """Queue a prepared request; the future gets its GenerationResult. `on_start(compiling, batch_size)` is
-        called when its batch starts, `on_progress(fraction)` at every step. Raises ServeError 503 while draining, 429 when
-        the queue is full."""
+        called when its batch starts, `on_progress(fraction)` at every step. Raises ServeError 503 while
+        draining, 429 when the queue is full."""
         with self._cond:
             if not self._accepting:
                 raise draining()

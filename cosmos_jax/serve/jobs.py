@@ -1,9 +1,10 @@
 """The /v1/videos job records and their results, persisted under the results folder.
 
 Layout: `<results>/<job id>/job.json` (the record) beside the job's outputs (`video.mp4` or `video.png`,
-`video.wav` with sound, `video.actions.json` / `.npy` / `.png` in the action modes). Every file is written under a
-temporary name and renamed into place, and a record says "completed" only after all its outputs are in place,
-so a finished job survives a crash or restart whole. On start, records left "queued" or "in_progress" by a
+`video.wav` with sound, `video.actions.json` / `.npy` / `.png` in the action modes, and `video.latents.npy`, the
+final latents [1, C, T, h, w] float32). Every file is written under a temporary name and renamed into place, and
+a record says "completed" only after all its outputs are in place, so a finished job survives a crash or restart
+whole. On start, records left "queued" or "in_progress" by a
 server that stopped are marked "failed" with a message saying so: no job is lost without a word.
 """
 
@@ -34,6 +35,7 @@ CONTENT = {
     "audio": ("video.wav", "audio/wav"),
     "actions": ("video.actions.json", "application/json"),
     "actions_npy": ("video.actions.npy", "application/octet-stream"),
+    "latents": ("video.latents.npy", "application/octet-stream"),
 }
 """The downloadable outputs of a job: variant -> (file name, media type)."""
 
@@ -86,10 +88,11 @@ class JobStore:
         with self._lock:
             return sum(r["status"] == status for r in self._jobs.values())
 
-    def start(self, job_id: str, compiling: bool) -> None:
+    def start(self, job_id: str, compiling: bool, batch_size: int) -> None:
         with self._lock:
             record = self._jobs[job_id]
-            record.update(status=IN_PROGRESS, compiling=compiling, started_at=int(time.time()))
+            record.update(status=IN_PROGRESS, compiling=compiling, batch_size=batch_size,
+                          started_at=int(time.time()))
             self._write(record)
 
     def progress(self, job_id: str, fraction: float) -> None:
@@ -111,6 +114,8 @@ class JobStore:
         written = media.write_video_outputs(stem, result.video, result.fps, result.sound, result.sample_rate)
         if result.actions is not None:
             written += media.write_actions(stem, result.actions, domain=domain, mode=result.mode)
+        written.append(f"{stem}.latents.npy")
+        media.write_npy(written[-1], np.asarray(result.latents, np.float32))
         names = {os.path.basename(p) for p in written}
         content = [variant for variant, (name, _) in CONTENT.items() if name in names]
         with self._lock:

@@ -3,8 +3,9 @@
     POST   /v1/videos               JSON or multipart fields (uploads: image / input_reference, video, actions)
                                     -> the job, status "queued", at once
     GET    /v1/videos/{id}          status ("queued", "in_progress", "completed", "failed"), progress 0-100,
-                                    "compiling" while a new shape compiles, the error if any
-    GET    /v1/videos/{id}/content  ?variant=video (mp4; png for one frame), audio, actions (JSON), actions_npy
+                                    "compiling" while a new shape compiles, the batch size, the error if any
+    GET    /v1/videos/{id}/content  ?variant=video (mp4; png for one frame), audio, actions (JSON), actions_npy,
+                                    latents (the final latents as .npy)
     DELETE /v1/videos/{id}          removes a finished job and its files
     POST   /v1/videos/sync          the same fields; waits and returns the content (?variant=..., default video)
 
@@ -92,7 +93,7 @@ async def _submit(request: Request) -> tuple[ServeState, dict[str, Any], asyncio
     start = time.perf_counter()
 
     def on_start(compiling: bool, batch_size: int) -> None:
-        state.store.start(job_id, compiling)
+        state.store.start(job_id, compiling, batch_size)
         if compiling:
             log.warning("job %s: compiling a new shape (%s, batch of %d)", job_id, prepared.shape.describe(),
                         batch_size)
