@@ -21,6 +21,7 @@ from PIL import Image
 from serve_helpers import free_port, openpi_client, running_server
 
 from cosmos_jax.demo import build_demo_checkpoint, demo_image
+from cosmos_jax.sampling import media
 from cosmos_jax.sampling.generate import Cosmos3Pipeline
 from cosmos_jax.sampling.request import GenerationRequest
 from cosmos_jax.serve.engine import Engine
@@ -157,6 +158,24 @@ def test_concurrent_policy_requests_share_a_batch_and_equal_their_offline_result
         np.testing.assert_allclose(replies[i]["actions"], offline.actions, rtol=0, atol=1e-6)
     metrics = httpx.get(f"http://{address}/metrics", headers={"Authorization": f"Api-Key {KEY}"}).text
     assert 'cosmos_serve_batch_size_bucket{le="1.0"}' in metrics and "cosmos_serve_request_seconds" in metrics
+
+
+def test_forward_and_inverse_dynamics_take_the_policy_route(server, image):
+    address, pipeline = server
+    client = openpi_client().WebsocketClientPolicy(f"ws://{address}", api_key=KEY)
+    frame = np.asarray(Image.open(image).convert("RGB"))
+    actions = np.linspace(-1, 1, 40, dtype=np.float32).reshape(4, 10)
+    forward = client.infer({"observation/image": frame, "prompt": "push", "actions": actions, "seed": 2})
+    assert forward["mode"] == "forward_dynamics" and forward["video"].dtype == np.uint8
+    offline = pipeline(GenerationRequest("push", image=frame, action_mode="forward_dynamics", actions=actions,
+                                         guidance=1.0, seed=2, **POLICY), progress=False)
+    np.testing.assert_array_equal(forward["video"], media.to_uint8(offline.video))
+    clip = forward["video"]
+    inverse = client.infer({"video": clip, "prompt": "push", "seed": 4})
+    assert inverse["mode"] == "inverse_dynamics" and "video" not in inverse
+    offline = pipeline(GenerationRequest("push", video=list(clip), action_mode="inverse_dynamics", guidance=1.0,
+                                         seed=4, output_type="latent", **POLICY), progress=False)
+    np.testing.assert_allclose(inverse["actions"], offline.actions, rtol=0, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ a server in its own process
