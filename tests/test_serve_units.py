@@ -253,3 +253,30 @@ def test_job_store_marks_unfinished_jobs_failed_after_a_restart(tmp_path):
         assert record["status"] == FAILED and "server stopped" in record["error"]["message"]
     assert not list(tmp_path.glob("*/.*tmp*"))
     assert again.delete(done) and not (tmp_path / done).exists() and again.get(done) is None
+
+
+def test_video_job_uploads_image_and_actions():
+    import base64
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(np.arange(32 * 40 * 3, dtype=np.uint32).reshape(32, 40, 3).astype(np.uint8)).save(png, "PNG")
+    actions = io.BytesIO()
+    np.save(actions, np.ones((4, 10), np.float32))
+    parsed = video_job_request({"prompt": "push", "action_mode": "forward_dynamics", "domain": "bridge_orig_lerobot",
+                                "chunk": "4", "input_reference": png.getvalue(), "actions": actions.getvalue()},
+                               Limits(), from_text=True)
+    r = parsed.request
+    assert r.image.shape == (32, 40, 3) and r.image[0, 1, 0] == 3 and r.actions.shape == (4, 10)
+    assert r.guidance == 1.0  # action modes default to no guidance, as `generate` does
+    as_json = video_job_request({"prompt": "push", "image": base64.b64encode(png.getvalue()).decode(),
+                                 "num_frames": 5, "height": 32, "width": 32}, Limits(), from_text=False)
+    np.testing.assert_array_equal(as_json.request.image, r.image)
+    with pytest.raises(ServeError) as e:
+        video_job_request({"prompt": "p", "image": "not base64!"}, Limits(), from_text=False)
+    assert e.value.field == "image"
+    with pytest.raises(ServeError) as e:
+        video_job_request({"prompt": "p", "image": png.getvalue()}, Limits(max_image_side=16), from_text=True)
+    assert (e.value.field, e.value.status) == ("image", 413)

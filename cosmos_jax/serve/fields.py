@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -161,8 +162,6 @@ def decode_actions(field: str, value: Any, limits: Limits) -> np.ndarray:
         try:
             value = np.load(io.BytesIO(value), allow_pickle=False)
         except ValueError:
-            import json
-
             try:
                 value = json.loads(value)
             except ValueError:
@@ -246,16 +245,14 @@ def video_job_request(form: Mapping[str, Any], limits: Limits, from_text: bool) 
         if form.get(name) is not None:
             if "image" in fields:
                 raise bad_field(name, "give the image once (image or input_reference)")
-            data = form[name] if isinstance(form[name], bytes) else _base64(name, typed("prompt", form[name]))
+            data = form[name] if isinstance(form[name], bytes) else _base64(name, typed(name, form[name]))
             fields[target] = decode_image(name, data, limits)
     if form.get("video") is not None:
-        data = form["video"] if isinstance(form["video"], bytes) else _base64("video", typed("prompt", form["video"]))
+        data = form["video"] if isinstance(form["video"], bytes) else _base64("video", typed("video", form["video"]))
         fields["video"] = list(decode_video("video", data, limits))
     if form.get("actions") is not None:
         value = form["actions"]
         if isinstance(value, str):
-            import json
-
             try:
                 value = json.loads(value)
             except ValueError:
@@ -286,9 +283,7 @@ def policy_request(obs: Any, defaults: PolicyDefaults, limits: Limits) -> Parsed
             for name, image in value.items():
                 images[f"images/{name}"] = _array_image(f"images/{name}", image, limits)
         elif key == "camera":
-            camera = typed("prompt", value) if isinstance(value, str) else None
-            if camera is None:
-                raise bad_field("camera", "expected the name of an image key")
+            camera = typed("camera", value)
         elif "image" in key and key != "return_video":
             images[key] = _array_image(key, value, limits)
         elif key in ("prompt", "domain", "chunk", "seed", "steps", "guidance", "resolution_tier", "return_video",
