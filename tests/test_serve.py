@@ -209,7 +209,8 @@ def test_killed_server_keeps_finished_jobs_and_reports_queued_ones_failed(checkp
             # a new shape (3 steps) compiles for seconds: the first of these runs, the others wait
             pending = [httpx.post(f"{base}/v1/videos", json={**VIDEO, "steps": 3, "seed": s}).json()["id"]
                        for s in range(3)]
-            _wait(f"127.0.0.1:{port}", pending[0], {}, statuses=("in_progress",))
+            running = _wait(f"127.0.0.1:{port}", pending[0], {}, statuses=("in_progress",))
+            assert running["compiling"] is True  # the first request of a new shape says so
             assert httpx.get(f"{base}/v1/videos/{pending[2]}").json()["status"] == "queued"
         finally:
             process.kill()
