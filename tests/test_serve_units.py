@@ -280,3 +280,20 @@ def test_video_job_uploads_image_and_actions():
     with pytest.raises(ServeError) as e:
         video_job_request({"prompt": "p", "image": png.getvalue()}, Limits(max_image_side=16), from_text=True)
     assert (e.value.field, e.value.status) == ("image", 413)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--model", "/nonexistent/model"], ["--model", "not found"]),
+    (["--max-batch", "0"], ["--max-batch"]),
+    (["--domain", "mars"], ["--domain", "mars"]),
+    (["--max-wait-ms", "nan"], ["--max-wait-ms"]),
+    (["--port", "70000"], ["--port"]),
+])
+def test_serve_command_refuses_bad_flags_in_one_line(argv, words, tmp_path, capsys):
+    from cosmos_jax import cli
+
+    model = [] if "--model" in argv else ["--model", str(tmp_path)]
+    assert cli.main(["serve", *model, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert all(word in err for word in words), err
