@@ -4,10 +4,14 @@ this project does not use, while its code runs on numpy 2), a server on a free l
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib
+import importlib.util
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -15,13 +19,20 @@ OPENPI_CLIENT = "openpi-client==0.1.2"
 
 
 def openpi_client():
-    """The openpi_client.websocket_client_policy module, pip-installed without its numpy<2 pin if missing."""
+    """The openpi_client.websocket_client_policy module, pip-installed without its numpy<2 pin if missing (one
+    installer at a time across pytest-xdist workers)."""
     try:
         return importlib.import_module("openpi_client.websocket_client_policy")
     except ModuleNotFoundError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", OPENPI_CLIENT], check=True)
+        pass
+    with open(os.path.join(tempfile.gettempdir(), "cosmos-jax-openpi-client.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         importlib.invalidate_caches()
-        return importlib.import_module("openpi_client.websocket_client_policy")
+        if importlib.util.find_spec("openpi_client") is None:
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", OPENPI_CLIENT],
+                           check=True)
+            importlib.invalidate_caches()
+    return importlib.import_module("openpi_client.websocket_client_policy")
 
 
 def free_port() -> int:

@@ -242,6 +242,7 @@ def test_killed_server_keeps_finished_jobs_and_reports_queued_ones_failed(checkp
 
 
 def test_bench_serve_short_run(checkpoint, tmp_path):
+    openpi_client()  # the tool needs it installed
     report_path = tmp_path / "bench.json"
     tool = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "bench_serve.py")
     run = subprocess.run([sys.executable, tool, "--model", str(checkpoint), "--clients", "2", "--requests", "2",
