@@ -21,10 +21,10 @@ from pallas_kernels.block_math import (
 )
 from pallas_kernels.blocks import BlockSizes, Platform, StreamSegments, compiler_params, lengths_spec
 
-_TRANSPOSED_LHS = (((0,), (0,)), ((), ()))
+TRANSPOSED_LHS = (((0,), (0,)), ((), ()))
 
 
-def _probabilities(
+def probabilities(
     q: jax.Array, k: jax.Array, lse: jax.Array, mask: jax.Array | None, scale_log2: float
 ) -> jax.Array:
     """p [bq, bk] f32 from the saved lse [bq, 1]; zero where masked."""
@@ -32,7 +32,7 @@ def _probabilities(
     return p if mask is None else jnp.where(mask, p, 0.0)
 
 
-def _logit_grad(p: jax.Array, do: jax.Array, v: jax.Array, delta: jax.Array) -> jax.Array:
+def logit_grad(p: jax.Array, do: jax.Array, v: jax.Array, delta: jax.Array) -> jax.Array:
     """dS = p ∘ (dO·Vᵀ − delta), [bq, bk] f32 (without the softmax scale)."""
     dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return p * (dp - delta)
@@ -54,7 +54,7 @@ def _dq_source(
         v = v_ref[pl.ds(k_start, bk), :]
         ids = None if segments is None else (segments[0], segments[2][:, pl.ds(k_start, bk)])
         mask = block_mask(q_start, k_start, k_len, causal, bq, bk, ids) if masked else None
-        ds = _logit_grad(_probabilities(q, k, lse, mask, scale_log2), do, v, delta)
+        ds = logit_grad(probabilities(q, k, lse, mask, scale_log2), do, v, delta)
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     if segments is None:
@@ -123,10 +123,10 @@ def _dkv_kernel(
         lse, delta = lse_ref[head, rows, :], delta_ref[head, rows, :]
         ids = (q_ids_ref[rows, :], k_ids) if segmented else None
         mask = block_mask(q_start, k_start, k_len, causal, bq, bk, ids) if masked else None
-        p = _probabilities(q, k, lse, mask, scale_log2)
-        dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, _TRANSPOSED_LHS, preferred_element_type=jnp.float32)
-        ds = _logit_grad(p, do, v, delta)
-        dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, _TRANSPOSED_LHS, preferred_element_type=jnp.float32)
+        p = probabilities(q, k, lse, mask, scale_log2)
+        dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, TRANSPOSED_LHS, preferred_element_type=jnp.float32)
+        ds = logit_grad(p, do, v, delta)
+        dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, TRANSPOSED_LHS, preferred_element_type=jnp.float32)
         return dk, dv
 
     def segmented_body(i, grads, head):

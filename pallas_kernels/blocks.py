@@ -209,10 +209,14 @@ def lengths_spec(platform: Platform, shape: tuple[int, ...]) -> pl.BlockSpec:
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
-def compiler_params(platform: Platform, grid_rank: int, block_q: int) -> pl.CompilerParams | None:
-    """Backend compiler parameters: parallel grid on TPU, warps/stages on GPU, none when interpreting."""
+def compiler_params(
+    platform: Platform, grid_rank: int, block_q: int, sequential: int = 0
+) -> pl.CompilerParams | None:
+    """Backend compiler parameters: parallel grid on TPU (the last `sequential` dimensions 'arbitrary', walked in
+    order by one core), warps/stages on GPU, none when interpreting."""
     if platform == "tpu":
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_rank, vmem_limit_bytes=96 * 2**20)
+        semantics = ("parallel",) * (grid_rank - sequential) + ("arbitrary",) * sequential
+        return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=96 * 2**20)
     if platform == "gpu":
         return plgpu.CompilerParams(num_warps=8 if block_q >= 128 else 4, num_stages=2)
     return None

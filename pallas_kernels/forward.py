@@ -23,7 +23,7 @@ from pallas_kernels.block_math import (
 from pallas_kernels.blocks import BlockSizes, Platform, StreamSegments, compiler_params, lengths_spec
 
 
-def _online_softmax_step(
+def online_softmax_step(
     carry: tuple[jax.Array, jax.Array, jax.Array], q: jax.Array, k: jax.Array, v: jax.Array,
     mask: jax.Array | None, scale_log2: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -59,7 +59,7 @@ def _attend_source(
         v = v_ref[pl.ds(k_start, bk), :]
         ids = None if segments is None else (segments[0], segments[2][:, pl.ds(k_start, bk)])
         mask = block_mask(q_start, k_start, k_len, causal, bq, bk, ids) if masked else None
-        return _online_softmax_step(carry, q, k, v, mask, scale_log2)
+        return online_softmax_step(carry, q, k, v, mask, scale_log2)
 
     if segments is None:
         carry = jax.lax.fori_loop(0, full, functools.partial(body, masked=False), carry)

@@ -7,6 +7,12 @@
 Semantics match `pallas_kernels.reference` (right padding by und_len/gen_len, zero rows for padded queries,
 GQA head h reads kv head h // (H // K), optional segment ids for packed rows). The backend is picked when lowering: Mosaic on TPU, Triton on
 CUDA/ROCm, the Pallas interpreter elsewhere (CPU) unless `interpret` says otherwise.
+
+Two kernel layouts: the key-block grid (`pallas_kernels.forward_grid`, `pallas_kernels.backward_grid`), whose cells
+hold one key block per source so VMEM use is independent of the sequence length, the default on TPU; and the
+in-cell loop over whole-sequence K/V refs (`pallas_kernels.forward`, `pallas_kernels.backward`), the only one on
+GPU, where a block is a window in HBM and Triton runs grid cells in no fixed order. `key_grid` picks the layout
+for TPU and the interpreter (default: grid on TPU, loop in the interpreter).
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ import jax.numpy as jnp
 
 from pallas_kernels import blocks as blk
 from pallas_kernels.backward import dkv_call, dq_call
+from pallas_kernels.backward_grid import dkv_grid_call, dq_grid_call
 from pallas_kernels.block_math import PAD_SEGMENT, segment_ranges
 from pallas_kernels.forward import forward_call
+from pallas_kernels.forward_grid import forward_grid_call
 
 KeyValues = tuple[tuple[jax.Array, jax.Array], ...]
 Segments = tuple[jax.Array, tuple[jax.Array, ...]] | None  # (query ids [B,Lq], key ids [B,Lk] per source)
@@ -36,6 +44,7 @@ class _Config:
     block_q: int | None
     block_k: int | None
     interpret: bool | None
+    key_grid: bool | None = None
 
 
 def _on_platform(config: _Config, fn: Callable[..., object], *args: object) -> object:
@@ -50,6 +59,14 @@ def _on_platform(config: _Config, fn: Callable[..., object], *args: object) -> o
         rocm=functools.partial(fn, "gpu"),
         default=functools.partial(fn, default),
     )
+
+
+def _uses_key_grid(config: _Config, platform: blk.Platform) -> bool:
+    """Whether this backend runs the key-block grid layout: never on GPU; on TPU unless key_grid=False; in the
+    interpreter only if key_grid=True."""
+    if platform == "gpu":
+        return False
+    return platform == "tpu" if config.key_grid is None else config.key_grid
 
 
 def _blocks(config: _Config, platform: blk.Platform, q: jax.Array, kvs: KeyValues) -> blk.BlockSizes:
@@ -89,7 +106,8 @@ def _forward_on(
     sizes = _blocks(config, platform, q, kvs)
     q_len = q.shape[1]
     q_p = blk.to_heads_major(q, blk.padded_length(q_len, sizes.block_q))
-    o, lse = forward_call(
+    call = forward_grid_call if _uses_key_grid(config, platform) else forward_call
+    o, lse = call(
         lens, q_p, _pad_kvs(kvs, sizes.block_k), causal=config.causal, blocks=sizes, scale=config.scale,
         platform=platform, segments=_kernel_segments(segments, sizes),
     )
@@ -109,12 +127,13 @@ def _backward_on(
     kvs_p = _pad_kvs(kvs, sizes.block_k)
     common = dict(blocks=sizes, scale=config.scale, platform=platform)
     streams = _kernel_segments(segments, sizes)
-    dq = dq_call(lens, q_p, do_p, lse_p, delta_p, kvs_p, causal=config.causal, segments=streams, **common)
+    grid = _uses_key_grid(config, platform)
+    dq = (dq_grid_call if grid else dq_call)(lens, q_p, do_p, lse_p, delta_p, kvs_p, causal=config.causal, segments=streams, **common)
     grads = []
     for source, ((k, _), (k_p, v_p)) in enumerate(zip(kvs, kvs_p)):
         pair_lens = lens[jnp.array([0, source + 1])]
         pair = None if streams is None else (streams[0], streams[1][source])
-        dk, dv = dkv_call(
+        dk, dv = (dkv_grid_call if grid else dkv_call)(
             pair_lens, q_p, do_p, lse_p, delta_p, k_p, v_p, causal=config.causal[source], segments=pair, **common
         )
         grads.append((blk.from_heads_major(dk, k.shape[1]), blk.from_heads_major(dv, k.shape[1])))
@@ -164,12 +183,13 @@ def reasoner_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
+    key_grid: bool | None = None,
 ) -> jax.Array:
     """Causal attention among reasoner tokens: q [B,Lu,H,D], k/v [B,Lu,K,D], und_len [B] -> [B,Lu,H,D];
     und_segment_ids [B,Lu] int (optional) restricts each query to keys of its own segment."""
     blk.validate_reasoner(q_und, k_und, v_und, und_len)
     blk.validate_segments("und_segment_ids", und_segment_ids, q_und.shape[:2])
-    config = _Config((True,), blk.resolve_scale(scale, q_und.shape[-1]), block_q, block_k, interpret)
+    config = _Config((True,), blk.resolve_scale(scale, q_und.shape[-1]), block_q, block_k, interpret, key_grid)
     _check_config(config)
     lu = q_und.shape[1]
     lens = _length_table([(und_len, lu), (und_len, lu)])
@@ -192,12 +212,13 @@ def generator_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
+    key_grid: bool | None = None,
 ) -> jax.Array:
     """Generator queries [B,Lg,H,D] over valid reasoner keys [B,Lu,K,D] and generator keys [B,Lg,K,D];
     with segment ids ([B,Lu] and [B,Lg], both or neither) a query sees only keys of its own segment."""
     blk.validate_generator(q_gen, k_und_for_gen, v_und, k_gen, v_gen, und_len, gen_len)
     blk.validate_segment_pair(und_segment_ids, gen_segment_ids, k_und_for_gen.shape[:2], q_gen.shape[:2])
-    config = _Config((False, False), blk.resolve_scale(scale, q_gen.shape[-1]), block_q, block_k, interpret)
+    config = _Config((False, False), blk.resolve_scale(scale, q_gen.shape[-1]), block_q, block_k, interpret, key_grid)
     _check_config(config)
     lu, lg = k_und_for_gen.shape[1], q_gen.shape[1]
     lens = _length_table([(gen_len, lg), (und_len, lu), (gen_len, lg)])
@@ -213,3 +234,5 @@ def _check_config(config: _Config) -> None:
         blk.check_block("block_k", config.block_k)
     if config.interpret is not None and not isinstance(config.interpret, bool):
         raise ValueError(f"interpret must be True, False or None, got {config.interpret!r}")
+    if config.key_grid is not None and not isinstance(config.key_grid, bool):
+        raise ValueError(f"key_grid must be True, False or None, got {config.key_grid!r}")
