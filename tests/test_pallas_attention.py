@@ -29,12 +29,16 @@ IMPLEMENTATIONS = {
         functools.partial(pallas_attention.reasoner_attention, block_q=16, block_k=16, interpret=True),
         functools.partial(pallas_attention.generator_attention, block_q=16, block_k=16, interpret=True),
     ),
+    "pallas_key_grid": (
+        functools.partial(pallas_attention.reasoner_attention, block_q=16, block_k=16, interpret=True, key_grid=True),
+        functools.partial(pallas_attention.generator_attention, block_q=16, block_k=16, interpret=True, key_grid=True),
+    ),
     "blocked_xla": (
         functools.partial(blocked_xla.reasoner_attention, block_q=16, block_k=16),
         functools.partial(blocked_xla.generator_attention, block_q=16, block_k=16),
     ),
 }
-MAX_EXAMPLES = {"pallas": 3, "blocked_xla": 3}
+MAX_EXAMPLES = {"pallas": 3, "pallas_key_grid": 2, "blocked_xla": 3}
 
 
 def _normal(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> jax.Array:
@@ -305,3 +309,149 @@ def test_kernels_lower_for_accelerators(platform: str, marker: str) -> None:
     und_seg, gen_seg = spec((b, lu), jnp.int32), spec((b, lg), jnp.int32)
     segmented = _lower(platform, segmented_grads, q_gen, kv_und, kv_und, kv_gen, kv_gen, lens, lens, und_seg, gen_seg)
     assert segmented.count(marker) >= 4
+
+
+@st.composite
+def several_key_block_cases(draw):
+    """Both sources longer than one 16-token key block (17..56 tokens: 2-4 blocks), lengths anywhere, optional
+    packed segments: the shapes where the key-block grid walks several steps per source."""
+    und, gen = draw(st.integers(17, 56)), draw(st.integers(17, 56))
+    segmented = draw(st.booleans())
+    return dict(
+        seed=draw(st.integers(0, 2**16)), und=und, gen=gen, group=draw(st.sampled_from([1, 2])),
+        und_len=draw(_lengths(1, und, 1)), gen_len=draw(_lengths(1, gen, 1)),
+        und_segments=draw(_segment_ids(1, und)) if segmented else None,
+        gen_segments=draw(_segment_ids(1, gen)) if segmented else None,
+    )
+
+
+@pytest.mark.slow
+def test_key_grid_matches_reference_over_several_key_blocks() -> None:
+    """The key-block grid layout (interpret mode), forward and gradients in fp32, on shapes needing 2-4 key
+    blocks per source, against the reference (2e-5 forward, 1e-4 gradients)."""
+    reasoner, generator = IMPLEMENTATIONS["pallas_key_grid"]
+
+    @settings(max_examples=3, deadline=None)
+    @given(several_key_block_cases())
+    def check(case):
+        und_seg, gen_seg = case["und_segments"], case["gen_segments"]
+        arrays, lengths = _reasoner_case(case["seed"], 1, case["und"], 2, case["group"], 64, jnp.float32,
+                                         case["und_len"])
+        seg = {} if und_seg is None else dict(und_segment_ids=und_seg)
+        _assert_matches(functools.partial(reasoner, **seg), functools.partial(reasoner_attention_reference, **seg),
+                        arrays, lengths, jnp.float32, case["seed"])
+        arrays, lengths = _generator_case(case["seed"], 1, case["und"], case["gen"], 2, case["group"], 64,
+                                          jnp.float32, case["und_len"], case["gen_len"])
+        seg = {} if und_seg is None else dict(und_segment_ids=und_seg, gen_segment_ids=gen_seg)
+        _assert_matches(functools.partial(generator, **seg), functools.partial(generator_attention_reference, **seg),
+                        arrays, lengths, jnp.float32, case["seed"])
+
+    check()
+
+
+@pytest.mark.parametrize("impl", ["pallas", "pallas_key_grid"])
+def test_fully_masked_key_blocks_are_not_computed(impl: str) -> None:
+    """NaN keys/values in the key blocks wholly past und_len / gen_len leave the output and every gradient
+    finite and equal to the reference on zeros there: a block that is computed at all would spread the NaN
+    (0 · NaN = NaN in p·V), so these blocks are skipped in the forward, dQ and dK/dV kernels."""
+    _, generator = IMPLEMENTATIONS[impl]
+    arrays, lengths = _generator_case(11, 1, 48, 64, 2, 2, 64, jnp.float32, [13], [20])
+    q, ku, vu, kg, vg = arrays
+    und_masked = jnp.arange(48)[None, :, None, None] >= 16  # und blocks 1-2 of 16: past und_len 13
+    gen_masked = jnp.arange(64)[None, :, None, None] >= 32  # gen blocks 2-3: past gen_len 20
+    poison = lambda x, masked: jnp.where(masked, jnp.nan, x)  # noqa: E731
+    clean = lambda x, masked: jnp.where(masked, 0.0, x)  # noqa: E731
+    poisoned = (q, poison(ku, und_masked), poison(vu, und_masked), poison(kg, gen_masked), poison(vg, gen_masked))
+    cleaned = (q, clean(ku, und_masked), clean(vu, und_masked), clean(kg, gen_masked), clean(vg, gen_masked))
+    projection = _normal(np.random.default_rng(12), q.shape, jnp.float32)
+    out, grads = _values_and_grads(generator, poisoned, lengths, projection)
+    ref_out, ref_grads = _values_and_grads(generator_attention_reference, cleaned, lengths, projection)
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=0)
+    for name, g, ref_g in zip("qkvkv", grads, ref_grads):
+        np.testing.assert_allclose(g, ref_g, atol=1e-4, rtol=0, err_msg=f"gradient of {name}")
+
+
+def _pallas_calls(jaxpr) -> list:
+    """Every pallas_call equation in a closed jaxpr, sub-jaxprs (platform branches, custom VJPs) included."""
+    from jax._src import core
+
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn)
+        for sub in core.jaxprs_in_params(eqn.params):
+            found += _pallas_calls(sub)
+    return found
+
+
+def _tiled_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    """Bytes of one block as TPU VMEM lays it out: last dim padded to 128 lanes, second-last to 8 sublanes."""
+    *lead, rows, lanes = (1, *shape) if len(shape) == 1 else shape
+    return int(np.prod(lead, dtype=np.int64)) * (-(-rows // 8) * 8) * (-(-lanes // 128) * 128) * itemsize
+
+
+def _cell_bytes(eqn) -> tuple[int, int]:
+    """(K/V bytes, all bytes) one grid cell of a pallas_call holds in VMEM: every pipelined block twice (double
+    buffering) plus the scratch; SMEM tables excluded. K/V blocks are those with K/V's head_dim whose array
+    has fewer heads than the queries or belongs to a key source (detected by the kernel's name and position)."""
+    grid_mapping = eqn.params["grid_mapping"]
+    blocks = []
+    for mapping in grid_mapping.block_mappings:
+        aval = mapping.transformed_block_aval
+        if "smem" in str(aval).lower():
+            continue
+        blocks.append((tuple(aval.shape), aval.dtype.itemsize, mapping.array_aval.shape))
+    kernel_args = eqn.params["jaxpr"].invars
+    scratch = kernel_args[len(kernel_args) - grid_mapping.num_scratch_operands:]
+    total = sum(2 * _tiled_bytes(s, i) for s, i, _ in blocks)
+    total += sum(_tiled_bytes(tuple(v.aval.shape), v.aval.dtype.itemsize) for v in scratch)
+    query_heads = max(shape[1] for _, _, shape in blocks if len(shape) == 4)
+    kv = sum(2 * _tiled_bytes(s, i) for s, i, shape in blocks if len(shape) == 4 and shape[1] < query_heads)
+    return kv, total
+
+
+def _nano_generator_grads(q, ku, vu, kg, vg, und_len, gen_len):
+    loss = lambda *xs: jnp.sum(pallas_attention.generator_attention(*xs, und_len, gen_len).astype(jnp.float32))  # noqa: E731
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, ku, vu, kg, vg)
+
+
+_NANO_SHAPES = (  # Nano 720p: 44,160 generator + 300 reasoner tokens, 32 query heads, 8 kv heads, head_dim 128
+    jax.ShapeDtypeStruct((1, 44160, 32, 128), jnp.bfloat16), jax.ShapeDtypeStruct((1, 300, 8, 128), jnp.bfloat16),
+    jax.ShapeDtypeStruct((1, 300, 8, 128), jnp.bfloat16), jax.ShapeDtypeStruct((1, 44160, 8, 128), jnp.bfloat16),
+    jax.ShapeDtypeStruct((1, 44160, 8, 128), jnp.bfloat16), jax.ShapeDtypeStruct((1,), jnp.int32),
+    jax.ShapeDtypeStruct((1,), jnp.int32),
+)
+TPU_VMEM_KV_BUDGET = 16 * 2**20  # K/V blocks of one cell, double-buffered
+TPU_VMEM_CELL_BUDGET = 32 * 2**20  # everything one cell holds; under the 96 MiB vmem_limit the kernels request
+
+
+def test_tpu_key_grid_cells_fit_vmem_at_nano_layout() -> None:
+    """At Nano's 720p layout the TPU kernels (forward, dQ, dK/dV per source) hold per grid cell ≤ 16 MiB of K/V
+    blocks and ≤ 32 MiB in all, independent of the 44k sequence, and lower to Mosaic."""
+    jaxpr = jax.make_jaxpr(_nano_generator_grads)(*_NANO_SHAPES)
+    tpu_calls = [e for e in _pallas_calls(jaxpr.jaxpr) if "mosaic" in type(e.params["compiler_params"]).__module__]
+    assert len(tpu_calls) == 4  # forward, dQ, dK/dV of the reasoner keys and of the generator keys
+    for eqn in tpu_calls:
+        kv, total = _cell_bytes(eqn)
+        assert 0 < kv <= TPU_VMEM_KV_BUDGET, (eqn.params["grid_mapping"].grid, kv)
+        assert total <= TPU_VMEM_CELL_BUDGET, (eqn.params["grid_mapping"].grid, total)
+        assert len(eqn.params["grid_mapping"].grid) == 4  # a sequential key (or query) axis
+    assert _lower("tpu", _nano_generator_grads, *_NANO_SHAPES).count("tpu_custom_call") >= 4
+    loop = functools.partial(pallas_attention.generator_attention, key_grid=False)
+    loop_jaxpr = jax.make_jaxpr(lambda *xs: loop(*xs))(*_NANO_SHAPES)
+    loop_calls = [e for e in _pallas_calls(loop_jaxpr.jaxpr) if "mosaic" in type(e.params["compiler_params"]).__module__]
+    assert max(_cell_bytes(e)[0] for e in loop_calls) > TPU_VMEM_KV_BUDGET  # the whole-sequence layout does not fit
+
+
+def test_cuda_keeps_the_in_cell_loop_at_nano_layout() -> None:
+    """On CUDA the kernels keep whole-sequence K/V refs (Triton reads block_k rows per loop step from HBM, and
+    runs grid cells in no fixed order, so no sequential key axis): the 3-axis grid, lowered at Nano's layout,
+    with the loop's per-step working set (one query block, one K and one V block in bf16) ≤ 128 KiB."""
+    jaxpr = jax.make_jaxpr(_nano_generator_grads)(*_NANO_SHAPES)
+    gpu_calls = [e for e in _pallas_calls(jaxpr.jaxpr) if "triton" in type(e.params["compiler_params"]).__module__]
+    assert len(gpu_calls) == 8  # forward, dQ, dK/dV per source, in the cuda and in the rocm branch
+    for eqn in gpu_calls:
+        assert len(eqn.params["grid_mapping"].grid) == 3
+    sizes = pallas_attention.blk.choose_blocks("gpu", 128, 44160, 44160, None, None)
+    assert (sizes.block_q + 2 * sizes.block_k) * 128 * 2 <= 128 * 2**10
+    assert _lower("cuda", _nano_generator_grads, *_NANO_SHAPES).count("__gpu$xla.gpu.triton") >= 4
