@@ -19,7 +19,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.block_math import LOG2_E, MASK_VALUE, attention_cost, block_mask, div, key_block_range, ranges_overlap
+from pallas_kernels.block_math import (
+    LOG2_E, MASK_VALUE, attention_cost, block_mask, div, key_block_range, ranges_overlap,
+)
 from pallas_kernels.blocks import BlockSizes, Platform, StreamSegments, compiler_params, lengths_spec
 from pallas_kernels.forward import online_softmax_step
 from pallas_kernels.key_grid import last_causal_block, source_block, source_offsets
@@ -50,7 +52,8 @@ def _forward_grid_kernel(
     per_stream = 2 if segmented else 0
     q_seg_refs, refs = refs[:per_stream], refs[per_stream:]
     per_source = 2 + per_stream
-    src_refs, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = refs[: per_source * len(causal)], refs[per_source * len(causal):]
+    num_refs = per_source * len(causal)
+    src_refs, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = refs[:num_refs], refs[num_refs:]
     bq, bk = blocks.block_q, blocks.block_k
     batch, q_block, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     q_start = q_block * bq

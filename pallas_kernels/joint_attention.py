@@ -128,7 +128,9 @@ def _backward_on(
     common = dict(blocks=sizes, scale=config.scale, platform=platform)
     streams = _kernel_segments(segments, sizes)
     grid = _uses_key_grid(config, platform)
-    dq = (dq_grid_call if grid else dq_call)(lens, q_p, do_p, lse_p, delta_p, kvs_p, causal=config.causal, segments=streams, **common)
+    dq = (dq_grid_call if grid else dq_call)(
+        lens, q_p, do_p, lse_p, delta_p, kvs_p, causal=config.causal, segments=streams, **common
+    )
     grads = []
     for source, ((k, _), (k_p, v_p)) in enumerate(zip(kvs, kvs_p)):
         pair_lens = lens[jnp.array([0, source + 1])]
@@ -186,7 +188,8 @@ def reasoner_attention(
     key_grid: bool | None = None,
 ) -> jax.Array:
     """Causal attention among reasoner tokens: q [B,Lu,H,D], k/v [B,Lu,K,D], und_len [B] -> [B,Lu,H,D];
-    und_segment_ids [B,Lu] int (optional) restricts each query to keys of its own segment."""
+    und_segment_ids [B,Lu] int (optional) restricts each query to keys of its own segment; key_grid picks the
+    kernel layout on TPU and in the interpreter (see the module docstring)."""
     blk.validate_reasoner(q_und, k_und, v_und, und_len)
     blk.validate_segments("und_segment_ids", und_segment_ids, q_und.shape[:2])
     config = _Config((True,), blk.resolve_scale(scale, q_und.shape[-1]), block_q, block_k, interpret, key_grid)
@@ -215,7 +218,8 @@ def generator_attention(
     key_grid: bool | None = None,
 ) -> jax.Array:
     """Generator queries [B,Lg,H,D] over valid reasoner keys [B,Lu,K,D] and generator keys [B,Lg,K,D];
-    with segment ids ([B,Lu] and [B,Lg], both or neither) a query sees only keys of its own segment."""
+    with segment ids ([B,Lu] and [B,Lg], both or neither) a query sees only keys of its own segment; key_grid
+    picks the kernel layout on TPU and in the interpreter (see the module docstring)."""
     blk.validate_generator(q_gen, k_und_for_gen, v_und, k_gen, v_gen, und_len, gen_len)
     blk.validate_segment_pair(und_segment_ids, gen_segment_ids, k_und_for_gen.shape[:2], q_gen.shape[:2])
     config = _Config((False, False), blk.resolve_scale(scale, q_gen.shape[-1]), block_q, block_k, interpret, key_grid)
@@ -227,7 +231,7 @@ def generator_attention(
 
 
 def _check_config(config: _Config) -> None:
-    """Validate the caller's block sizes and interpret flag before tracing any kernel."""
+    """Validate the caller's block sizes and interpret/key_grid flags before tracing any kernel."""
     if config.block_q is not None:
         blk.check_block("block_q", config.block_q)
     if config.block_k is not None:

@@ -266,6 +266,9 @@ def test_bad_inputs_raise_clear_errors(module) -> None:
         module.reasoner_attention(q, k, v, und_len, und_segment_ids=jnp.zeros((2, 8)))
     with pytest.raises(ValueError, match="given together"):
         module.generator_attention(q, k, v, k, v, und_len, und_len, gen_segment_ids=jnp.zeros((2, 8), jnp.int32))
+    if module is pallas_attention:
+        with pytest.raises(ValueError, match="key_grid must be True, False or None"):
+            module.reasoner_attention(q, k, v, und_len, key_grid="tpu")
 
 
 def _lower(platform: str, fn: Callable[..., object], *shapes: jax.ShapeDtypeStruct) -> str:
@@ -384,6 +387,12 @@ def _pallas_calls(jaxpr) -> list:
     return found
 
 
+def _is_backend(eqn, backend: str) -> bool:
+    """Whether a pallas_call is one backend's branch ("mosaic" for TPU, "triton" for GPU), by the module its
+    compiler parameters come from."""
+    return backend in type(eqn.params["compiler_params"]).__module__
+
+
 def _tiled_bytes(shape: tuple[int, ...], itemsize: int) -> int:
     """Bytes of one block as TPU VMEM lays it out: last dim padded to 128 lanes, second-last to 8 sublanes."""
     *lead, rows, lanes = (1, *shape) if len(shape) == 1 else shape
@@ -392,8 +401,8 @@ def _tiled_bytes(shape: tuple[int, ...], itemsize: int) -> int:
 
 def _cell_bytes(eqn) -> tuple[int, int]:
     """(K/V bytes, all bytes) one grid cell of a pallas_call holds in VMEM: every pipelined block twice (double
-    buffering) plus the scratch; SMEM tables excluded. K/V blocks are those with K/V's head_dim whose array
-    has fewer heads than the queries or belongs to a key source (detected by the kernel's name and position)."""
+    buffering) plus the scratch; SMEM tables excluded. K/V blocks are the 4-D operands with fewer heads than the
+    queries' (GQA: kv heads < query heads, true at Nano's 32/8)."""
     grid_mapping = eqn.params["grid_mapping"]
     blocks = []
     for mapping in grid_mapping.block_mappings:
@@ -411,7 +420,9 @@ def _cell_bytes(eqn) -> tuple[int, int]:
 
 
 def _nano_generator_grads(q, ku, vu, kg, vg, und_len, gen_len):
-    loss = lambda *xs: jnp.sum(pallas_attention.generator_attention(*xs, und_len, gen_len).astype(jnp.float32))  # noqa: E731
+    def loss(*xs):
+        return jnp.sum(pallas_attention.generator_attention(*xs, und_len, gen_len).astype(jnp.float32))
+
     return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, ku, vu, kg, vg)
 
 
@@ -429,7 +440,7 @@ def test_tpu_key_grid_cells_fit_vmem_at_nano_layout() -> None:
     """At Nano's 720p layout the TPU kernels (forward, dQ, dK/dV per source) hold per grid cell ≤ 16 MiB of K/V
     blocks and ≤ 32 MiB in all, independent of the 44k sequence, and lower to Mosaic."""
     jaxpr = jax.make_jaxpr(_nano_generator_grads)(*_NANO_SHAPES)
-    tpu_calls = [e for e in _pallas_calls(jaxpr.jaxpr) if "mosaic" in type(e.params["compiler_params"]).__module__]
+    tpu_calls = [e for e in _pallas_calls(jaxpr.jaxpr) if _is_backend(e, "mosaic")]
     assert len(tpu_calls) == 4  # forward, dQ, dK/dV of the reasoner keys and of the generator keys
     for eqn in tpu_calls:
         kv, total = _cell_bytes(eqn)
@@ -439,7 +450,7 @@ def test_tpu_key_grid_cells_fit_vmem_at_nano_layout() -> None:
     assert _lower("tpu", _nano_generator_grads, *_NANO_SHAPES).count("tpu_custom_call") >= 4
     loop = functools.partial(pallas_attention.generator_attention, key_grid=False)
     loop_jaxpr = jax.make_jaxpr(lambda *xs: loop(*xs))(*_NANO_SHAPES)
-    loop_calls = [e for e in _pallas_calls(loop_jaxpr.jaxpr) if "mosaic" in type(e.params["compiler_params"]).__module__]
+    loop_calls = [e for e in _pallas_calls(loop_jaxpr.jaxpr) if _is_backend(e, "mosaic")]
     assert max(_cell_bytes(e)[0] for e in loop_calls) > TPU_VMEM_KV_BUDGET  # the whole-sequence layout does not fit
 
 
@@ -448,7 +459,7 @@ def test_cuda_keeps_the_in_cell_loop_at_nano_layout() -> None:
     runs grid cells in no fixed order, so no sequential key axis): the 3-axis grid, lowered at Nano's layout,
     with the loop's per-step working set (one query block, one K and one V block in bf16) ≤ 128 KiB."""
     jaxpr = jax.make_jaxpr(_nano_generator_grads)(*_NANO_SHAPES)
-    gpu_calls = [e for e in _pallas_calls(jaxpr.jaxpr) if "triton" in type(e.params["compiler_params"]).__module__]
+    gpu_calls = [e for e in _pallas_calls(jaxpr.jaxpr) if _is_backend(e, "triton")]
     assert len(gpu_calls) == 8  # forward, dQ, dK/dV per source, in the cuda and in the rocm branch
     for eqn in gpu_calls:
         assert len(eqn.params["grid_mapping"].grid) == 3
