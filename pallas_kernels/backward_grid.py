@@ -61,7 +61,8 @@ def _dq_grid_kernel(
             ds = logit_grad(p, do_ref[...], v_ref[...], delta_ref[...])
             acc_ref[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-        pl.when(plain)(functools.partial(fold, False))
+        if plain is not None:
+            pl.when(plain)(functools.partial(fold, False))
         pl.when(edge)(functools.partial(fold, True))
 
     @pl.when(step == sum(counts) - 1)
@@ -86,7 +87,7 @@ def _dkv_grid_kernel(
     if segmented:
         q_ids_ref, q_ranges, k_ids_ref, k_ranges = seg_refs
         visible = visible & ranges_overlap(q_ranges, q_block, k_ranges, k_block, batch)
-        plain, edge = jnp.zeros((), jnp.bool_), visible
+        plain, edge = None, visible
     else:
         plain, edge = visible & (q_block >= mid), visible & (q_block < mid)
 
@@ -104,7 +105,8 @@ def _dkv_grid_kernel(
         ds = logit_grad(p, do, v_ref[...], delta_ref[...])
         dk_acc[...] += jax.lax.dot_general(ds.astype(q.dtype), q, TRANSPOSED_LHS, preferred_element_type=jnp.float32)
 
-    pl.when(plain)(functools.partial(fold, False))
+    if plain is not None:
+        pl.when(plain)(functools.partial(fold, False))
     pl.when(edge)(functools.partial(fold, True))
 
     @pl.when(step == group * query_blocks - 1)

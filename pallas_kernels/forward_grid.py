@@ -30,9 +30,10 @@ from pallas_kernels.key_grid import last_causal_block, source_block, source_offs
 def key_step_visibility(
     lens_ref, seg_refs, source: int, local: jax.Array, q_start: jax.Array, q_block: jax.Array, batch: jax.Array,
     causal: bool, count: int, blocks: BlockSizes,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array | None, jax.Array]:
     """(visible without a mask, visible with a mask) for block `local` of key source `source` (local may be out
-    of the source's range: then neither). seg_refs = (q ranges, k ranges) or None."""
+    of the source's range: then neither). seg_refs = (q ranges, k ranges) or None; with segment ids every
+    visible block is masked, so the first is None."""
     q_len, k_len = lens_ref[0, batch], lens_ref[source + 1, batch]
     full, end = key_block_range(q_start, q_len, k_len, causal, blocks.block_q, blocks.block_k)
     visible = (local >= 0) & (local < end)
@@ -40,7 +41,7 @@ def key_step_visibility(
         return visible & (local < full), visible & (local >= full)
     q_ranges, k_ranges = seg_refs
     visible = visible & ranges_overlap(q_ranges, q_block, k_ranges, jnp.clip(local, 0, count - 1), batch)
-    return jnp.zeros((), jnp.bool_), visible
+    return None, visible
 
 
 def _forward_grid_kernel(
@@ -84,7 +85,8 @@ def _forward_grid_kernel(
                 carry, q_ref[...], k_ref[...], v_ref[...], mask, scale_log2
             )
 
-        pl.when(plain)(functools.partial(fold, False))
+        if plain is not None:
+            pl.when(plain)(functools.partial(fold, False))
         pl.when(edge)(functools.partial(fold, True))
 
     @pl.when(step == sum(counts) - 1)
