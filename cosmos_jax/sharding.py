@@ -5,6 +5,11 @@ Every parameter and activation dimension has a *logical* name ("embed", "q_heads
 axes among `data`, `fsdp`, `context`, `tensor`. A partition spec is the rules applied to the names, dropping any
 mesh axis that does not divide its dimension (so a small parameter stays replicated rather than failing) and any
 mesh axis already used by an earlier dimension of the same array.
+
+A parameter's logical names are declared once, in its row of the transformer key table
+(`cosmos_jax.convert.keymap_transformer`, which also holds its checkpoint key and layout transform); this module
+only looks them up by the parameter's path. So the sharding of one weight is that row plus the preset's rules
+table, nothing else (docs/checkpoints.md walks one weight through).
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from cosmos_jax.config import PRESETS_DIR
+from cosmos_jax.convert.keymap_transformer import LogicalAxes, entry_for_path
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 MESH_PRESETS_DIR = os.path.join(PRESETS_DIR, "mesh")
 
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
-LogicalAxes = tuple[str | None, ...]
 
 # Logical names of activations (used by Cosmos3Transformer's constraints and the context-parallel attention).
 BATCH, SEQ, GEN_SEQ, ACT_EMBED, HEADS, KV_HEADS = "batch", "seq", "gen_seq", "act_embed", "heads", "kv_heads"
@@ -168,63 +173,19 @@ def spec_for(shape: Sequence[int], names: LogicalAxes, rules: Rules, mesh: Mesh 
 
 # ---------------------------------------------------------------------------------------- parameter names
 
-# Keyed by the last path components (module name, parameter name); layer stacks add a leading "layers" axis.
-_LAYER_AXES: dict[tuple[str, str], LogicalAxes] = {
-    ("q_proj", "kernel"): ("embed", "q_heads"),
-    ("k_proj", "kernel"): ("embed", "kv_heads"),
-    ("v_proj", "kernel"): ("embed", "kv_heads"),
-    ("o_proj", "kernel"): ("q_heads", "embed"),
-    ("gate_proj", "kernel"): ("embed", "mlp"),
-    ("up_proj", "kernel"): ("embed", "mlp"),
-    ("down_proj", "kernel"): ("mlp", "embed"),
-    ("input_norm", "scale"): ("norm",),
-    ("post_attention_norm", "scale"): ("norm",),
-    ("q_norm", "scale"): ("head_dim",),
-    ("k_norm", "scale"): ("head_dim",),
-    ("und_k_norm", "scale"): ("head_dim",),
-}
-
-_TOP_AXES: dict[tuple[str, str], LogicalAxes] = {
-    ("embed_tokens", "embedding"): ("vocab", "embed"),
-    ("lm_head", "kernel"): ("embed", "vocab"),
-    ("norm", "scale"): ("norm",),
-    ("proj_in", "kernel"): ("patch", "embed"),
-    ("proj_in", "bias"): ("embed",),
-    ("proj_out", "kernel"): ("embed", "patch"),
-    ("proj_out", "bias"): ("patch",),
-    ("linear_1", "kernel"): ("time_freq", "embed"),
-    ("linear_1", "bias"): ("embed",),
-    ("linear_2", "kernel"): ("embed", "time_hidden"),
-    ("linear_2", "bias"): ("time_hidden",),
-    ("audio_proj_in", "kernel"): ("sound", "embed"),
-    ("audio_proj_in", "bias"): ("embed",),
-    ("audio_proj_out", "kernel"): ("embed", "sound"),
-    ("audio_proj_out", "bias"): ("sound",),
-    ("action_proj_in", "kernel"): ("domain", "action", "embed"),
-    ("action_proj_in", "bias"): ("domain", "embed"),
-    ("action_proj_out", "kernel"): ("domain", "embed", "action"),
-    ("action_proj_out", "bias"): ("domain", "action"),
-    ("generator", "audio_modality_embed"): ("embed",),
-    ("generator", "action_modality_embed"): ("embed",),
-}
+def param_logical_axes(path: Sequence[str], ndim: int) -> LogicalAxes:
+    """Logical names of one parameter, read from its row of the transformer key table (`entry_for_path`), e.g.
+    ('generator', 'layers', 'q_proj', 'kernel') -> ('layers', 'embed', 'q_heads')."""
+    path = tuple(path)
+    entry = entry_for_path(path)
+    names = entry.logical_axes() if entry is not None else ()
+    if not names or len(names) != ndim:
+        raise ValueError(f"no logical axes known for parameter {'/'.join(path)} of rank {ndim}")
+    return names
 
 
 def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
-
-
-def param_logical_axes(path: Sequence[str], ndim: int) -> LogicalAxes:
-    """Logical names of one parameter from its path in the two trees, e.g.
-    ('generator', 'layers', 'q_proj', 'kernel') -> ('layers', 'embed', 'q_heads')."""
-    path = tuple(path)
-    key = path[-2:]
-    if "layers" in path:
-        names = ("layers",) + _LAYER_AXES.get(key, ())
-    else:
-        names = _TOP_AXES.get(key, ())
-    if not names or len(names) != ndim:
-        raise ValueError(f"no logical axes known for parameter {'/'.join(path)} of rank {ndim}")
-    return names
 
 
 def param_specs(abstract_params: Any, mesh: Mesh | AbstractMesh, rules: Rules) -> Any:

@@ -58,8 +58,8 @@ def _model(sharding=None):
 
 def _load_sharded(folder: Path, model, mesh, rules):
     """Both parameter trees as global arrays, each process reading only its devices' slices; also the bytes read."""
-    from cosmos_jax.convert.keymap_transformer import DOMAIN, LINEAR, key_table
-    from cosmos_jax.convert.safetensors_io import CheckpointIndex, Transpose, make_sharded_array
+    from cosmos_jax.convert.keymap_transformer import key_table
+    from cosmos_jax.convert.safetensors_io import CheckpointIndex, make_sharded_array
     from cosmos_jax.sharding import param_shardings
 
     abstract = model.abstract_params()
@@ -80,8 +80,7 @@ def _load_sharded(folder: Path, model, mesh, rules):
         sharding, leaf = shardings, abstract
         for name in entry.path:
             sharding, leaf = sharding[name], leaf[name]
-        layer_shape = leaf.shape[1:] if entry.per_layer else leaf.shape
-        transform = {LINEAR: Transpose((1, 0)), DOMAIN: lambda a, s=layer_shape: a.reshape(s)}.get(entry.transform)
+        transform = entry.layout(leaf.shape[1:] if entry.per_layer else leaf.shape)
         keys = entry.torch_keys(layers)
         node = params
         for name in entry.path[:-1]:

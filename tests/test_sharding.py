@@ -247,3 +247,22 @@ def test_make_mesh_shape_and_axis_order():
     mesh = make_mesh("tensor=2,fsdp=4")
     assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "context": 1, "tensor": 2}
     assert mesh.devices.shape == (1, 4, 1, 2)
+
+
+def test_one_row_and_one_rules_table_place_a_weight():
+    """The walk-through of docs/checkpoints.md: the row gives key, layout and logical axes; the preset's rules the
+    spec. Every logical name of the key table has a rule in every mesh preset."""
+    from cosmos_jax.convert.keymap_transformer import LINEAR, ROWS, entry_for_path
+    from cosmos_jax.convert.safetensors_io import Transpose
+
+    row = entry_for_path(("generator", "layers", "q_proj", "kernel"))
+    assert row.torch_keys(2) == ["layers.0.self_attn.add_q_proj.weight", "layers.1.self_attn.add_q_proj.weight"]
+    assert row.transform == LINEAR and row.layout((64, 128)) == Transpose((1, 0))
+    assert row.logical_axes() == ("layers", "embed", "q_heads")
+    super_preset = load_mesh_preset("super")
+    assert spec_for((64, 8192, 8192), row.logical_axes(), super_preset.rules,
+                    abstract_mesh(super_preset.mesh)) == P(None, "fsdp", "tensor")
+    names = {n for entry in ROWS for n in entry.logical_axes()}
+    assert {"layers", "embed", "q_heads", "kv_heads", "mlp", "vocab", "domain"} <= names
+    for preset in ("tiny", "edge", "nano", "super"):
+        assert names <= {logical for logical, _ in load_mesh_preset(preset).rules}, preset

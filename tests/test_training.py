@@ -256,8 +256,7 @@ def test_sharded_step_equals_single_device_step(tmp_path):
         mesh = sharding_lib.make_mesh(mesh_spec, jax.devices()[: 1 if mesh_spec == "fsdp=1" else 8])
         context = mesh.shape["context"] > 1
         mesh_model = dataclasses.replace(model, sharding=ActivationSharding(mesh, TINY_RULES)) if context else model
-        param_shardings = (sharding_lib.param_shardings(abstract.params, mesh, TINY_RULES) if context
-                           else step_lib.fsdp_param_shardings(abstract.params, mesh))
+        param_shardings = sharding_lib.param_shardings(abstract.params, mesh, TINY_RULES)
         shardings = step_lib.state_shardings(abstract, param_shardings, optimizer, mesh)
         state = jax.device_put(step_lib.init_state(params, optimizer, optim, seed=7), shardings)
         fn = step_lib.jit_train_step(step_lib.train_step_fn(mesh_model, optimizer, LossConfig(), optim), shardings,
@@ -340,9 +339,9 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
     params = jax.device_get(model.init(jax.random.key(1)))
     layouts = []
     for devices in (8, 2):
-        mesh = step_lib.fsdp_mesh(devices)
-        layouts.append(step_lib.state_shardings(abstract, step_lib.fsdp_param_shardings(abstract.params, mesh),
-                                                optimizer, mesh))
+        mesh = sharding_lib.make_mesh(f"fsdp={devices}", jax.devices()[:devices])
+        param_shardings = sharding_lib.param_shardings(abstract.params, mesh, TINY_RULES)
+        layouts.append(step_lib.state_shardings(abstract, param_shardings, optimizer, mesh))
     state = jax.device_put(step_lib.init_state(params, optimizer, optim, seed=5), layouts[0])
     checkpointer = TrainCheckpointer(str(tmp_path), keep=2)
     for step in (1, 2, 3):

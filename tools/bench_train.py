@@ -27,12 +27,11 @@ from cosmos_jax.convert.keymap_transformer import params_from_torch_state  # noq
 from cosmos_jax.modeling.inputs import GeneratorInputs  # noqa: E402
 from cosmos_jax.modeling.transformer import Cosmos3Transformer  # noqa: E402
 from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence  # noqa: E402
+from cosmos_jax.sharding import load_mesh_preset, make_mesh, param_shardings  # noqa: E402
 from cosmos_jax.training.losses import LossConfig, TrainBatch  # noqa: E402
 from cosmos_jax.training.step import (  # noqa: E402
     OptimConfig,
     batch_shardings,
-    fsdp_mesh,
-    fsdp_param_shardings,
     init_state,
     jit_train_step,
     make_optimizer,
@@ -112,10 +111,11 @@ def main() -> None:
     params = params_from_torch_state(state_np, cfg, model.abstract_params())
     optim = OptimConfig(lr=1e-4, warmup_steps=0, total_steps=1000, freeze_reasoner=False)
     optimizer = make_optimizer(optim, params)
-    mesh = fsdp_mesh(1)
+    mesh = make_mesh("fsdp=1", jax.devices()[:1])
     state = init_state(jax.tree.map(jnp.asarray, params), optimizer, optim, seed=0)
     abstract = jax.eval_shape(lambda: state)
-    shardings = state_shardings(abstract, fsdp_param_shardings(abstract.params, mesh), optimizer, mesh)
+    shardings = state_shardings(abstract, param_shardings(abstract.params, mesh, load_mesh_preset("tiny").rules),
+                                optimizer, mesh)
     gen = GeneratorInputs(position_ids=batch_generator_positions([layout]), vision=x0,
                           vision_noisy=layout.vision_noisy[None], vision_t=np.zeros(1, np.float32))
     batch = jax.tree.map(jnp.asarray, TrainBatch(text=batch_text([input_ids], [layout]), gen=gen))

@@ -11,10 +11,12 @@ The reasoner ("reasoner" component, not loaded by default) reuses the transforme
 holds no language tower or one byte-identical to transformer/'s (docs/model.md, "The reasoner on its own"), so the LM
 is held once; only a root LM that differs is read as its own copy.
 
-Transformer tensors are read lazily through the key table: each stacked layer buffer is allocated once and
-filled layer by layer; with `shardings`, every device reads only its own slice. The time embedder stays f32;
-the other transformer weights are cast to `dtype` (kept as stored when `dtype` is None). The VAE and sound
-tokenizer keep their stored dtypes.
+Transformer tensors are read lazily through the key table (`keymap_transformer`): each stacked layer buffer is
+allocated once and filled layer by layer; with `shardings`, every device reads only its own slice, through the
+row's layout transform. The usual `shardings` is `cosmos_jax.sharding.param_shardings(abstract, mesh, rules)`,
+which takes each leaf's logical axes from the same row, so key, layout and sharding of a weight are one row.
+The time embedder stays f32; the other transformer weights are cast to `dtype` (kept as stored when `dtype` is
+None). The VAE and sound tokenizer keep their stored dtypes.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ import numpy as np
 from cosmos_jax.config import ConfigError, Cosmos3Config, param_dtype
 from cosmos_jax.convert import keymap_reasoner, orbax_io
 from cosmos_jax.convert.keymap_audio import audio_params_from_torch_state
-from cosmos_jax.convert.keymap_transformer import DOMAIN, LINEAR, Entry, KeyMapError, check_state, key_table
+from cosmos_jax.convert.keymap_transformer import Entry, KeyMapError, check_state, key_table
 from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
-from cosmos_jax.convert.safetensors_io import CheckpointIndex, Transpose, make_sharded_array, read_stacked, shard_name
+from cosmos_jax.convert.safetensors_io import CheckpointIndex, make_sharded_array, read_stacked, shard_name
 from cosmos_jax.convert.tree_paths import get_path, set_path
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizerConfig
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
@@ -299,16 +301,11 @@ def iter_transformer_leaves(
 
 def _sharded_entry(index: CheckpointIndex, entry: Entry, flax_shape: tuple[int, ...], dtype: Any,
                    num_layers: int, sharding: jax.sharding.Sharding) -> jax.Array:
+    """One leaf placed in `sharding`, each device reading only its slice through the row's layout transform."""
     keys = entry.torch_keys(num_layers)
     target = target_dtype(entry.path, index.dtype(keys[0]), dtype)
-    layer_shape = flax_shape[1:] if entry.per_layer else flax_shape
-    if entry.transform == LINEAR:
-        transform: Any = Transpose((1, 0))
-    elif entry.transform == DOMAIN:
-        transform = lambda a: a.reshape(layer_shape)  # noqa: E731
-    else:
-        transform = None
-    array = make_sharded_array(index, keys if entry.per_layer else keys[0], sharding, transform)
+    layout = entry.layout(flax_shape[1:] if entry.per_layer else flax_shape)
+    array = make_sharded_array(index, keys if entry.per_layer else keys[0], sharding, layout)
     if array.dtype != target:
         array = jax.jit(lambda x: x.astype(target), out_shardings=sharding)(array)
     return array
@@ -641,7 +638,8 @@ def load(
     dtype: transformer and reasoner weight dtype (time embedder always f32); None keeps the stored dtypes.
     shardings: for the transformer params, a pytree of `jax.sharding.Sharding` matching
     {"reasoner": ..., "generator": ...}, or a callable from a leaf path such as
-    ("generator", "layers", "mlp", "up_proj", "kernel") to a Sharding; None puts every array on the first device.
+    ("generator", "layers", "mlp", "up_proj", "kernel") to a Sharding, usually
+    `cosmos_jax.sharding.param_shardings(abstract, mesh, rules)`; None puts every array on the first device.
     lazy: converted folders only, with dtype and shardings None: the transformer and reasoner leaves are
     `orbax_io.LazyLeaf`s read on access, one leaf held at a time per tree (for streaming exports).
     Errors name the file and every offending key.

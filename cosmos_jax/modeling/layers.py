@@ -1,4 +1,5 @@
-"""One layer of one tower, and the joint Mixture-of-Transformers step that pairs layer i of both towers.
+"""One layer of one tower, the joint Mixture-of-Transformers step that pairs layer i of both towers, and
+`scan_layers`, the one loop that runs a layer stack.
 
 A tower layer owns its projections, norms and MLP; the two towers only meet in `joint_layer`, where the
 reasoner's keys/values are shared with the generator's queries (docs/model.md, "Two towers and the joint attention"). The same module serves both
@@ -8,7 +9,7 @@ and (Edge) the generator layer owns `und_k_norm`, which normalises the reasoner 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -140,3 +141,17 @@ def generator_step(
     q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
     attn = generator_attention(q, kv.k, kv.v, k, v, und_len, gen_len)
     return layer.apply({"params": g_params}, gen, attn, method=TowerLayer.finish)
+
+
+def scan_layers(layer_fn: Callable[[Any, Any], tuple[Any, Any]], carry: Any, per_layer: Any, *,
+                remat: bool = False) -> tuple[Any, Any]:
+    """Run a layer stack: `layer_fn(carry, layer) -> (carry, out)` once per layer, in one `jax.lax.scan`.
+
+    `per_layer` is a pytree whose leaves all lead with the layer axis (the stacked weights of one or both towers,
+    a per-layer K/V cache, layer indices); `layer_fn` sees layer i's slice of each. Returns the last carry and the
+    per-layer outputs stacked on a leading layer axis (None when `layer_fn` returns None). The four layer loops
+    of the package run through it: the joint forward, the reasoner encode and the generator's denoising step
+    (`Cosmos3Transformer`), and the reasoner's prefill / decode step (`Reasoner.forward`).
+    remat: recompute each layer's activations in the backward pass (one layer's activation memory, not all).
+    """
+    return jax.lax.scan(jax.checkpoint(layer_fn) if remat else layer_fn, carry, per_layer)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from cosmos_jax.config import Cosmos3Config
 from cosmos_jax.modeling.attention import masked_attention
-from cosmos_jax.modeling.layers import TowerLayer, reasoner_layer
+from cosmos_jax.modeling.layers import TowerLayer, reasoner_layer, scan_layers
 from cosmos_jax.modeling.rope import apply_rope, mrope_cos_sin
 from cosmos_jax.modeling.towers import ReasonerIO
 from cosmos_jax.modeling.vision import VisionConfig, VisionEncoder, VisionGrid
@@ -231,7 +231,7 @@ class Reasoner:
             return (h, k_cache, v_cache), None
 
         indices = jnp.arange(cfg.num_hidden_layers)
-        (hidden, k, v), _ = jax.lax.scan(body, (hidden, cache.k, cache.v), (indices, params["layers"]))
+        (hidden, k, v), _ = scan_layers(body, (hidden, cache.k, cache.v), (indices, params["layers"]))
         return hidden, KVCache(k=k, v=v, pad=cache.pad)
 
     def logits(self, params: Params, hidden: jax.Array) -> jax.Array:

@@ -32,6 +32,7 @@ from cosmos_jax.modeling.layers import (
     generator_step,
     reasoner_layer,
     reasoner_step,
+    scan_layers,
 )
 from cosmos_jax.modeling.rope import mrope_cos_sin
 from cosmos_jax.modeling.towers import GeneratorIO, ReasonerIO
@@ -119,9 +120,6 @@ class Cosmos3Transformer:
             generator_attention = context_parallel.sharded_generator_attention(generator_attention, self.sharding)
         return reasoner_attention, generator_attention
 
-    def _maybe_remat(self, fn):
-        return jax.checkpoint(fn) if self.remat else fn
-
     def _reasoner_embed(self, params: Params, text: TextInputs) -> jax.Array:
         return self.reasoner_io.apply({"params": _io(params["reasoner"])}, text.input_ids, method=ReasonerIO.embed)
 
@@ -140,10 +138,11 @@ class Cosmos3Transformer:
             und, kv = reasoner_step(r_layer, g_layer, r_params, g_params, und, rope, text.und_len, reasoner_attention)
             return und, kv
 
-        und, kv = jax.lax.scan(
-            self._maybe_remat(body),
+        und, kv = scan_layers(
+            body,
             self._reasoner_embed(params, text),
             (params["reasoner"]["layers"], _und_k_norm_params(params["generator"]["layers"])),
+            remat=self.remat,
         )
         return ReasonerCache(k=kv.k, v=kv.v, und_len=text.und_len), und
 
@@ -163,7 +162,7 @@ class Cosmos3Transformer:
             hidden = self._constrain(hidden, _GEN)
             return generator_step(g_layer, g_params, hidden, rope, kv, cache.und_len, gen_len, generator_attention), None
 
-        hidden, _ = jax.lax.scan(self._maybe_remat(body), hidden, (params["generator"]["layers"], cache.k, cache.v))
+        hidden, _ = scan_layers(body, hidden, (params["generator"]["layers"], cache.k, cache.v), remat=self.remat)
         return g_io.apply(g_io_params, hidden, gen, method=GeneratorIO.head)
 
     def __call__(self, params: Params, text: TextInputs, gen: GeneratorInputs) -> GeneratorOutputs:
@@ -188,10 +187,11 @@ class Cosmos3Transformer:
             hidden = generator_step(g_layer, g_params, hidden, gen_rope, kv, text.und_len, gen_len, generator_attention)
             return (und, hidden), None
 
-        (und_hidden, gen_hidden), _ = jax.lax.scan(
-            self._maybe_remat(body),
+        (und_hidden, gen_hidden), _ = scan_layers(
+            body,
             (self._reasoner_embed(params, text), gen_hidden),
             (params["reasoner"]["layers"], params["generator"]["layers"]),
+            remat=self.remat,
         )
         return g_io.apply(g_io_params, gen_hidden, gen, method=GeneratorIO.head), und_hidden
 

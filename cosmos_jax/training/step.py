@@ -17,7 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cosmos_jax.modeling.transformer import Cosmos3Transformer, cast_params
 from cosmos_jax.training.losses import LossConfig, TrainBatch, random_flow_loss
@@ -181,34 +181,12 @@ def _accumulated_grads(grad_fn: Callable[..., Any], params: Params, micro: Train
 # ------------------------------------------------------------------------------------------------ sharding
 
 
-def fsdp_mesh(devices: int | None = None) -> Mesh:
-    """A one-axis ('fsdp') mesh over the first `devices` devices (default: all)."""
-    available = jax.devices()
-    n = len(available) if devices is None else devices
-    if not 1 <= n <= len(available):
-        raise ValueError(f"an fsdp mesh of {n} devices was asked for but {len(available)} are available")
-    return jax.make_mesh((n,), ("fsdp",), axis_types=(AxisType.Auto,), devices=available[:n])
-
-
-def fsdp_param_shardings(params: Any, mesh: Mesh, axis: str = "fsdp") -> Any:
-    """Shard each array's largest dimension divisible by the `axis` size over it; replicate the rest."""
-    size = mesh.shape[axis]
-
-    def sharding(x: Any) -> NamedSharding:
-        dims = [d for d in sorted(range(len(x.shape)), key=lambda d: -x.shape[d]) if x.shape[d] % size == 0]
-        spec = [None] * len(x.shape)
-        if dims and size > 1:
-            spec[dims[0]] = axis
-        return NamedSharding(mesh, PartitionSpec(*spec))
-
-    return jax.tree.map(sharding, params)
-
-
 def state_shardings(
     abstract_state: TrainState, param_shardings: Any, optimizer: optax.GradientTransformation, mesh: Mesh
 ) -> TrainState:
     """Shardings for a whole TrainState: params/EMA and every parameter-shaped optimizer leaf follow
-    `param_shardings`; scalars (step, counts, rng) are replicated."""
+    `param_shardings` (from `cosmos_jax.sharding.param_shardings`: each parameter's logical axes from its key-table
+    row, mapped by the mesh preset's rules); scalars (step, counts, rng) are replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     by_path = {_dict_keys(path): s for path, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
 
