@@ -29,6 +29,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cosmos_jax.config import Cosmos3Config
+from cosmos_jax.convert.quantize import check_mode, quantize_params
+from cosmos_jax.modeling.quantized import is_quantized
 from cosmos_jax.modeling.inputs import GeneratorInputs, TextInputs
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.sharding import (
@@ -71,6 +73,7 @@ class MemoryPlan:
     replicated_share: float
     device: str
     compile_seconds: float
+    quantize: str | None = None
 
     @property
     def total(self) -> int:
@@ -140,6 +143,30 @@ def _with_shardings(abstract: Any, specs: Any, mesh, dtype: Any = None) -> Any:
     )
 
 
+def _quantized_structs(abstract: Any, specs: Any, mesh, mode: str) -> Any:
+    """The parameter structs after `quantize_params(mode)`: values take their kernel's spec; a scale drops the mesh
+    axes of its size-1 (reduced) dimensions."""
+    quantized = jax.eval_shape(lambda p: quantize_params(p, mode), abstract)
+
+    def place(spec: PartitionSpec, node: Any) -> Any:
+        if not is_quantized(node):
+            return jax.ShapeDtypeStruct(node.shape, node.dtype, sharding=NamedSharding(mesh, spec))
+        entries = tuple(spec) + (None,) * (node.scale.ndim - len(spec))
+        scale_spec = PartitionSpec(*(None if d == 1 else e for d, e in zip(node.scale.shape, entries)))
+        return dataclasses.replace(
+            node,
+            qvalue=jax.ShapeDtypeStruct(node.qvalue.shape, node.qvalue.dtype, sharding=NamedSharding(mesh, spec)),
+            scale=jax.ShapeDtypeStruct(node.scale.shape, node.scale.dtype, sharding=NamedSharding(mesh, scale_spec)),
+        )
+
+    return jax.tree.map(place, specs, quantized, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _placed_bytes(structs: Any) -> int:
+    """Per-device bytes of a tree of sharded ShapeDtypeStructs."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(structs))
+
+
 def _train_step(model: Cosmos3Transformer, optimizer: optax.GradientTransformation):
     def step(
         state: dict[str, Any], text: TextInputs, gen: GeneratorInputs, target: jax.Array
@@ -170,10 +197,15 @@ def plan_memory(
     batch: int | None = None,
     device: str = "h100-80g",
     query_chunk: int = DEFAULT_QUERY_CHUNK,
+    quantize: str | None = None,
 ) -> MemoryPlan:
-    """Compile one sharded step abstractly and return its per-device memory plan."""
+    """Compile one sharded step abstractly and return its per-device memory plan (quantize: None, "int8" or
+    "fp8" weight-only, inference only)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_mode(quantize)
+    if quantize is not None and task != "infer":
+        raise ValueError("--quantize plans inference only (training keeps full-precision weights)")
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; devices: {', '.join(DEVICES)}")
     for name, value in (("gen_tokens", gen_tokens), ("text_tokens", text_tokens), ("query_chunk", query_chunk)):
@@ -188,7 +220,8 @@ def plan_memory(
     model = Cosmos3Transformer(cfg, dtype=jnp.bfloat16, attention="xla", remat=task == "train", sharding=sharding)
     abstract = model.abstract_params()
     specs = param_specs(abstract, mesh, rules)
-    params = _with_shardings(abstract, specs, mesh)
+    params = _with_shardings(abstract, specs, mesh) if quantize is None else \
+        _quantized_structs(abstract, specs, mesh, quantize)
     latent = latent_shape_for(gen_tokens, cfg.latent_patch_size)
     text, gen = _abstract_inputs(cfg, batch, text_tokens, latent, model.dtype, mesh, rules)
     optimizer_bytes = 0
@@ -210,7 +243,7 @@ def plan_memory(
         ).lower(state, text, gen, target)
     analysis = lowered.compile().memory_analysis()
     seconds = time.perf_counter() - start
-    params_bytes = _sharded_bytes(abstract, specs, mesh)
+    params_bytes = _placed_bytes(params) if task == "infer" else _sharded_bytes(abstract, specs, mesh)
     arguments = int(analysis.argument_size_in_bytes)
     return MemoryPlan(
         config_name=config_name,
@@ -229,6 +262,7 @@ def plan_memory(
         replicated_share=replicated_fraction(abstract, mesh, rules),
         device=device,
         compile_seconds=seconds,
+        quantize=quantize,
     )
 
 
@@ -244,6 +278,12 @@ def _opt_specs(opt_state: Any, param_spec_tree: Any) -> Any:
     return jax.tree.map(specs_for, opt_state, is_leaf=lambda n: jax.tree.structure(n) == param_treedef)
 
 
+def _weights_label(quantize: str | None) -> str:
+    if quantize is None:
+        return "parameters (bf16; time embedder fp32)"
+    return f"parameters (layer linears {quantize}, rest bf16)"
+
+
 def format_plan(plan: MemoryPlan) -> str:
     """A human-readable report of a plan."""
     gib = lambda n: f"{n / GB:9.2f} GB"  # noqa: E731
@@ -252,7 +292,7 @@ def format_plan(plan: MemoryPlan) -> str:
         f"plan: {plan.config_name}  task={plan.task}  mesh={plan.mesh} ({plan.devices} devices)",
         f"  batch={plan.batch}  generator tokens={plan.gen_tokens}  text tokens={plan.text_tokens}",
         "  per-device bytes (all layers: scanned, so exact for the full depth):",
-        f"    parameters (bf16; time embedder fp32)     {gib(plan.params)}",
+        f"    {_weights_label(plan.quantize):<42}{gib(plan.params)}",
         f"    optimizer state (fp32 master + 2 moments) {gib(plan.optimizer)}",
         f"    inputs                                    {gib(plan.inputs)}",
         f"    outputs (less donated/aliased)            {gib(plan.outputs - plan.aliased)}",

@@ -49,12 +49,19 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="output path: .mp4 (video), .png (one frame) or .npy (latents); side files "
                              "(.wav, .actions.npy/.json/.png) are named after it")
     parser.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    parser.add_argument("--quantize", default=None, metavar="MODE",
+                        help="weight-only quantization of the transformer's layer linears: int8 or fp8 "
+                             "(per output channel; norms, embeddings, time embedder and heads stay full precision)")
     parser.add_argument("--attention", default="auto", help="attention implementation: auto, xla, blocked, pallas")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _check_paths(args: argparse.Namespace) -> None:
-    """Every input file exists and the output suffix fits the request (before loading anything)."""
+    """Every input file exists, the output suffix fits the request and --quantize is known (before loading
+    anything)."""
+    from cosmos_jax.convert.quantize import check_mode
+
+    check_mode(args.quantize)
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"model folder not found: {args.model}")
     for flag in ("image", "video", "actions", "action_stats", "init_noise", "init_sound_noise", "init_action_noise"):
@@ -133,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         pipeline = Cosmos3Pipeline.from_pretrained(args.model, dtype=getattr(jnp, args.dtype),
-                                                   attention=args.attention)
+                                                   attention=args.attention, quantize=args.quantize)
         written = generate_and_write(pipeline, args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -36,6 +36,7 @@ from cosmos_jax.convert import keymap_reasoner, orbax_io
 from cosmos_jax.convert.keymap_audio import audio_params_from_torch_state
 from cosmos_jax.convert.keymap_transformer import DOMAIN, LINEAR, Entry, KeyMapError, check_state, key_table
 from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
+from cosmos_jax.convert.quantize import check_mode, quantize_leaf
 from cosmos_jax.convert.safetensors_io import CheckpointIndex, Transpose, make_sharded_array, read_stacked, shard_name
 from cosmos_jax.convert.tree_paths import get_path, set_path
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizerConfig
@@ -305,13 +306,15 @@ def _default_sharding() -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def _load_hub_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, shardings: Shardings) -> dict[str, Any]:
+def _load_hub_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, shardings: Shardings,
+                          quantize: str | None = None) -> dict[str, Any]:
     params: dict[str, Any] = {}
     with CheckpointIndex.open(layout.transformer_dir) as index:
         if shardings is None:
             for tree, path, array in iter_transformer_leaves(index, config, dtype):
-                set_path(params, (tree, *path), jax.device_put(array, _default_sharding()))
-                del array
+                value = quantize_leaf((tree, *path), jax.device_put(array, _default_sharding()), quantize)
+                set_path(params, (tree, *path), value)
+                del array, value
             return params
         abstract = abstract_transformer(config)
         validate_transformer_index(index, config, abstract)
@@ -319,7 +322,7 @@ def _load_hub_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, sha
             shape = tuple(get_path(abstract, entry.path).shape)
             sharding = _sharding_for(shardings, entry.path)
             value = _sharded_entry(index, entry, shape, dtype, config.num_hidden_layers, sharding)
-            set_path(params, entry.path, value)
+            set_path(params, entry.path, quantize_leaf(entry.path, value, quantize))
     return params
 
 
@@ -349,7 +352,8 @@ def _flat_shapes(tree: Any) -> dict[LeafPath, tuple[int, ...]]:
 
 
 def _load_converted_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, shardings: Shardings,
-                                trees: Sequence[str] = TRANSFORMER_TREES, lazy: bool = False) -> dict[str, Any]:
+                                trees: Sequence[str] = TRANSFORMER_TREES, lazy: bool = False,
+                                quantize: str | None = None) -> dict[str, Any]:
     abstract = abstract_transformer(config)
     params: dict[str, Any] = {}
     for tree in trees:
@@ -363,7 +367,10 @@ def _load_converted_transformer(layout: Layout, config: Cosmos3Config, dtype: An
             sharding = _sharding_for(shardings, (tree, *path)) or _default_sharding()
             dt = target_dtype((tree, *path), stored[path], dtype)
             set_path(target, path, jax.ShapeDtypeStruct(shape, dt, sharding=sharding))
-        params[tree] = orbax_io.restore_tree(folder, target)
+        restored = orbax_io.restore_tree(folder, target)
+        params[tree] = jax.tree_util.tree_map_with_path(
+            lambda keys, x: quantize_leaf((tree, *(str(k.key) for k in keys)), x, quantize), restored)
+        del restored
     return params
 
 
@@ -596,6 +603,7 @@ def load(
     shardings: Shardings = None,
     components: Sequence[str] = DEFAULT_COMPONENTS,
     lazy: bool = False,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load the requested components of a Hub-layout or converted folder.
 
@@ -606,8 +614,15 @@ def load(
     ("generator", "layers", "mlp", "up_proj", "kernel") to a Sharding; None puts every array on the first device.
     lazy: converted folders only, with dtype and shardings None: the transformer and reasoner leaves are
     `orbax_io.LazyLeaf`s read on access, one leaf held at a time per tree (for streaming exports).
+    quantize: None, "int8" or "fp8": the transformer's layer linears are quantized (`cosmos_jax.convert.quantize`)
+    leaf by leaf as they are read, so the full-precision tree is never held whole.
     Errors name the file and every offending key.
     """
+    check_mode(quantize, "quantize")
+    if lazy and quantize is not None:
+        raise ValueError("lazy=True reads the stored weights as they are; it cannot be combined with quantize")
+    if quantize is not None and "reasoner" in components:
+        raise ValueError("quantize applies to generation; load the 'reasoner' component without it")
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"unknown component(s) {unknown}; choose from {COMPONENTS}")
@@ -618,9 +633,9 @@ def load(
     params: dict[str, Any] = {}
     if "transformer" in components:
         if layout.converted:
-            params = _load_converted_transformer(layout, config, dtype, shardings, lazy=lazy)
+            params = _load_converted_transformer(layout, config, dtype, shardings, lazy=lazy, quantize=quantize)
         else:
-            params = _load_hub_transformer(layout, config, dtype, shardings)
+            params = _load_hub_transformer(layout, config, dtype, shardings, quantize)
     vae_config = vae_params = sound_config = sound_params = None
     if "vae" in components:
         vae_config, vae_params = _load_component(layout, "vae", "vae", read_vae_config, vae_params_from_torch_state)

@@ -144,12 +144,14 @@ class Cosmos3Pipeline:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, attention: str = "auto"
+        cls, path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, attention: str = "auto",
+        quantize: str | None = None,
     ) -> Cosmos3Pipeline:
-        """Load a Hub-layout (or converted) folder through `cosmos_jax.convert.load.load`."""
+        """Load a Hub-layout (or converted) folder through `cosmos_jax.convert.load.load` (quantize: None, "int8"
+        or "fp8" weight-only, see `cosmos_jax.convert.quantize`)."""
         from cosmos_jax.convert.load import load
 
-        loaded = load(path, dtype=dtype)
+        loaded = load(path, dtype=dtype, quantize=quantize)
         if loaded.tokenizer_dir is None:
             raise ValueError(f"{path}: no text_tokenizer/ folder; generation needs the prompt tokenizer")
         scheduler_config = loaded.scheduler_config or SchedulerConfig.cosmos3()
