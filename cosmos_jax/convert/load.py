@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cosmos_jax.config import ConfigError, Cosmos3Config, param_dtype
-from cosmos_jax.convert import keymap_reasoner, orbax_io
+from cosmos_jax.convert import keymap_reasoner, modelopt_fp8, orbax_io
 from cosmos_jax.convert.keymap_audio import audio_params_from_torch_state
 from cosmos_jax.convert.keymap_transformer import DOMAIN, LINEAR, Entry, KeyMapError, check_state, key_table
 from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
@@ -123,6 +123,8 @@ class LoadedModel:
     reasoner_config: dict[str, Any] | None
     source: str  # "hub" or "converted"
     reasoner: ReasonerWeights | None = None
+    fp8_revision: bool = False  # the transformer is ModelOpt's FP8 revision (cosmos_jax.convert.modelopt_fp8)
+    fp8_policy: modelopt_fp8.StepPolicy | None = None  # its per-step W8A16/W8A8 schedule, if it declares one
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -631,8 +633,15 @@ def load(
         raise ValueError("lazy=True needs a converted folder, dtype=None and shardings=None")
     config = Cosmos3Config.from_json(layout.transformer_dir / "config.json")
     params: dict[str, Any] = {}
+    fp8_revision = not layout.converted and modelopt_fp8.quantization_config(config) is not None
+    fp8_policy = modelopt_fp8.read_policy(config) if fp8_revision else None
+    if fp8_revision and (quantize is not None or shardings is not None or lazy):
+        raise ValueError(f"{layout.transformer_dir}: the FP8 revision is already quantized; load it without "
+                         "quantize, shardings or lazy")
     if "transformer" in components:
-        if layout.converted:
+        if fp8_revision:
+            params = modelopt_fp8.load_transformer(layout.transformer_dir, config, dtype)
+        elif layout.converted:
             params = _load_converted_transformer(layout, config, dtype, shardings, lazy=lazy, quantize=quantize)
         else:
             params = _load_hub_transformer(layout, config, dtype, shardings, quantize)
@@ -663,7 +672,8 @@ def load(
         transformer_config=config, params=params, vae_config=vae_config, vae_params=vae_params,
         sound_config=sound_config, sound_params=sound_params, scheduler_config=scheduler_config,
         tokenizer_dir=tokenizer_dir, model_index=model_index, reasoner_config=reasoner_config,
-        source="converted" if layout.converted else "hub", reasoner=reasoner,
+        source="converted" if layout.converted else "hub", reasoner=reasoner, fp8_revision=fp8_revision,
+        fp8_policy=fp8_policy,
     )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cosmos_jax.config import Cosmos3Config
+from cosmos_jax.convert.modelopt_fp8 import fallback_note
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
 from cosmos_jax.modeling.inputs import GeneratorInputs, TextInputs
 from cosmos_jax.modeling.transformer import Cosmos3Transformer, Params
@@ -137,6 +139,8 @@ class Cosmos3Pipeline:
         self.cache_reasoner = cache_reasoner
         self._progress = _ProgressSink()
         self._executables: dict[Any, Any] = {}
+        self.fp8_revision = False  # set by from_pretrained for ModelOpt's FP8 revision
+        self.fp8_policy: Any = None
 
     @property
     def config(self) -> Cosmos3Config:
@@ -162,7 +166,7 @@ class Cosmos3Pipeline:
         if loaded.sound_params is not None:
             sound = AudioTokenizer(loaded.sound_config, dtype=dtype)
         index = loaded.model_index or {}
-        return cls(
+        pipeline = cls(
             model,
             loaded.params,
             ChatTokenizer.from_dir(loaded.tokenizer_dir),
@@ -174,6 +178,8 @@ class Cosmos3Pipeline:
             use_system_prompt=bool(index.get("default_use_system_prompt", True)),
             native_flow_schedule=bool(index.get("use_native_flow_schedule", False)),
         )
+        pipeline.fp8_revision, pipeline.fp8_policy = loaded.fp8_revision, loaded.fp8_policy
+        return pipeline
 
     # ------------------------------------------------------------------ validation and planning
 
@@ -390,10 +396,14 @@ class Cosmos3Pipeline:
         start = time.perf_counter()
         if request.output_type == "video" and self.vae is None:
             raise ValueError("output_type='video' needs a VAE; this pipeline has none (use output_type='latent')")
+        steps = request.steps
+        if self.fp8_revision:
+            note = fallback_note(self.fp8_policy, steps)
+            if note is not None:
+                warnings.warn(note, stacklevel=2)
         plan = self.plan(request)
         given = self.given_latents(plan, request.init_noise, request.init_sound_noise, request.init_action_noise)
         vision, sound, action = self._starting_latents(plan, request.seed, *given)
-        steps = request.steps
         schedule = scheduler.make_schedule(self.scheduler_config, steps, native_flow=self.native_flow_schedule)
         text, static = self._model_inputs(plan)
         coefficients = jax.tree.map(jnp.asarray, schedule.coefficients)
