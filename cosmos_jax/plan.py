@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cosmos_jax.config import Cosmos3Config
 from cosmos_jax.convert.quantize import check_mode, quantize_params
-from cosmos_jax.modeling.quantized import is_quantized
+from cosmos_jax.modeling.weights import is_quantized
 from cosmos_jax.modeling.inputs import GeneratorInputs, TextInputs
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.sharding import (

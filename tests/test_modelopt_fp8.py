@@ -27,7 +27,7 @@ from cosmos_jax.convert.keymap_transformer import LINEAR, KeyMapError, key_table
 from cosmos_jax.convert.modelopt_fp8 import W8A8, W8A16, StepPolicy, fallback_note, linear_group, parse_policy
 from cosmos_jax.load import load
 from cosmos_jax.modeling.inputs import GeneratorInputs
-from cosmos_jax.modeling.quantized import is_quantized
+from cosmos_jax.modeling.weights import is_quantized
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence
 from torch_reference import NANO_STYLE, build_torch_transformer, jax_config, reference_forward, reference_segments

@@ -29,7 +29,7 @@ from cosmos_jax.convert.quantize import (
 from cosmos_jax.demo import build_demo_checkpoint
 from cosmos_jax.load import load
 from cosmos_jax.modeling.inputs import GeneratorInputs, TextInputs
-from cosmos_jax.modeling.quantized import dequantize_tree, is_quantized
+from cosmos_jax.modeling.weights import materialize_tree, is_quantized
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 
 
@@ -121,7 +121,7 @@ def test_model_on_quantized_weights_equals_dequantized_weights(mode):
     quantized = quantize_params(params, mode)
     text, gen = _inputs(cfg)
     got = jax.jit(model.__call__)(quantized, text, gen).vision
-    want = jax.jit(model.__call__)(dequantize_tree(quantized), text, gen).vision
+    want = jax.jit(model.__call__)(materialize_tree(quantized), text, gen).vision
     scale = float(jnp.abs(want).max())
     assert float(jnp.abs(got - want).max()) <= 1e-6 * scale
     cache, _ = jax.jit(model.encode_reasoner)(quantized, text)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 
-from cosmos_jax.modeling.quantized import is_quantized
+from cosmos_jax.modeling.weights import is_quantized
 
 QUANTIZE_MODES = ("int8", "fp8")
 QTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
