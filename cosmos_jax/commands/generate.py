@@ -52,6 +52,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default=None, metavar="MODE",
                         help="weight-only quantization of the transformer's layer linears: int8 or fp8 "
                              "(per output channel; norms, embeddings, time embedder and heads stay full precision)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="a LoRA folder from `cosmos-jax train --lora-rank` (repeat for several; SCALE "
+                             "multiplies its update, default 1)")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="fold the --lora updates into the weights once (default: applied per layer each step)")
     parser.add_argument("--attention", default="auto", help="attention implementation: auto, xla, blocked, pallas")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -62,6 +67,11 @@ def _check_paths(args: argparse.Namespace) -> None:
     from cosmos_jax.convert.quantize import check_mode
 
     check_mode(args.quantize)
+    if args.merge_lora and not args.lora:
+        raise ValueError("--merge-lora needs at least one --lora")
+    if args.lora and args.quantize:
+        raise ValueError("--lora cannot be combined with --quantize (adapters are checked against full-precision "
+                         "base weights)")
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"model folder not found: {args.model}")
     for flag in ("image", "video", "actions", "action_stats", "init_noise", "init_sound_noise", "init_action_noise"):
@@ -125,9 +135,21 @@ def generate_and_write(pipeline: Any, args: argparse.Namespace) -> list[str]:
     return written
 
 
+def _read_loras(args: argparse.Namespace) -> list[Any]:
+    """(adapter, scale, flag value) for every --lora, read and checked before the model loads."""
+    from cosmos_jax.training.lora import load_adapters, parse_lora_arg
+
+    specs = []
+    for value in args.lora:
+        path, scale = parse_lora_arg(value)
+        specs.append((load_adapters(path), scale, value))
+    return specs
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         _check_paths(args)
+        loras = _read_loras(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -141,6 +163,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         pipeline = Cosmos3Pipeline.from_pretrained(args.model, dtype=getattr(jnp, args.dtype),
                                                    attention=args.attention, quantize=args.quantize)
+        if loras:
+            from cosmos_jax.training.lora import apply_adapters
+
+            pipeline.params = apply_adapters(pipeline.params, loras, args.merge_lora)
         written = generate_and_write(pipeline, args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -52,6 +52,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", type=int, default=3)
     parser.add_argument("--skip-bad", action="store_true", help="skip (log, count) bad samples instead of failing")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                        help="train only rank-R LoRA adapters on frozen base weights (saved to OUT/lora)")
+    parser.add_argument("--lora-targets", default=None, metavar="RULES",
+                        help="comma-separated [generator/|reasoner/]NAME, NAME one of q_proj k_proj v_proj o_proj "
+                             "gate_proj up_proj down_proj (default: the generator's q_proj,k_proj,v_proj,o_proj)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (update scale alpha/R; default R)")
 
 
 def _loss_config(args: argparse.Namespace) -> LossConfig:
@@ -63,14 +69,32 @@ def _loss_config(args: argparse.Namespace) -> LossConfig:
                       **{f"{k}_weight": float(v) for k, v in weights.items()})
 
 
+def _lora_config(args: argparse.Namespace) -> Any:
+    from cosmos_jax.training.lora import DEFAULT_TARGETS, LoraConfig, parse_targets
+
+    if args.lora_rank is None:
+        if args.lora_targets is not None or args.lora_alpha is not None:
+            raise ValueError("--lora-targets and --lora-alpha need --lora-rank")
+        return None
+    return LoraConfig(rank=args.lora_rank, targets=parse_targets(args.lora_targets or DEFAULT_TARGETS),
+                      alpha=args.lora_alpha)
+
+
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    try:
+        lora = _lora_config(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps, weight_decay=args.weight_decay,
                         clip_norm=args.clip, ema_decay=args.ema, freeze_reasoner=args.freeze_reasoner,
                         grad_accum=args.grad_accum)
     config = RunConfig(model=args.config, data=args.data, out=args.out, steps=args.steps, batch=args.batch,
                        max_text_len=args.max_text_len, seed=args.seed, dtype=args.dtype, remat=args.remat,
                        attention=args.attention, mesh=args.mesh, rules=args.mesh_rules,
-                       save_every=args.save_every, keep=args.keep, skip_bad=args.skip_bad, task_weights=args.tasks, optim=optim, loss=_loss_config(args))
+                       save_every=args.save_every, keep=args.keep, skip_bad=args.skip_bad, task_weights=args.tasks, optim=optim, loss=_loss_config(args), lora=lora)
     init = None
     if args.init:
         from cosmos_jax.convert.load import load

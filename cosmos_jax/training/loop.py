@@ -127,10 +127,11 @@ def train(
         param_shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), adapters)
     shardings = state_shardings(abstract, param_shardings, optimizer, mesh)
     if checkpointer.latest_step is not None:
-        state, extra = checkpointer.restore(with_shardings(abstract, shardings))
-        if extra.get("lora") != run_extra.get("lora"):
-            raise ValueError(f"{run.out}: the checkpoint's LoRA setup {extra.get('lora')} differs from this run's "
+        saved_lora = checkpointer.restore_extra().get("lora")
+        if saved_lora != run_extra.get("lora"):
+            raise ValueError(f"{run.out}: the checkpoint's LoRA setup {saved_lora} differs from this run's "
                              f"{run_extra.get('lora')} (base weights, rank, alpha or targets)")
+        state, extra = checkpointer.restore(with_shardings(abstract, shardings))
         data_lib.restore_iterator(iterator, extra["data_iterator"])
     elif run.lora is None:
         params = init_params(model) if init_params else model.init(jax.random.key(run.seed))

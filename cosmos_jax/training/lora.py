@@ -273,3 +273,15 @@ def trainable_counts(adapters: Params, opt_state: Any) -> dict[str, int]:
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
     opt_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(opt_state))
     return {"trainable_parameters": count, "optimizer_bytes": opt_bytes}
+
+
+def apply_adapters(params: Params, specs: Sequence[tuple[SavedAdapter, float, str]], merge_now: bool) -> Params:
+    """Base `params` with saved adapters (each with its scale) attached, or folded in when `merge_now`; each is
+    checked against the base's fingerprint and kernel shapes first."""
+    base_fingerprint = fingerprint(params)
+    pairs = []
+    for saved, scale, where in specs:
+        check_base(saved, base_fingerprint, where)
+        check_shapes(params, saved.adapters, where)
+        pairs.append((saved.adapters, scale * saved.config.scale))
+    return merge(params, pairs) if merge_now else attach(params, pairs)
