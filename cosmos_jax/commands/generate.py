@@ -57,6 +57,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                              "multiplies its update, default 1)")
     parser.add_argument("--merge-lora", action="store_true",
                         help="fold the --lora updates into the weights once (default: applied per layer each step)")
+    parser.add_argument("--offload-reasoner", action="store_true",
+                        help="keep the towers in host memory between uses: the reasoner comes to the device for the "
+                             "prompt's K/V, then the generator for the denoising loop (less device memory, same "
+                             "outputs)")
     parser.add_argument("--attention", default="auto", help="attention implementation: auto, xla, blocked, pallas")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -72,6 +76,9 @@ def _check_paths(args: argparse.Namespace) -> None:
     if args.lora and args.quantize:
         raise ValueError("--lora cannot be combined with --quantize (adapters are checked against full-precision "
                          "base weights)")
+    if args.lora and args.offload_reasoner:
+        raise ValueError("--lora cannot be combined with --offload-reasoner yet (use --merge-lora on a converted "
+                         "copy instead)")
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"model folder not found: {args.model}")
     for flag in ("image", "video", "actions", "action_stats", "init_noise", "init_sound_noise", "init_action_noise"):
@@ -162,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         pipeline = Cosmos3Pipeline.from_pretrained(args.model, dtype=getattr(jnp, args.dtype),
-                                                   attention=args.attention, quantize=args.quantize)
+                                                   attention=args.attention, quantize=args.quantize,
+                                                   offload_reasoner=args.offload_reasoner)
         if loras:
             from cosmos_jax.training.lora import apply_adapters
 

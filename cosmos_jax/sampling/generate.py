@@ -34,7 +34,7 @@ from cosmos_jax.modeling.inputs import GeneratorInputs, TextInputs
 from cosmos_jax.modeling.transformer import Cosmos3Transformer, Params
 from cosmos_jax.modeling.wan_vae import WanVAE
 from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence
-from cosmos_jax.sampling import conditioning, scheduler
+from cosmos_jax.sampling import conditioning, offload, scheduler
 from cosmos_jax.sampling.prompts import EMBODIMENT_DOMAINS, ChatTokenizer, build_prompt_pair, raw_action_dim
 from cosmos_jax.sampling.request import TEMPORAL_COMPRESSION, GenerationRequest, is_path
 from cosmos_jax.scheduler_config import SchedulerConfig
@@ -121,6 +121,7 @@ class Cosmos3Pipeline:
         use_system_prompt: bool = True,
         native_flow_schedule: bool = False,
         cache_reasoner: bool = True,
+        offload_reasoner: bool = False,
     ) -> None:
         if (vae is None) != (vae_params is None):
             raise ValueError("give both vae and vae_params, or neither")
@@ -137,6 +138,12 @@ class Cosmos3Pipeline:
         self.use_system_prompt = use_system_prompt
         self.native_flow_schedule = native_flow_schedule
         self.cache_reasoner = cache_reasoner
+        if offload_reasoner and not cache_reasoner:
+            raise ValueError("offload_reasoner needs cache_reasoner (the reasoner runs once, before the loop)")
+        self.offload_reasoner = offload_reasoner
+        self._encode_reasoner = jax.jit(lambda p, t: model.encode_reasoner(p, t)[0])
+        if offload_reasoner:
+            self.params = offload.to_memory(params, offload.HOST)
         self._progress = _ProgressSink()
         self._executables: dict[Any, Any] = {}
         self.fp8_revision = False  # set by from_pretrained for ModelOpt's FP8 revision
@@ -149,7 +156,7 @@ class Cosmos3Pipeline:
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, attention: str = "auto",
-        quantize: str | None = None,
+        quantize: str | None = None, offload_reasoner: bool = False,
     ) -> Cosmos3Pipeline:
         """Load a Hub-layout (or converted) folder through `cosmos_jax.convert.load.load` (quantize: None, "int8"
         or "fp8" weight-only, see `cosmos_jax.convert.quantize`)."""
@@ -177,6 +184,7 @@ class Cosmos3Pipeline:
             sound_params=loaded.sound_params if sound is not None else None,
             use_system_prompt=bool(index.get("default_use_system_prompt", True)),
             native_flow_schedule=bool(index.get("use_native_flow_schedule", False)),
+            offload_reasoner=offload_reasoner,
         )
         pipeline.fp8_revision, pipeline.fp8_policy = loaded.fp8_revision, loaded.fp8_policy
         return pipeline
@@ -382,10 +390,11 @@ class Cosmos3Pipeline:
         leaves, treedef = jax.tree_util.tree_flatten(args)
         step_action = bool(plan.action_len) and len(plan.clean_action_rows) < plan.action_len
         shapes = tuple((x.shape, jnp.result_type(x)) for x in leaves)
-        key = (plan.use_cfg, step_action, self.cache_reasoner, treedef, shapes)
+        key = (plan.use_cfg, step_action, self.cache_reasoner, self.offload_reasoner, treedef, shapes)
         if key in self._executables:
             return self._executables[key], 0.0
-        fn = _denoiser(self.model, plan.use_cfg, step_action, self.cache_reasoner, self._progress.tick)
+        fn = _denoiser(self.model, plan.use_cfg, step_action, self.cache_reasoner, self._progress.tick,
+                       given_cache=self.offload_reasoner)
         start = time.perf_counter()
         compiled = jax.jit(fn).lower(*args).compile()
         self._executables[key] = compiled
@@ -412,8 +421,15 @@ class Cosmos3Pipeline:
             latents["sound"] = jnp.asarray(sound)
         if action is not None:
             latents["action"] = jnp.asarray(action)
-        args = (self.params, text, static, latents, coefficients,
+        params: Any = self.params
+        if self.offload_reasoner:
+            cache = self._encode_reasoner(offload.reasoner_pass_params(self.params), text)
+            params = offload.generator_params(self.params)
+        args = (params, text, static, latents, coefficients,
                 jnp.asarray(schedule.timesteps.astype(np.float32)), jnp.float32(request.guidance))
+        if self.offload_reasoner:
+            args += (cache,)
+            del cache
         timings = {"prepare": time.perf_counter() - start}
         compiled, timings["compile"] = self._executable(plan, args)
         start = time.perf_counter()
@@ -421,6 +437,7 @@ class Cosmos3Pipeline:
         try:
             final = jax.block_until_ready(compiled(*args))
             jax.effects_barrier()
+            del args, params  # with offload, the generator's device copy goes here
         finally:
             if self._progress.bar is not None:
                 self._progress.bar.close()
@@ -449,13 +466,16 @@ class Cosmos3Pipeline:
 
 
 def _denoiser(
-    model: Cosmos3Transformer, use_cfg: bool, step_action: bool, cache_reasoner: bool, tick: Callable[[Any], None]
+    model: Cosmos3Transformer, use_cfg: bool, step_action: bool, cache_reasoner: bool, tick: Callable[[Any], None],
+    given_cache: bool = False,
 ) -> Callable:
     """The whole sampling loop as one pure function: reasoner K/V once, then a scan of generator steps
-    (with `cache_reasoner=False`, the joint forward of both towers at every step)."""
+    (with `cache_reasoner=False`, the joint forward of both towers at every step; with `given_cache`, the cache
+    is a last argument computed beforehand and `params` need only the generator tree)."""
 
-    def run(params, text, static, latents, coefficients, timesteps, guidance):
-        cache = model.encode_reasoner(params, text)[0] if cache_reasoner else None
+    def run(params, text, static, latents, coefficients, timesteps, guidance, cache=None):
+        if not given_cache:
+            cache = model.encode_reasoner(params, text)[0] if cache_reasoner else None
         rows = text.und_len.shape[0]
 
         def batch(x: jax.Array) -> jax.Array:
