@@ -74,11 +74,18 @@ class MemoryPlan:
     device: str
     compile_seconds: float
     quantize: str | None = None
+    offload_reasoner: bool = False
+    encode_peak: int = 0  # with offload: the reasoner pass (its tower on device, the generator on host)
+
+    @property
+    def step_total(self) -> int:
+        """Arguments + outputs not aliased to them + temporaries of the planned step."""
+        return self.params + self.optimizer + self.inputs + self.outputs - self.aliased + self.temporaries
 
     @property
     def total(self) -> int:
-        """Peak estimate: arguments + outputs not aliased to them + temporaries."""
-        return self.params + self.optimizer + self.inputs + self.outputs - self.aliased + self.temporaries
+        """Peak estimate: the step's total (with offload, the larger of it and the reasoner pass)."""
+        return max(self.step_total, self.encode_peak)
 
     @property
     def capacity(self) -> int:
@@ -198,6 +205,7 @@ def plan_memory(
     device: str = "h100-80g",
     query_chunk: int = DEFAULT_QUERY_CHUNK,
     quantize: str | None = None,
+    offload_reasoner: bool = False,
 ) -> MemoryPlan:
     """Compile one sharded step abstractly and return its per-device memory plan (quantize: None, "int8" or
     "fp8" weight-only, inference only)."""
@@ -206,6 +214,8 @@ def plan_memory(
     check_mode(quantize)
     if quantize is not None and task != "infer":
         raise ValueError("--quantize plans inference only (training keeps full-precision weights)")
+    if offload_reasoner and task != "infer":
+        raise ValueError("--offload-reasoner plans inference only")
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; devices: {', '.join(DEVICES)}")
     for name, value in (("gen_tokens", gen_tokens), ("text_tokens", text_tokens), ("query_chunk", query_chunk)):
@@ -225,8 +235,22 @@ def plan_memory(
     latent = latent_shape_for(gen_tokens, cfg.latent_patch_size)
     text, gen = _abstract_inputs(cfg, batch, text_tokens, latent, model.dtype, mesh, rules)
     optimizer_bytes = 0
+    encode_peak = 0
     start = time.perf_counter()
-    if task == "infer":
+    if task == "infer" and offload_reasoner:
+        reasoner_pass = {"reasoner": params["reasoner"],
+                         "generator": {"layers": {k: v for k, v in params["generator"]["layers"].items()
+                                                  if k == "und_k_norm"}}}
+        encode = jax.jit(lambda p, t: model.encode_reasoner(p, t)[0]).lower(reasoner_pass, text).compile()
+        analysis = encode.memory_analysis()
+        encode_peak = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                          - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+        cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             jax.eval_shape(lambda p, t: model.encode_reasoner(p, t)[0], reasoner_pass, text),
+                             encode.output_shardings)
+        params = {"generator": params["generator"]}
+        lowered = jax.jit(model.generate).lower(params, cache, gen)
+    elif task == "infer":
         lowered = jax.jit(model.__call__).lower(params, text, gen)
     else:
         optimizer = optax.adamw(1e-5)
@@ -263,6 +287,8 @@ def plan_memory(
         device=device,
         compile_seconds=seconds,
         quantize=quantize,
+        offload_reasoner=offload_reasoner,
+        encode_peak=encode_peak,
     )
 
 
@@ -297,7 +323,10 @@ def format_plan(plan: MemoryPlan) -> str:
         f"    inputs                                    {gib(plan.inputs)}",
         f"    outputs (less donated/aliased)            {gib(plan.outputs - plan.aliased)}",
         f"    activations / temporaries                 {gib(plan.temporaries)}",
-        f"    total                                     {gib(plan.total)}",
+        *([f"    denoising step total (generator + cache) {gib(plan.step_total)}",
+           f"    reasoner pass (its tower on device)      {gib(plan.encode_peak)}"] if plan.offload_reasoner else []),
+        f"    total{' (peak of the two)' if plan.offload_reasoner else '                 '}                    "
+        f"{gib(plan.total)}",
         f"  parameters left replicated: {plan.replicated_share:.4%} of parameter bytes"
         + (" (a single device holds everything)" if plan.devices == 1 else ""),
         f"  {plan.device}: {verdict} ({plan.total / plan.capacity:.0%} of {DEVICES[plan.device]} GB)",

@@ -77,3 +77,22 @@ def test_cli_reports_bad_mesh_and_config_clearly():
     assert done.returncode == 2 and "unknown axis 'model'" in done.stderr
     done = _cli("--config", "no-such-preset", "--mesh", "fsdp=2")
     assert done.returncode == 2 and "unknown preset" in done.stderr
+
+
+def test_quantized_and_offloaded_plans_count_their_bytes():
+    from cosmos_jax.convert.quantize import quantize_params, tree_bytes
+
+    cfg = load_preset("tiny")
+    kwargs = dict(gen_tokens=64, text_tokens=8, query_chunk=16)
+    full = plan_memory(cfg, "tiny", "data=1", RULES, "infer", **kwargs)
+    int8 = plan_memory(cfg, "tiny", "data=1", RULES, "infer", quantize="int8", **kwargs)
+    abstract = Cosmos3Transformer(cfg).abstract_params()
+    assert full.params == _total_bytes(abstract)
+    assert int8.params == tree_bytes(jax.eval_shape(lambda p: quantize_params(p, "int8"), abstract)) < full.params
+    off = plan_memory(cfg, "tiny", "data=1", RULES, "infer", offload_reasoner=True, **kwargs)
+    assert off.params == _total_bytes(abstract["generator"])  # the loop holds only the generator tower
+    assert off.encode_peak > _total_bytes(abstract["reasoner"]) and off.total == max(off.step_total, off.encode_peak)
+    with pytest.raises(ValueError, match="--quantize plans inference only"):
+        plan_memory(cfg, "tiny", "data=1", RULES, "train", quantize="fp8", **kwargs)
+    with pytest.raises(ValueError, match="--quantize 'int4': choose one of int8, fp8"):
+        plan_memory(cfg, "tiny", "data=1", RULES, "infer", quantize="int4", **kwargs)
