@@ -38,6 +38,45 @@ def _cases() -> dict[str, dict]:
     }
 
 
+def reference_spread(checkpoint: Path, steps: int) -> dict[str, dict[str, float]]:
+    """The PyTorch reference's own bf16-vs-fp32 relative L2 on the same checkpoint, starting latents drawn once
+    (fp32) and given to both runs (text2video and policy)."""
+    import torch
+    from diffusers import Cosmos3OmniPipeline
+    from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import CosmosActionCondition
+
+    out: dict[str, dict[str, float]] = {}
+    runs = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        pipe = Cosmos3OmniPipeline.from_pretrained(str(checkpoint), torch_dtype=dtype, enable_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        for mode in ("text2video", "policy"):
+            action = None
+            kwargs = dict(num_frames=9, height=64, width=64, guidance_scale=6.0)
+            if mode == "policy":
+                action = CosmosActionCondition(mode="policy", chunk_size=8, domain_name=ACTION["domain"],
+                                               resolution_tier=256, raw_actions=None, image=demo_image(64, 64))
+                kwargs = dict(num_frames=None, height=None, width=None, guidance_scale=1.0)
+            with torch.no_grad():
+                start = pipe.prepare_latents(
+                    image=None, video=None, num_frames=kwargs["num_frames"] or 9, height=kwargs["height"],
+                    width=kwargs["width"], fps=24.0, generator=torch.Generator().manual_seed(0), device="cpu",
+                    dtype=torch.float32, enable_sound=False, action=action)
+            captured = {}
+            result = pipe("A robot arm picks up the dark block.", action=action, fps=24.0, num_inference_steps=steps,
+                          latents=start[0], action_latents=start[2], output_type="latent",
+                          callback_on_step_end=lambda p, i, t, d: captured.update(latents=d["latents"].float()) or {},
+                          enable_safety_check=False, **kwargs)
+            runs[name, mode] = (captured["latents"].numpy(),
+                                None if not result.action else result.action[0].float().numpy())
+    for mode in ("text2video", "policy"):
+        (l32, a32), (l16, a16) = runs["fp32", mode], runs["bf16", mode]
+        out[mode] = {"latents": _rel(l16, l32)}
+        if a32 is not None:
+            out[mode]["actions"] = _rel(a16, a32)
+    return out
+
+
 def _rel(x: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm((x - ref).ravel()) / max(np.linalg.norm(ref.ravel()), 1e-30))
 
@@ -47,6 +86,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--checkpoint", default=None, help="demo checkpoint folder (built if missing)")
     parser.add_argument("--out", default=None, help="JSON report path")
+    parser.add_argument("--reference", action="store_true",
+                        help="also run the PyTorch reference in fp32 and bf16 (its own spread; text2video, policy)")
     args = parser.parse_args()
     checkpoint = Path(args.checkpoint or tempfile.mkdtemp(prefix="cosmos_demo_")) / "ckpt"
     build_demo_checkpoint(checkpoint)
@@ -75,6 +116,9 @@ def main() -> None:
               f"{fmt(row, 'fp32', 'latents')} | {fmt(row, 'int8', 'actions')} | {fmt(row, 'fp8', 'actions')} | "
               f"{fmt(row, 'fp32', 'actions')} |")
     print("transformer bytes:", report["transformer_bytes"])
+    if args.reference:
+        report["reference_bf16_vs_fp32"] = reference_spread(checkpoint, args.steps)
+        print("reference bf16 vs fp32:", report["reference_bf16_vs_fp32"])
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
 
