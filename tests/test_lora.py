@@ -210,3 +210,29 @@ def test_cli_refuses_bad_lora_flags_before_loading(tmp_path, argv, message):
                          cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr
+
+
+def test_cli_export_lora_writes_the_peft_file(tmp_path):
+    from safetensors.numpy import load_file
+
+    from cosmos_jax.config import load_preset
+
+    cfg = load_preset("tiny")
+    model = Cosmos3Transformer(cfg, dtype=jnp.float32)
+    params = _random_params(model, 2)
+    config = lora.LoraConfig(2, lora.parse_targets("q_proj,up_proj"), alpha=4.0)
+    rng = np.random.default_rng(4)
+    adapters = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32),
+                            lora.init_adapters(params, config, jax.random.key(0)))
+    lora.save_adapters(tmp_path / "ad", adapters, config, lora.fingerprint(params))
+    done = subprocess.run([sys.executable, "-m", "cosmos_jax.cli", "export", "--lora", str(tmp_path / "ad"),
+                           str(tmp_path / "peft"), "--config", "tiny"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    written = load_file(str(tmp_path / "peft" / "pytorch_lora_weights.safetensors"))
+    want = peft_state(adapters, lora.adapter_paths(adapters), 2.0, cfg)
+    assert sorted(written) == sorted(want) and len(want) == 4 * cfg.num_hidden_layers
+    for key, value in want.items():
+        np.testing.assert_array_equal(written[key], value)
+    again = subprocess.run([sys.executable, "-m", "cosmos_jax.cli", "export", "--lora", str(tmp_path / "ad"),
+                            str(tmp_path / "peft"), "--config", "tiny"], capture_output=True, text=True)
+    assert again.returncode == 1 and "exists (use --overwrite)" in again.stderr

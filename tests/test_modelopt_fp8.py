@@ -215,3 +215,10 @@ def test_other_quantization_methods_are_refused(small):
     _write_fp8_revision(model, folder, {"quant_method": "torchao", "quant_type": "int8wo"})
     with pytest.raises(ConfigError, match="only ModelOpt FP8 is supported, got quant_method='torchao'"):
         load(folder, dtype=jnp.float32, components=("transformer",))
+
+
+def test_the_fp8_reasoner_is_not_loaded_for_reasoning(small):
+    model, folder = small
+    _write_fp8_revision(model, folder)
+    with pytest.raises(ValueError, match="the FP8 revision quantizes the reasoner tower"):
+        load(folder, dtype=jnp.float32, components=("transformer", "reasoner"))

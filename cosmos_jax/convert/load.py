@@ -635,6 +635,9 @@ def load(
     params: dict[str, Any] = {}
     fp8_revision = not layout.converted and modelopt_fp8.quantization_config(config) is not None
     fp8_policy = modelopt_fp8.read_policy(config) if fp8_revision else None
+    if fp8_revision and "reasoner" in components:
+        raise ValueError(f"{layout.transformer_dir}: the FP8 revision quantizes the reasoner tower; reasoning needs "
+                         "a full-precision revision")
     if fp8_revision and (quantize is not None or shardings is not None or lazy):
         raise ValueError(f"{layout.transformer_dir}: the FP8 revision is already quantized; load it without "
                          "quantize, shardings or lazy")
