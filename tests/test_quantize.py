@@ -29,7 +29,7 @@ from cosmos_jax.convert.quantize import (
 from cosmos_jax.demo import build_demo_checkpoint
 from cosmos_jax.load import load
 from cosmos_jax.modeling.inputs import GeneratorInputs, TextInputs
-from cosmos_jax.modeling.weights import materialize_tree, is_quantized
+from cosmos_jax.modeling.weights import is_quantized, materialize_tree
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 
 
@@ -127,8 +127,8 @@ def test_model_on_quantized_weights_equals_dequantized_weights(mode):
     cache, _ = jax.jit(model.encode_reasoner)(quantized, text)
     cached = jax.jit(model.generate)(quantized, cache, gen).vision
     assert float(jnp.abs(cached - want).max()) <= 1e-5 * scale
-    full = jax.jit(model.__call__)(params, text, gen).vision
-    assert float(jnp.abs(full - want).max()) > 0  # quantization changed the numbers
+    kernel = params["generator"]["layers"]["q_proj"]["kernel"]
+    assert float(jnp.abs(materialize_tree(quantized)["generator"]["layers"]["q_proj"]["kernel"] - kernel).max()) > 0
 
 
 @pytest.fixture(scope="module")
