@@ -249,7 +249,7 @@ def plan_memory(
                              jax.eval_shape(lambda p, t: model.encode_reasoner(p, t)[0], reasoner_pass, text),
                              encode.output_shardings)
         params = {"generator": params["generator"]}
-        lowered = jax.jit(model.generate).lower(params, cache, gen)
+        lowered = jax.jit(model.denoise_step).lower(params, cache, gen)
     elif task == "infer":
         lowered = jax.jit(model.__call__).lower(params, text, gen)
     else:

@@ -25,7 +25,7 @@ from diffusers.pipelines.cosmos import mixed_precision as reference_mp
 from cosmos_jax.config import ConfigError
 from cosmos_jax.convert.keymap_transformer import LINEAR, KeyMapError, key_table
 from cosmos_jax.convert.modelopt_fp8 import W8A8, W8A16, StepPolicy, fallback_note, linear_group, parse_policy
-from cosmos_jax.load import load
+from cosmos_jax.convert.load import load
 from cosmos_jax.modeling.inputs import GeneratorInputs
 from cosmos_jax.modeling.weights import is_quantized
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
@@ -129,7 +129,7 @@ def test_fp8_revision_matches_the_reference_w8a16(revision, case):
         action_t=None if action is None else t, action_domain=None if action is None else jnp.array([domain], jnp.int32),
     )
     cache, _ = jax.jit(jmodel.encode_reasoner)(loaded.params, text)
-    out = jax.jit(jmodel.generate)(loaded.params, cache, gen)
+    out = jax.jit(jmodel.denoise_step)(loaded.params, cache, gen)
     for label, got, ref, unquantized in (("vision", out.vision, want[0], full[0]),
                                          ("action", out.action, want[2], full[2])):
         if ref is None:

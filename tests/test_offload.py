@@ -11,6 +11,7 @@ import pytest
 from cosmos_jax.demo import build_demo_checkpoint, demo_image
 from cosmos_jax.sampling import offload
 from cosmos_jax.sampling.generate import Cosmos3Pipeline
+from cosmos_jax.sampling.request import GenerationRequest
 
 
 @pytest.fixture(scope="module")
@@ -19,12 +20,13 @@ def demo(tmp_path_factory):
 
 
 def test_offloaded_policy_equals_resident(demo):
-    kwargs = dict(image=demo_image(), action_mode="policy", domain="bridge_orig_lerobot", chunk=8,
-                  resolution_tier=256, steps=2, guidance=1.0, seed=0, output_type="latent", progress=False)
+    request = GenerationRequest("Pick up the dark block.", image=demo_image(), action_mode="policy",
+                                domain="bridge_orig_lerobot", chunk=8, resolution_tier=256, steps=2, guidance=1.0,
+                                seed=0, output_type="latent")
     resident = Cosmos3Pipeline.from_pretrained(demo, dtype=jnp.float32, attention="xla")
     offloaded = Cosmos3Pipeline.from_pretrained(demo, dtype=jnp.float32, attention="xla", offload_reasoner=True)
-    want = resident("Pick up the dark block.", **kwargs)
-    got = offloaded("Pick up the dark block.", **kwargs)
+    want = resident(request, progress=False)
+    got = offloaded(request, progress=False)
     for a, b in ((got.latents, want.latents), (got.actions, want.actions)):
         assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max()
     assert offload.device_bytes(offloaded.params) == 0  # everything rests in host memory between calls

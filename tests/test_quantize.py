@@ -27,7 +27,7 @@ from cosmos_jax.convert.quantize import (
     tree_bytes,
 )
 from cosmos_jax.demo import build_demo_checkpoint
-from cosmos_jax.load import load
+from cosmos_jax.convert.load import load
 from cosmos_jax.modeling.inputs import GeneratorInputs, TextInputs
 from cosmos_jax.modeling.weights import is_quantized, materialize_tree
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
@@ -125,7 +125,7 @@ def test_model_on_quantized_weights_equals_dequantized_weights(mode):
     scale = float(jnp.abs(want).max())
     assert float(jnp.abs(got - want).max()) <= 1e-6 * scale
     cache, _ = jax.jit(model.encode_reasoner)(quantized, text)
-    cached = jax.jit(model.generate)(quantized, cache, gen).vision
+    cached = jax.jit(model.denoise_step)(quantized, cache, gen).vision
     assert float(jnp.abs(cached - want).max()) <= 1e-5 * scale
     kernel = params["generator"]["layers"]["q_proj"]["kernel"]
     assert float(jnp.abs(materialize_tree(quantized)["generator"]["layers"]["q_proj"]["kernel"] - kernel).max()) > 0

@@ -21,6 +21,7 @@ import numpy as np
 from cosmos_jax.convert.quantize import tree_bytes
 from cosmos_jax.demo import build_demo_checkpoint, demo_image
 from cosmos_jax.sampling.generate import Cosmos3Pipeline
+from cosmos_jax.sampling.request import GenerationRequest
 
 ACTION = dict(domain="bridge_orig_lerobot", resolution_tier=256, chunk=8, guidance=1.0)
 
@@ -98,8 +99,9 @@ def main() -> None:
     report: dict = {"steps": args.steps, "transformer_bytes": {n: tree_bytes(p.params) for n, p in pipelines.items()},
                     "modes": {}}
     for mode, kwargs in _cases().items():
-        results = {n: p("A robot arm picks up the dark block.", steps=args.steps, seed=0, output_type="latent",
-                        progress=False, **kwargs) for n, p in pipelines.items()}
+        request = GenerationRequest("A robot arm picks up the dark block.", steps=args.steps, seed=0,
+                                    output_type="latent", **kwargs)
+        results = {n: p(request, progress=False) for n, p in pipelines.items()}
         ref = results["bf16"]
         row = {}
         for n in ("fp32", "int8", "fp8"):

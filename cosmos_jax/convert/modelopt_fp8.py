@@ -212,7 +212,7 @@ def _check_keys(index: CheckpointIndex, config: Cosmos3Config, abstract: Any) ->
 def load_transformer(folder: Path, config: Cosmos3Config, dtype: Any) -> dict[str, Any]:
     """Both trees from an FP8 revision folder: layer linears as E4M3 `qwix.QArray`s with per-layer per-tensor
     scales (in `dtype`), every other leaf in its target dtype (time embedder f32)."""
-    from cosmos_jax.load import abstract_transformer, target_dtype
+    from cosmos_jax.convert.load import abstract_transformer, target_dtype
 
     if dtype is None:
         raise ValueError("an FP8 revision needs a compute dtype (dtype=None would keep float8 weights)")
