@@ -385,7 +385,7 @@ def test_existing_dst_is_refused_unless_overwrite(hub, tmp_path, capsys) -> None
     (dst / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="already exists"):
         convert(hub, dst)
-    assert cli.main(["convert", str(hub), str(dst)]) == 1
+    assert cli.main(["convert", str(hub), str(dst)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert (dst / "keep.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
     assert cli.main(["convert", str(hub), str(dst), "--overwrite", "--dtype", "bf16"]) == 0

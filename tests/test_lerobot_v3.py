@@ -490,6 +490,9 @@ def test_generate_reads_and_writes_actions_in_raw_units_with_the_stats_file(tmp_
 
     parser = argparse.ArgumentParser()
     generate.add_parser(parser)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "first.png")  # generate reads it up front
     argv = ["--model", str(model_dir), "--prompt", "push", "--action-mode", "forward_dynamics", "--domain", "pusht",
             "--image", str(tmp_path / "first.png"),  # a GenerationRequest needs one; the stand-in never reads it
             "--actions", str(tmp_path / "in.npy"), "--output-type", "latent", "--output", str(tmp_path / "o.npy")]

@@ -323,12 +323,12 @@ def test_cli_refuses_bad_paths(tmp_path, capsys):
 
     missing = str(tmp_path / "no_model")
     assert main(["generate", "--model", missing, "--prompt", "x", "--output", str(tmp_path / "o.mp4")]) == 2
-    assert f"model folder not found: {missing}" in capsys.readouterr().err
+    assert f"error: --model: folder not found: {missing}" in capsys.readouterr().err
     model = tmp_path / "model"
     model.mkdir()
     args = ["generate", "--model", str(model), "--prompt", "x"]
     assert main(args + ["--image", str(tmp_path / "nope.png"), "--output", str(tmp_path / "o.mp4")]) == 2
-    assert "--image file not found" in capsys.readouterr().err
+    assert "error: --image: file not found" in capsys.readouterr().err
     assert main(args + ["--output-type", "latent", "--output", str(tmp_path / "o.mp4")]) == 2
     assert "use a .npy path" in capsys.readouterr().err
     assert main(args + ["--num-frames", "1", "--output", str(tmp_path / "o.mp4")]) == 2

@@ -27,7 +27,7 @@ from cosmos_jax.convert.keymap_reasoner import state_from_params
 from cosmos_jax.convert.load import load_reasoner
 from cosmos_jax import cli
 from cosmos_jax.modeling.reasoner import Reasoner
-from cosmos_jax.sampling import reason
+from cosmos_jax.sampling import generation_config, reason
 from cosmos_jax.sampling.prompts import ChatTokenizer
 from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
 
@@ -301,7 +301,8 @@ def test_bad_inputs_give_clear_errors(models, tmp_path, capsys):
     with pytest.raises(ValueError, match="cannot read image"):
         ri.load_image(broken)
     assert cli.main(["reason", "--model", folder, "--prompt", "hi", "--image", str(broken)]) == 2
-    assert "cannot read image" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: --image" in err and "broken.png: cannot read as an image" in err
     assert cli.main(["reason", "--model", folder, "--prompt", "  "]) == 2
     assert "--prompt is empty" in capsys.readouterr().err
     with pytest.raises(ValueError, match="prompt is empty"):
@@ -409,3 +410,62 @@ def test_per_segment_vision_attention_equals_the_masked_dense_form():
                                np.asarray(segment_attention(q, k, v, segments, 0)), atol=1e-6, rtol=0)
     one_segment = np.asarray(segment_attention(q, k, v, jnp.zeros(12, jnp.int32), 12))
     assert not np.allclose(one_segment, np.asarray(segment_attention(q, k, v, segments, 4)), atol=1e-3)
+
+
+QWEN_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "presence_penalty": 1.5,
+                 "eos_token_id": 514}
+
+
+def _reason_ids(folder, tmp_path, name, *extra) -> tuple[ri.PreparedPrompt, list[int]]:
+    out = tmp_path / f"{name}.json"
+    assert cli.main(["reason", "--model", str(folder), "--prompt", "Describe the robot arm and the cube.", *extra,
+                     "--max-new-tokens", "32", "--dtype", "float32", "--output-ids", str(out)]) == 0
+    record = json.loads(out.read_text())
+    return record["prompt_ids"], record["generated_ids"]
+
+
+def test_reason_temperature_0_is_transformers_greedy_under_a_sampling_generation_config(models, tmp_path, capsys):
+    """A folder whose generation_config.json asks for Qwen's sampling (presence_penalty 1.5): `--temperature 0`
+    alone gives exactly transformers' greedy generate() tokens, 32 of them, for a text and a text+image prompt."""
+    import shutil
+
+    torch_model, _, _, source = models
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder)
+    (folder / "generation_config.json").write_text(json.dumps(QWEN_SAMPLING))
+    image_path = tmp_path / "scene.png"
+    Image.fromarray(_image(8, 32, 40)).save(image_path)
+    greedy = {}
+    for name, extra in (("text", ()), ("image", ("--image", str(image_path)))):
+        prompt_ids, generated = _reason_ids(folder, tmp_path, name, "--temperature", "0", *extra)
+        items = (ri.preprocess_image(ri.load_image(image_path), SETTINGS),) if extra else ()
+        prompt = ri.PreparedPrompt(tuple(prompt_ids),
+                                   tuple(ri.IMAGE if t == IMAGE_ID else ri.TEXT for t in prompt_ids), items)
+        with torch.no_grad():
+            expected = torch_model.generate(**_torch_inputs(prompt), max_new_tokens=32, do_sample=False,
+                                            eos_token_id=514, pad_token_id=512)[0, len(prompt_ids):].tolist()
+        assert generated == expected, name
+        greedy[name] = generated
+        assert len(generated) == 32 and len(set(generated)) > 4, name  # no early stop, no collapse
+        err = capsys.readouterr().err
+        assert "temperature 0 (--temperature)" in err and "presence_penalty 0 (off at temperature 0" in err
+    _, penalised = _reason_ids(folder, tmp_path, "penalised", "--temperature", "0", "--presence-penalty", "1.5")
+    assert penalised != greedy["text"]  # an explicit penalty still applies at temperature 0
+
+
+def test_sampling_defaults_come_from_generation_config(tmp_path):
+    assert generation_config.resolve(tmp_path).temperature == 0  # no file: greedy, as transformers
+    (tmp_path / "generation_config.json").write_text(json.dumps({**QWEN_SAMPLING, "eos_token_id": [3, 4]}))
+    s = generation_config.resolve(tmp_path, tokenizer_eos=9)
+    assert (s.temperature, s.top_k, s.top_p, s.presence_penalty, s.max_new_tokens) == (0.7, 20, 0.8, 1.5, 512)
+    assert s.eos_token_ids == (3, 4, 9) and s.sources["top_k"] == "generation_config.json"
+    s = generation_config.resolve(tmp_path, top_k=5, temperature=0.0)
+    assert (s.temperature, s.top_k, s.presence_penalty) == (0.0, 5, 0.0) and s.sources["top_k"] == "--top-k"
+    assert generation_config.resolve(tmp_path, temperature=0.0, presence_penalty=1.5).presence_penalty == 1.5
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7,
+                                                               "repetition_penalty": 1.1}))
+    s = generation_config.resolve(tmp_path)
+    assert s.temperature == 0 and s.ignored == ("repetition_penalty",)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="generation_config.json: not valid JSON"):
+        generation_config.resolve(tmp_path)

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
+from cosmos_jax.commands import errors
 from cosmos_jax.convert.converter import convert, format_summary, planned_bytes
 
 DTYPES: dict[str, Any] = {"bf16": jnp.bfloat16, "fp32": np.float32, "keep": None}
@@ -22,14 +23,20 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace DST (only once the conversion succeeded)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
                         help="transformer weight dtype in DST (time embedder stays fp32); default: keep as stored")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     try:
+        errors.input_path(args.src, "SRC", folder=True)
+        errors.no_symlink_loops(args.src, "SRC")
+        errors.output_path(args.dst, "DST", overwrite=args.overwrite)
+        args.dst = Path(os.path.abspath(args.dst))
         count, size = planned_bytes(args.src)
-        with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc="convert") as bar:
+        with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
+                  disable=args.no_progress) as bar:
             done = {"tensors": 0}
 
             def progress(key: str, nbytes: int) -> None:
@@ -40,8 +47,7 @@ def run(args: argparse.Namespace) -> int:
             summary = convert(args.src, args.dst, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
                               progress=progress)
     except (ValueError, OSError, NotImplementedError) as e:
-        print(f"cosmos-jax convert: error: {e}", file=sys.stderr)
-        return 1
+        return errors.report(e)
     print(format_summary(summary))
     print(f"wrote {args.dst}")
     return 0

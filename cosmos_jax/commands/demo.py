@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import os
+
+from cosmos_jax.commands import errors
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -19,9 +21,12 @@ def run(args: argparse.Namespace) -> int:
     from cosmos_jax.demo import DEFAULT_CACHE, MODEL_DESCRIPTION, run_demo
 
     if args.steps < 1:
-        print(f"error: --steps must be >= 1, got {args.steps}", file=sys.stderr)
-        return 2
+        return errors.report(f"--steps must be >= 1, got {args.steps}")
     out = args.out if args.out is not None else DEFAULT_CACHE
+    try:
+        errors.output_path(os.path.join(out, "report.json"), "--out")
+    except ValueError as e:
+        return errors.report(e)
     enable_compile_cache()
     print(f"model: {MODEL_DESCRIPTION}")
     report = run_demo(out, steps=args.steps, progress=not args.no_progress)

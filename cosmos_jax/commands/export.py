@@ -5,10 +5,10 @@ files), streamed leaf by leaf. `cosmos-jax export --lora ADAPTER DST --config MO
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+from cosmos_jax.commands import errors
 from cosmos_jax.convert.export import export_converted, parse_size
 
 
@@ -52,14 +52,19 @@ def _export_lora(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
+        errors.input_path(args.src, "SRC", folder=True)
+        errors.no_symlink_loops(args.src, "SRC")
+        errors.output_path(args.dst, "DST", overwrite=args.overwrite)
         if args.lora:
             files = _export_lora(args)
         else:
-            files = export_converted(args.src, args.dst, max_shard_bytes=parse_size(args.max_shard_size),
-                                     overwrite=args.overwrite)
+            try:
+                max_shard = parse_size(args.max_shard_size)
+            except ValueError as e:
+                raise ValueError(f"--max-shard-size: {e}") from None
+            files = export_converted(args.src, args.dst, max_shard_bytes=max_shard, overwrite=args.overwrite)
     except (ValueError, OSError, NotImplementedError) as e:
-        print(f"cosmos-jax export: error: {e}", file=sys.stderr)
-        return 1
+        return errors.report(e)
     size = sum((args.dst / f).stat().st_size for f in files)
     print(f"wrote {len(files)} files, {size / 2**20:.1f} MiB to {args.dst} in {time.perf_counter() - start:.1f} s")
     return 0

@@ -4,51 +4,85 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any
 
+from cosmos_jax.commands import errors
 from cosmos_jax.sampling.prompts import ACTION_MODES, EMBODIMENT_DOMAINS, VIEWPOINT_SENTENCES
 
 _DTYPES = ("bfloat16", "float32")
+_TEMPORAL = 4
+EPILOG = """\
+examples: one per mode, on the demo checkpoint `cosmos-jax demo` builds (64x64, 4 steps: seconds on a CPU).
+Run them in order in one folder: the later ones read what the earlier ones wrote.
+  M=~/.cache/cosmos-jax/demo/checkpoint
+  # text -> image
+  cosmos-jax generate --model $M --prompt "A red cube on a wooden table." --num-frames 1 --height 64 --width 64 --steps 4 --output frame.png
+  # text -> video
+  cosmos-jax generate --model $M --prompt "A robot arm picks up a red cube." --num-frames 9 --height 64 --width 64 --steps 4 --output t2v.mp4
+  # text -> video with sound (t2v_sound.mp4 and t2v_sound.wav)
+  cosmos-jax generate --model $M --prompt "A cube falls onto a table." --num-frames 9 --height 64 --width 64 --steps 4 --sound --output t2v_sound.mp4
+  # image -> video
+  cosmos-jax generate --model $M --prompt "The cube slides to the left." --image frame.png --num-frames 9 --height 64 --width 64 --steps 4 --output i2v.mp4
+  # video -> video (latent frame 0 = pixel frame 0 kept; a frames folder or a .npy [T, H, W, 3] works too)
+  cosmos-jax generate --model $M --prompt "The arm keeps moving." --video t2v.mp4 --condition-frames 0 --num-frames 9 --height 64 --width 64 --steps 4 --output v2v.mp4
+  # policy: first frame in, video and actions out (policy.mp4, policy.actions.npy/.json/.png)
+  cosmos-jax generate --model $M --prompt "Pick up the cube." --action-mode policy --domain bridge_orig_lerobot --image frame.png --chunk 8 --resolution-tier 256 --steps 4 --output policy.mp4
+  # forward dynamics: first frame and actions in, video out
+  cosmos-jax generate --model $M --prompt "Pick up the cube." --action-mode forward_dynamics --domain bridge_orig_lerobot --image frame.png --actions policy.actions.npy --chunk 8 --resolution-tier 256 --steps 4 --output forward.mp4
+  # inverse dynamics: video in, actions out (inverse.actions.npy/.json/.png)
+  cosmos-jax generate --model $M --prompt "Pick up the cube." --action-mode inverse_dynamics --domain bridge_orig_lerobot --video t2v.mp4 --chunk 8 --resolution-tier 256 --steps 4 --output inverse.mp4
+
+Without size flags a video is 189 frames of 720x1280 at 35 steps: hours on a CPU. The work is estimated and
+printed before compiling; sizes whose buffers cannot fit in memory are refused with a size that would."""
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
     parser.add_argument("--model", required=True, help="model folder (Hub layout as published, or converted)")
     parser.add_argument("--prompt", required=True, help="what to generate (the task description in action modes)")
     parser.add_argument("--negative-prompt", default=None, help="the guidance branch's prompt (default empty)")
     media = parser.add_mutually_exclusive_group()
     media.add_argument("--image", default=None, help="conditioning image: image→video, or the action first frame")
-    media.add_argument("--video", default=None, help="conditioning video: video→video, or inverse dynamics")
-    parser.add_argument("--condition-frames", type=int, nargs="+", default=[0, 1],
+    media.add_argument("--video", default=None,
+                       help="conditioning clip for video→video or the action modes: a video file, a folder of "
+                            "PNG/JPEG frames, or a .npy [T, H, W, 3] (uint8, or float in [0, 1])")
+    parser.add_argument("--condition-frames", type=int, nargs="+", default=None,
                         help="video→video: clean latent frames taken from --video (default 0 1 = 5 pixel frames)")
-    parser.add_argument("--action-mode", choices=ACTION_MODES, default=None)
+    parser.add_argument("--action-mode", choices=ACTION_MODES, default=None,
+                        help="generate robot actions: policy (first frame -> video + actions), forward_dynamics "
+                             "(first frame + --actions -> video), inverse_dynamics (--video -> actions)")
     parser.add_argument("--domain", default=None, help=f"embodiment: one of {', '.join(sorted(EMBODIMENT_DOMAINS))}")
-    parser.add_argument("--actions", default=None, help="forward_dynamics: actions [T, raw width] as .npy")
+    parser.add_argument("--actions", default=None, help="forward_dynamics: actions [T, raw width] as .npy (floats)")
     parser.add_argument("--action-stats", default=None,
                         help="action_stats.json (from `prepare lerobot`, copied into a training run): --actions "
                              "are read and generated actions written in raw units (default: MODEL/"
                              "action_stats.json when present, else model space)")
-    parser.add_argument("--chunk", type=int, default=16, help="action chunk (the clip has chunk+1 frames)")
+    parser.add_argument("--chunk", type=int, default=16,
+                        help="action modes: actions per clip, a multiple of 4 (the clip has chunk+1 frames)")
     parser.add_argument("--resolution-tier", type=int, default=480, choices=(256, 480, 704, 720),
                         help="action modes: canvas tier for the conditioning frames")
-    parser.add_argument("--view-point", default="ego_view", choices=sorted(VIEWPOINT_SENTENCES))
-    parser.add_argument("--num-frames", type=int, default=None, help="1 (an image) or 1+4k; default 189")
-    parser.add_argument("--height", type=int, default=None, help="multiple of 16; default 720")
-    parser.add_argument("--width", type=int, default=None, help="multiple of 16; default 1280")
-    parser.add_argument("--fps", type=float, default=24.0)
-    parser.add_argument("--steps", type=int, default=35)
+    parser.add_argument("--view-point", default="ego_view", choices=sorted(VIEWPOINT_SENTENCES),
+                        help="action modes: the camera sentence in the prompt")
+    parser.add_argument("--num-frames", type=int, default=None, help="1 (an image) or 1+4k (default 189)")
+    parser.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default 720)")
+    parser.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default 1280)")
+    parser.add_argument("--fps", type=float, default=24.0, help="frame rate of the output (also told to the model)")
+    parser.add_argument("--steps", type=int, default=35, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance (>= 1; 1 = off). Default 6 for video, 1 in action modes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed")
     parser.add_argument("--sound", action="store_true", help="generate sound with the video (models with sound)")
     parser.add_argument("--init-noise", default=None, help="starting vision latents [1,48,T,H,W] .npy, used as is")
     parser.add_argument("--init-sound-noise", default=None, help="starting sound latents [64,Ts] .npy")
     parser.add_argument("--init-action-noise", default=None, help="starting action latents [chunk,A] .npy")
-    parser.add_argument("--output-type", choices=("video", "latent"), default="video")
+    parser.add_argument("--output-type", choices=("video", "latent"), default="video",
+                        help="video: decoded frames (.mp4/.png); latent: the final latents (.npy)")
     parser.add_argument("--output", required=True,
                         help="output path: .mp4 (video), .png (one frame) or .npy (latents); side files "
                              "(.wav, .actions.npy/.json/.png) are named after it")
-    parser.add_argument("--dtype", choices=_DTYPES, default="bfloat16")
+    parser.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="weight and compute dtype")
     parser.add_argument("--quantize", default=None, metavar="MODE",
                         help="weight-only quantization of the transformer's layer linears: int8 or fp8 "
                              "(per output channel; norms, embeddings, time embedder and heads stay full precision)")
@@ -61,13 +95,13 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="keep the towers in host memory between uses: the reasoner comes to the device for the "
                              "prompt's K/V, then the generator for the denoising loop (less device memory, same "
                              "outputs)")
-    parser.add_argument("--attention", default="auto", help="attention implementation: auto, xla, blocked, pallas")
+    parser.add_argument("--attention", default="auto", choices=("auto", "xla", "blocked", "pallas"),
+                        help="attention implementation (auto: Pallas on GPU/TPU, blocked on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _check_paths(args: argparse.Namespace) -> None:
-    """Every input file exists, the output suffix fits the request and --quantize is known (before loading
-    anything)."""
+def _check_args(args: argparse.Namespace) -> None:
+    """Every flag and path that needs no model, and the output location (before loading anything)."""
     from cosmos_jax.convert.quantize import check_mode
 
     check_mode(args.quantize)
@@ -79,12 +113,21 @@ def _check_paths(args: argparse.Namespace) -> None:
     if args.lora and args.offload_reasoner:
         raise ValueError("--lora cannot be combined with --offload-reasoner yet (use --merge-lora on a converted "
                          "copy instead)")
-    if not os.path.isdir(args.model):
-        raise FileNotFoundError(f"model folder not found: {args.model}")
-    for flag in ("image", "video", "actions", "action_stats", "init_noise", "init_sound_noise", "init_action_noise"):
-        value = getattr(args, flag)
-        if value is not None and not os.path.isfile(value):
-            raise FileNotFoundError(f"--{flag.replace('_', '-')} file not found: {value}")
+    errors.input_path(args.model, "--model", folder=True)
+    errors.input_path(args.image, "--image")
+    errors.input_path(args.video, "--video", folder=None)
+    for flag in ("actions", "action_stats", "init_noise", "init_sound_noise", "init_action_noise"):
+        errors.input_path(getattr(args, flag), f"--{flag.replace('_', '-')}")
+    errors.finite(args.fps, "--fps", low=0, low_open=True)
+    errors.finite(args.guidance, "--guidance", low=1)
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.condition_frames is not None and args.video is None:
+        raise ValueError("--condition-frames selects frames of --video; give --video too (or leave it out)")
+    if args.actions is not None and args.action_mode != "forward_dynamics":
+        raise ValueError("--actions is only read with --action-mode forward_dynamics")
+    if args.action_mode is not None and (args.chunk < 1 or args.chunk % _TEMPORAL):
+        raise ValueError(f"--chunk must be a positive multiple of 4, got {args.chunk}")
     suffix = os.path.splitext(args.output)[1].lower()
     allowed = (".npy",) if args.output_type == "latent" else (".mp4", ".png")
     if suffix not in allowed:
@@ -94,35 +137,140 @@ def _check_paths(args: argparse.Namespace) -> None:
         single = args.num_frames == 1
         if single != (suffix == ".png"):
             raise ValueError(f"--output {args.output!r}: one frame is written as .png, a video as .mp4")
+    errors.output_path(args.output, "--output")
 
 
-def generate_and_write(pipeline: Any, args: argparse.Namespace) -> list[str]:
-    """Run the pipeline for parsed arguments and write every output; returns the written paths."""
-    import numpy as np
+# The pipeline's messages use parameter names; the command line says the flags. Longest names first.
+_FLAG_NAMES = [(re.compile(rf"(?<![\w-]){name}(?![\w])"), flag) for name, flag in (
+    ("num_frames/height/width", "--num-frames/--height/--width"), ("height and width", "--height and --width"),
+    ("init_sound_noise", "--init-sound-noise"), ("init_action_noise", "--init-action-noise"),
+    ("init_noise", "--init-noise"), ("condition_frames", "--condition-frames"), ("action_mode", "--action-mode"),
+    ("view_point", "--view-point"), ("resolution_tier", "--resolution-tier"), ("enable_sound", "--sound"),
+    ("output_type", "--output-type"), ("num_frames", "--num-frames"), ("needs a domain", "needs a --domain"),
+    ("domain and actions", "--domain and --actions"), ("chunk must", "--chunk must"),
+    ("forward_dynamics needs actions", "forward_dynamics needs --actions"),
+    ("actions must", "--actions must"), ("actions have", "--actions have"), ("actions contain", "--actions contain"),
+    ("actions are only", "--actions is only"),
+)]
 
+
+def flag_names(message: str) -> str:
+    """A pipeline error message with parameter names replaced by the flags that set them."""
+    for pattern, flag in _FLAG_NAMES:
+        message = pattern.sub(flag, message)
+    return message
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def read_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The pipeline's image/video/actions/init-noise arguments read from the flags' files (actions mapped to model
+    space when there are action stats; "normalizer" maps generated ones back), warning where the request will
+    change them (cut, padded or partly unused)."""
     from cosmos_jax.datasets.normalization import STATS_FILE, normalizer_for_domain
-    from cosmos_jax.sampling import media
-    from cosmos_jax.sampling.request import GenerationRequest
+    from cosmos_jax.sampling import media_input
 
     if args.action_stats and (args.action_mode is None or args.domain is None):
         raise ValueError("--action-stats applies to action modes: give --action-mode and --domain")
+    inputs: dict[str, Any] = {"image": None, "video": None, "actions": None, "normalizer": None}
     stats = args.action_stats or os.path.join(args.model, STATS_FILE)
-    normalizer = None
     if args.action_mode is not None and args.domain is not None and (args.action_stats or os.path.isfile(stats)):
-        normalizer = normalizer_for_domain(stats, args.domain)
-    actions = np.load(args.actions) if args.actions is not None else None
-    if actions is not None and normalizer is not None:
-        actions = normalizer.to_model(actions).astype(np.float32)
+        inputs["normalizer"] = normalizer_for_domain(stats, args.domain)
+    if args.image is not None:
+        inputs["image"] = media_input.read_image(args.image, "--image")
+    if args.video is not None:
+        inputs["video"] = media_input.read_clip(args.video, "--video").frames
+    for flag in ("actions", "init_noise", "init_sound_noise", "init_action_noise"):
+        path = getattr(args, flag)
+        inputs[flag] = media_input.read_array(path, f"--{flag.replace('_', '-')}") if path is not None else None
+    _warn_changes(args, inputs)
+    if inputs["actions"] is not None and inputs["normalizer"] is not None:
+        inputs["actions"] = inputs["normalizer"].to_model(inputs["actions"]).astype("float32")
+    return inputs
+
+
+def _warn_changes(args: argparse.Namespace, inputs: dict[str, Any]) -> None:
+    video, actions = inputs["video"], inputs["actions"]
+    if args.action_mode is not None:
+        want = args.chunk + 1
+        if actions is not None and actions.ndim == 2 and actions.shape[0] != args.chunk:
+            change = (f"only the first {args.chunk} are used" if actions.shape[0] > args.chunk
+                      else "its last row is repeated to fill the chunk")
+            _warn(f"--actions has {actions.shape[0]} rows but --chunk is {args.chunk}: {change}")
+        if video is not None and args.action_mode != "inverse_dynamics":
+            _warn(f"--video: {args.action_mode} uses only the first of its {video.shape[0]} frames")
+        elif video is not None and video.shape[0] != want:
+            change = (f"only the first {want} are used" if video.shape[0] > want
+                      else f"its last frame is repeated to make {want}")
+            _warn(f"--video has {video.shape[0]} frames but --chunk {args.chunk} needs {want}: {change}")
+    elif video is not None:
+        keep = max(args.condition_frames or (0, 1)) * _TEMPORAL + 1
+        if video.shape[0] < keep:
+            _warn(f"--video has {video.shape[0]} frames but --condition-frames needs {keep}: its last frame is "
+                  "repeated")
+
+
+def build_request(args: argparse.Namespace, inputs: dict[str, Any]) -> Any:
+    """The GenerationRequest for parsed arguments and the inputs `read_inputs` read."""
+    from cosmos_jax.sampling.request import GenerationRequest
+
     guidance = args.guidance if args.guidance is not None else (1.0 if args.action_mode else 6.0)
-    request = GenerationRequest(
-        args.prompt, args.negative_prompt, image=args.image, video=args.video, action_mode=args.action_mode,
-        domain=args.domain, actions=actions, chunk=args.chunk, resolution_tier=args.resolution_tier,
-        view_point=args.view_point, condition_frames=tuple(args.condition_frames), num_frames=args.num_frames,
-        height=args.height, width=args.width, fps=args.fps, steps=args.steps, guidance=guidance, seed=args.seed,
-        enable_sound=args.sound, init_noise=args.init_noise, init_sound_noise=args.init_sound_noise,
-        init_action_noise=args.init_action_noise, output_type=args.output_type,
+    video = list(inputs["video"]) if inputs["video"] is not None else None
+    return GenerationRequest(
+        args.prompt, args.negative_prompt, image=inputs["image"], video=video, action_mode=args.action_mode,
+        domain=args.domain, actions=inputs["actions"], chunk=args.chunk, resolution_tier=args.resolution_tier,
+        view_point=args.view_point, condition_frames=tuple(args.condition_frames or (0, 1)),
+        num_frames=args.num_frames, height=args.height, width=args.width, fps=args.fps, steps=args.steps,
+        guidance=guidance, seed=args.seed, enable_sound=args.sound, init_noise=inputs["init_noise"],
+        init_sound_noise=inputs["init_sound_noise"], init_action_noise=inputs["init_action_noise"],
+        output_type=args.output_type,
     )
-    result = pipeline(request, progress=not args.no_progress)
+
+
+def check_work(pipeline: Any, args: argparse.Namespace, request: Any) -> None:
+    """Print the request's work estimate; refuse (ValueError naming --height/--width) sizes that cannot fit."""
+    from cosmos_jax.sampling import work_estimate
+
+    plan = pipeline.plan(request)
+    vae = pipeline.vae.config.decoder_dims[0] if pipeline.vae is not None and args.output_type == "video" else None
+    dense = pipeline.model.attention == "xla"
+
+    sf = pipeline.vae.config.spatial_compression if pipeline.vae is not None else 16
+
+    def at(height: int, width: int, latent: tuple[int, int, int] | None = None) -> work_estimate.WorkEstimate:
+        latent = latent or (plan.latent_shape[0], height // sf, width // sf)
+        return work_estimate.estimate(
+            pipeline.config, frames=plan.num_frames, height=height, width=width, latent_shape=latent,
+            text_tokens=len(plan.cond_ids), other_tokens=plan.sound_len + plan.action_len, steps=args.steps,
+            branches=2 if plan.use_cfg else 1, decoder_width=vae, dense_attention=dense)
+
+    estimate = at(plan.height, plan.width, plan.latent_shape)
+    limit = work_estimate.available_bytes()
+    if limit is not None and estimate.bytes > 0.9 * limit:
+        height, width = plan.height, plan.width
+        while height > 16 and width > 16 and at(height, width).bytes > 0.9 * limit:
+            height, width = max(16, int(height * 0.9) // 16 * 16), max(16, int(width * 0.9) // 16 * 16)
+        raise ValueError(f"--height {plan.height} --width {plan.width} with {plan.num_frames} frames needs at least "
+                         f"{estimate.bytes / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB this device has; "
+                         f"about --height {height} --width {width} would fit")
+    import jax
+
+    rate = work_estimate.matmul_rate() if jax.devices()[0].platform == "cpu" else None
+    print(f"{plan.mode} {plan.num_frames}x{plan.height}x{plan.width}: {work_estimate.format_estimate(estimate, rate)}",
+          file=sys.stderr)
+    if rate and estimate.flops / rate > 300:
+        print("note: that is long on a CPU; --num-frames, --height, --width and --steps make it smaller "
+              "(e.g. --num-frames 9 --height 64 --width 64 --steps 4)", file=sys.stderr)
+
+
+def generate_and_write(pipeline: Any, args: argparse.Namespace, inputs: dict[str, Any] | None = None) -> list[str]:
+    """Run the pipeline for parsed arguments and write every output; returns the written paths."""
+    from cosmos_jax.sampling import media
+
+    inputs = read_inputs(args) if inputs is None else inputs
+    result = pipeline(build_request(args, inputs), progress=not args.no_progress)
     stem = media.output_stem(args.output)
     written: list[str] = []
     if args.output_type == "latent":
@@ -135,7 +283,7 @@ def generate_and_write(pipeline: Any, args: argparse.Namespace) -> list[str]:
         written += media.write_video_outputs(stem, result.video, result.fps, result.sound, result.sample_rate)
     if result.actions is not None:
         written += media.write_actions(stem, result.actions, domain=args.domain, mode=result.mode,
-                                       normalizer=normalizer)
+                                       normalizer=inputs["normalizer"])
     t = result.timings
     print(f"{result.mode}: compile {t['compile']:.1f}s, denoise {t['denoise']:.2f}s, decode {t['decode']:.1f}s",
           file=sys.stderr)
@@ -155,11 +303,11 @@ def _read_loras(args: argparse.Namespace) -> list[Any]:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        _check_paths(args)
+        _check_args(args)
+        inputs = read_inputs(args)
         loras = _read_loras(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        return errors.report(e)
     from cosmos_jax.compile_cache import enable as enable_compile_cache
 
     enable_compile_cache()
@@ -175,10 +323,10 @@ def run(args: argparse.Namespace) -> int:
             from cosmos_jax.training.lora import apply_adapters
 
             pipeline.params = apply_adapters(pipeline.params, loras, args.merge_lora)
-        written = generate_and_write(pipeline, args)
+        check_work(pipeline, args, build_request(args, inputs))
+        written = generate_and_write(pipeline, args, inputs)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return errors.report(flag_names(errors.one_line(e)))
     for path in written:
         print(path)
     return 0

@@ -11,21 +11,34 @@ import os
 import subprocess
 import sys
 
+from cosmos_jax.commands.errors import report
+
 _CHILD_ENV = "COSMOS_JAX_PLAN_CHILD"
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 # XLA:CPU upcasts bf16 matmuls to f32; loop-invariant code motion would then hoist an f32 copy of every scanned
 # weight stack out of the layer loop, which no GPU/TPU compile does. Keep the converts inside the loop.
 _CPU_FLAGS = ["--xla_disable_hlo_passes=while-loop-invariant-code-motion"]
+# The largest meshes built today (TPU v5p pods) have under 9,000 chips; past this the fake CPU mesh is hopeless.
+MAX_DEVICES = 16384
+EXIT_DOES_NOT_FIT = 1
+EPILOG = """\
+examples:
+  cosmos-jax plan --config tiny --mesh fsdp=2
+  cosmos-jax plan --config nano --mesh fsdp=8 --device h100-80g --task train
+
+Exit status: 0 when the plan FITS the device, 1 when it DOES NOT FIT, 2 on bad input."""
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
     parser.add_argument("--config", required=True, help="preset name (tiny, edge, nano, super) or a config.json path")
     parser.add_argument("--mesh", default=None,
                         help="mesh spec such as fsdp=8,tensor=4 (axes data, fsdp, context, tensor); "
                              "default: the preset's reference mesh in configs/mesh/")
     parser.add_argument("--rules", default=None,
                         help="sharding rules preset name or JSON path (default: the config's preset, else nano)")
-    parser.add_argument("--task", choices=("infer", "train"), default="infer")
+    parser.add_argument("--task", choices=("infer", "train"), default="infer",
+                        help="infer: one denoising step's forward; train: a train step with AdamW state")
     parser.add_argument("--tokens", type=int, default=44160,
                         help="generator (video) tokens; default 44160 = 720p, 189 frames")
     parser.add_argument("--text-tokens", type=int, default=300, help="reasoner (prompt) tokens")
@@ -84,9 +97,17 @@ def run(args: argparse.Namespace) -> int:
         rules_name, preset = _resolve_rules(args)
         mesh = args.mesh or preset.mesh
         devices = mesh_size(mesh)
-    except (ValueError, MeshSpecError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        for flag, value in (("--tokens", args.tokens), ("--text-tokens", args.text_tokens),
+                            ("--query-chunk", args.query_chunk), ("--batch", args.batch)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if devices > MAX_DEVICES:
+            raise ValueError(f"--mesh {mesh!r} needs {devices:,} devices; plans are made for at most "
+                             f"{MAX_DEVICES:,}")
+    except MeshSpecError as e:
+        return report(f"--mesh: {e}")
+    except ValueError as e:
+        return report(e)
     if os.environ.get(_CHILD_ENV) != str(devices):
         env = dict(os.environ)
         flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_FLAG)]
@@ -94,13 +115,18 @@ def run(args: argparse.Namespace) -> int:
         env["JAX_PLATFORMS"] = "cpu"
         env[_CHILD_ENV] = str(devices)
         command = [sys.executable, "-m", "cosmos_jax.cli", *_child_argv(args, mesh, rules_name)]
-        return subprocess.run(command, env=env, check=False).returncode
+        code = subprocess.run(command, env=env, check=False).returncode
+        if code not in (0, EXIT_DOES_NOT_FIT, 2):
+            return report(f"planning --mesh {mesh} on {devices} fake CPU devices failed (exit status {code}); "
+                          "try a smaller --mesh, --tokens or --batch")
+        return code
     return _plan_here(args, mesh, preset.rules)
 
 
 def _plan_here(args: argparse.Namespace, mesh: str, rules) -> int:
     from cosmos_jax.config import ConfigError, load_preset
     from cosmos_jax.plan import format_plan, plan_memory
+    from cosmos_jax.sharding import mesh_size
 
     try:
         cfg = load_preset(args.config)
@@ -109,7 +135,9 @@ def _plan_here(args: argparse.Namespace, mesh: str, rules) -> int:
                            query_chunk=args.query_chunk, quantize=args.quantize,
                            offload_reasoner=args.offload_reasoner)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)
     print(format_plan(plan))
-    return 0
+    if mesh_size(mesh) > 1 and plan.replicated_share > 0.99:
+        print(f"warning: --mesh {mesh} shards almost nothing: {plan.replicated_share:.1%} of the parameter bytes "
+              "stay replicated on every device (their dimensions do not divide by the mesh axes)", file=sys.stderr)
+    return 0 if plan.fits else EXIT_DOES_NOT_FIT

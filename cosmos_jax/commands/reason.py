@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -21,13 +20,22 @@ import jax
 import jax.numpy as jnp
 
 from cosmos_jax import reasoner_inputs as ri
+from cosmos_jax.commands import errors
 from cosmos_jax.convert import orbax_io
-from cosmos_jax.convert.load import load, load_reasoner
+from cosmos_jax.convert.load import load, load_reasoner, reasoner_tower
 from cosmos_jax.modeling.reasoner import Params, Reasoner, ReasonerConfig
-from cosmos_jax.sampling import reason
+from cosmos_jax.sampling import generation_config, media, media_input, reason
 from cosmos_jax.sampling.prompts import ChatTokenizer
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+EPILOG = """\
+examples (on the demo checkpoint `cosmos-jax demo` builds; its reasoner is the transformer's text tower):
+  cosmos-jax reason --model ~/.cache/cosmos-jax/demo/checkpoint --prompt "What is on the table?" \\
+      --max-new-tokens 8
+  cosmos-jax reason --model Cosmos3-Nano --prompt "Describe the scene." --video clip.mp4 --temperature 0
+
+Sampling defaults come from the model folder's generation_config.json (as in transformers and vLLM); the
+settings used, and where each came from, are printed to stderr before decoding."""
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
@@ -35,17 +43,29 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="Hub-layout or converted model folder, or a bare reasoner folder (reasoner at its root)")
     parser.add_argument("--prompt", required=True, help="the question or instruction")
     parser.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
-    parser.add_argument("--video", metavar="PATH", help="a video file or a folder of frames")
+    parser.add_argument("--video", metavar="PATH",
+                        help="a video file (mp4, ...), a folder of PNG/JPEG frames or a .npy [T, H, W, 3] clip")
     parser.add_argument("--video-fps", type=float, default=2.0, help="frames sampled per second of video")
+    parser.add_argument("--source-fps", type=float, default=24.0,
+                        help="frame rate of a frames folder or .npy clip (video files carry their own)")
     parser.add_argument("--system", help="optional system prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=20, help="0 = off")
-    parser.add_argument("--presence-penalty", type=float, default=1.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="most tokens to generate (default: generation_config.json's max_new_tokens, else "
+                             f"{generation_config.DEFAULT_MAX_NEW_TOKENS})")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy argmax (default: greedy when generation_config.json has no do_sample "
+                             "true, else its temperature, else 1.0)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="nucleus mass in (0, 1] (default: generation_config.json's top_p when sampling, else 1)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="0 = off (default: generation_config.json's top_k when sampling, else 50)")
+    parser.add_argument("--presence-penalty", type=float, default=None,
+                        help="subtracted from already generated tokens' logits (default: generation_config.json's "
+                             "presence_penalty, else 0; at temperature 0 only when given here)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weight and compute dtype")
     parser.add_argument("--output-ids", metavar="FILE.json", help="write prompt and generated token ids here")
+    parser.epilog = EPILOG
 
 
 def _tokenizer(model_dir: str) -> ChatTokenizer:
@@ -62,21 +82,16 @@ def load_model(model_dir: str, dtype: Any) -> tuple[reason.Reasoner, Params]:
         return load_reasoner(root, dtype)
     loaded = load(root, dtype=dtype, components=("reasoner",)).reasoner
     if loaded is None:
-        raise ValueError(f"{root} has no reasoner weights at its root (config.json + model*.safetensors)")
+        print(f"note: {root} has no root reasoner files (config.json + model*.safetensors); using the "
+              "transformer's reasoner tower, text only", file=sys.stderr)
+        config, params = reasoner_tower(root, dtype)
+        return Reasoner(config, dtype=dtype), params
     return loaded.model(), loaded.params
 
 
-def _eos_ids(model_dir: str, tokenizer: ChatTokenizer) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id}
-    path = os.path.join(model_dir, "generation_config.json")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
-    return tuple(sorted(ids))
-
-
 def _check_special_tokens(tokenizer: ChatTokenizer, config: ReasonerConfig) -> None:
+    if config.vision is None:
+        return
     for token, expected in (("<|image_pad|>", config.image_token_id), ("<|video_pad|>", config.video_token_id),
                             ("<|vision_start|>", config.vision_start_token_id),
                             ("<|vision_end|>", config.vision_end_token_id)):
@@ -100,22 +115,36 @@ def _settings(model_dir: str, name: str, default: ri.ProcessorSettings, config: 
     return dataclasses.replace(default, **geometry)
 
 
-def build_prompt(args: argparse.Namespace, tokenizer: ChatTokenizer, config: ReasonerConfig
-                 ) -> ri.PreparedPrompt:
-    """The chat-formatted, placeholder-expanded prompt for the command-line arguments."""
+def read_media(args: argparse.Namespace) -> tuple[list[Any], ri.VideoClip | None]:
+    """The --image files (uint8 [H, W, 3]) and the --video clip, sampled at --video-fps; ValueError naming them."""
+    images = [media_input.read_image(path, "--image") for path in args.image]
+    clip = None
+    if args.video:
+        source = media_input.read_clip(args.video, "--video")
+        clip = ri.sample_frames(source.frames, source.fps or args.source_fps, args.video_fps)
+    return images, clip
+
+
+def build_prompt(args: argparse.Namespace, tokenizer: ChatTokenizer, config: ReasonerConfig,
+                 media: tuple[list[Any], ri.VideoClip | None] | None = None) -> ri.PreparedPrompt:
+    """The chat-formatted, placeholder-expanded prompt for the command-line arguments (`media` from
+    `read_media`, read here when None)."""
     if not args.prompt.strip():
         raise ValueError("--prompt is empty: nothing to reason about")
     if (args.image or args.video) and config.vision is None:
-        raise ValueError(f"model type {config.model_type} is loaded without a vision encoder; images/video "
-                         "are not supported for it")
+        raise ValueError(f"--image/--video: model type {config.model_type} is loaded without a vision encoder; "
+                         "images/video are not supported for it")
+    images, clip = read_media(args) if media is None else media
     items, content = [], []
-    image_settings = _settings(args.model, "preprocessor_config.json", ri.IMAGE_SETTINGS, config)
-    video_settings = _settings(args.model, "video_preprocessor_config.json", ri.VIDEO_SETTINGS, config)
-    for path in args.image:
-        items.append(ri.preprocess_image(ri.load_image(path), image_settings))
-        content.append({"type": "image"})
+    if args.image:
+        image_settings = _settings(args.model, "preprocessor_config.json", ri.IMAGE_SETTINGS, config)
     if args.video:
-        items.append(ri.preprocess_video(ri.load_video(args.video, args.video_fps), video_settings))
+        video_settings = _settings(args.model, "video_preprocessor_config.json", ri.VIDEO_SETTINGS, config)
+    for image in images:
+        items.append(ri.preprocess_image(image, image_settings))
+        content.append({"type": "image"})
+    if clip is not None:
+        items.append(ri.preprocess_video(clip, video_settings))
         content.append({"type": "video"})
     content.append({"type": "text", "text": args.prompt})
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -124,20 +153,53 @@ def build_prompt(args: argparse.Namespace, tokenizer: ChatTokenizer, config: Rea
     return ri.expand_placeholders(ids, items, config, tokenizer.encode)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Every flag that needs no model, before anything is loaded."""
+    errors.input_path(args.model, "--model", folder=True)
+    for path in args.image:
+        errors.input_path(path, "--image")
+    errors.input_path(args.video, "--video", folder=None)
+    errors.finite(args.temperature, "--temperature", low=0)
+    errors.finite(args.top_p, "--top-p", low=0, low_open=True, high=1)
+    errors.finite(args.presence_penalty, "--presence-penalty")
+    errors.finite(args.video_fps, "--video-fps", low=0, low_open=True)
+    errors.finite(args.source_fps, "--source-fps", low=0, low_open=True)
+    if args.top_k is not None and args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.output_ids is not None:
+        errors.output_path(args.output_ids, "--output-ids")
+
+
+def sampling_settings(args: argparse.Namespace, tokenizer: ChatTokenizer) -> generation_config.Resolved:
+    """The run's sampling settings: flags over the model folder's generation_config.json (printed to stderr)."""
+    settings = generation_config.resolve(
+        args.model, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        presence_penalty=args.presence_penalty, max_new_tokens=args.max_new_tokens,
+        tokenizer_eos=tokenizer.eos_token_id)
+    print(f"sampling: {settings.describe()}", file=sys.stderr)
+    for key in settings.ignored:
+        print(f"warning: generation_config.json's {key} is not implemented and is ignored", file=sys.stderr)
+    return settings
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        sampling = reason.SamplingParams(args.temperature, args.top_k, args.top_p, args.presence_penalty)
-        if not os.path.isdir(args.model):
-            raise ValueError(f"model folder not found: {args.model}")
+        _check_args(args)
+        media_items = read_media(args)
         tokenizer = _tokenizer(args.model)
+        settings = sampling_settings(args, tokenizer)
+        sampling = reason.SamplingParams(settings.temperature, settings.top_k, settings.top_p,
+                                         settings.presence_penalty)
         model, params = load_model(args.model, DTYPES[args.dtype])
         _check_special_tokens(tokenizer, model.config)
-        prompt = build_prompt(args, tokenizer, model.config)
+        prompt = build_prompt(args, tokenizer, model.config, media_items)
         pad = tokenizer.special_tokens.get("pad_token")
         pad_id = tokenizer.token_id(pad) if pad else 0
         batch = ri.batch_prompts([prompt], model.config, pad_id)
-        steps = reason.stream(model, params, batch, max_new_tokens=args.max_new_tokens,
-                              eos_ids=_eos_ids(args.model, tokenizer), sampling=sampling,
+        steps = reason.stream(model, params, batch, max_new_tokens=settings.max_new_tokens,
+                              eos_ids=settings.eos_token_ids, sampling=sampling,
                               rng=jax.random.key(args.seed), pad_id=pad_id)
         generated: list[int] = []
         shown = ""
@@ -153,11 +215,9 @@ def run(args: argparse.Namespace) -> int:
                 shown = text
         sys.stdout.write(tokenizer.tokenizer.decode(generated, skip_special_tokens=True)[len(shown):] + "\n")
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return errors.report(e)
     elapsed = time.perf_counter() - start
     print(f"[{len(generated)} tokens, first after {first_token_s or 0:.2f}s, {elapsed:.2f}s total]", file=sys.stderr)
     if args.output_ids:
-        with open(args.output_ids, "w", encoding="utf-8") as f:
-            json.dump({"prompt_ids": list(prompt.ids), "generated_ids": generated}, f)
+        media.write_json(args.output_ids, {"prompt_ids": list(prompt.ids), "generated_ids": generated})
     return 0

@@ -42,7 +42,7 @@ def parse_size(text: str | int) -> int:
         number = raw[: len(raw) - len(unit)] if raw.endswith(unit) else raw
         try:
             value = int(float(number) * _UNITS[unit])
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ValueError(f"cannot read size {text!r}; use e.g. 5GB, 500MB or a byte count") from None
     if value <= 0:
         raise ValueError(f"size must be positive, got {text!r}")

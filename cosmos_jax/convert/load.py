@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -157,8 +158,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def locate(path: str | os.PathLike[str]) -> Layout:
-    """Recognise a converted folder, a Hub pipeline folder or a bare transformer folder (ValueError otherwise)."""
-    root = Path(path)
+    """Recognise a converted folder, a Hub pipeline folder or a bare transformer folder (ValueError otherwise).
+    The layout's paths are absolute (orbax reads only absolute paths)."""
+    root = Path(os.path.abspath(path))
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such model folder")
     converted = orbax_io.is_converted(root)
@@ -253,6 +255,29 @@ def _read_entry(index: CheckpointIndex, entry: Entry, flax_shape: tuple[int, ...
     return np.ascontiguousarray(entry.to_flax(array, flax_shape).astype(target, copy=False))
 
 
+class NonFiniteWeightWarning(UserWarning):
+    """A checkpoint tensor holds NaN or Inf (it converts and loads, but the model's outputs will be garbage)."""
+
+
+def warn_non_finite(array: np.ndarray, names: Sequence[str], where: str | os.PathLike) -> None:
+    """Warn, naming the tensor, when a floating `array` holds NaN or Inf (one reduction per tensor). `names`: one
+    name, or one per index of the leading axis (a stacked layer buffer) so the warning names the bad layer's key."""
+    if array.dtype.kind != "f" and array.dtype.name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        return
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    if len(names) > 1 and array.shape[:1] == (len(names),):
+        rows = finite.reshape(len(names), -1)
+        bad = [names[i] for i in np.flatnonzero(~rows.all(axis=1))]
+    else:
+        bad = [names[0]]
+    count = int(finite.size - np.count_nonzero(finite))
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    warnings.warn(f"{where}: tensor {shown} holds NaN/Inf ({count:,} of {finite.size:,} values)",
+                  NonFiniteWeightWarning, stacklevel=2)
+
+
 def iter_transformer_leaves(
     index: CheckpointIndex,
     config: Cosmos3Config,
@@ -268,6 +293,8 @@ def iter_transformer_leaves(
             continue
         shape = tuple(get_path(abstract, entry.path).shape)
         array = _read_entry(index, entry, shape, dtype, config.num_hidden_layers, progress)
+        warn_non_finite(array, entry.torch_keys(config.num_hidden_layers),
+                        index.source)
         index.close()  # unmap the files: pages read so far would otherwise stay resident
         yield entry.path[0], entry.path[1:], array
         del array  # do not hold this leaf while the next one is read
@@ -496,6 +523,15 @@ def _transformer_tower(layout: Layout, config: Cosmos3Config, dtype: Any, loaded
     return tower
 
 
+def reasoner_tower(path: str | os.PathLike[str], dtype: Any = None) -> tuple[ReasonerConfig, dict[str, Any]]:
+    """The text-only reasoner held in the transformer's reasoner tower (for folders without root reasoner files):
+    its config (the transformer's, no vision encoder) and params (embed, layers, norm, lm_head)."""
+    layout = locate(path)
+    config = Cosmos3Config.from_json(layout.transformer_dir / "config.json")
+    tower = _transformer_tower(layout, config, dtype, None, False)
+    return ReasonerConfig(text=config, vision=None, model_type="cosmos3_transformer_tower"), tower
+
+
 def _with_tower(weights: ReasonerWeights, layout: Layout, config: Cosmos3Config, dtype: Any,
                 loaded: dict[str, Any] | None, lazy: bool = False) -> ReasonerWeights:
     if weights.language_model_from == LM_FROM_TRANSFORMER:
@@ -558,6 +594,7 @@ def read_state(folder: Path, progress: Progress | None = None) -> dict[str, np.n
         state = {}
         for key in index.keys():
             state[key] = index.read(key)
+            warn_non_finite(state[key], [key], folder)
             if progress is not None:
                 progress(key, state[key].nbytes)
         return state

@@ -16,9 +16,12 @@ iterator holds only the current group in memory: one stacked layer parameter, or
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -161,14 +164,46 @@ def _writer_context() -> ocp.Context:
     return context
 
 
+@contextlib.contextmanager
+def _orbax_log() -> Iterator[list[str]]:
+    """Collect (instead of printing) what orbax logs through absl while the block runs."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logger = logging.getLogger("absl")
+    handler, propagate = Collect(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _damaged_file(text: str) -> str | None:
+    """The last local file TensorStore names in an error text, e.g. `.../state/d/b851a4...`."""
+    files = re.findall(r'local file "([^"]+)"', text)
+    files = [f for f in files if not f.endswith("/")] or files
+    return files[-1] if files else None
+
+
 def tree_shapes(folder: Path) -> dict[LeafPath, tuple[tuple[int, ...], np.dtype]]:
     """{leaf path: (shape, dtype)} of a saved tree, from its metadata only."""
     if not folder.is_dir():
         raise ConvertedCheckpointError(f"{folder}: missing orbax checkpoint")
-    try:
-        metadata = ocp.metadata(folder).metadata
-    except Exception as e:  # orbax raises several types for a damaged checkpoint
-        raise ConvertedCheckpointError(f"{folder}: unreadable orbax checkpoint metadata ({e})") from e
+    with _orbax_log() as log:
+        try:
+            metadata = ocp.metadata(folder).metadata
+        except Exception as e:  # orbax raises several types for a damaged checkpoint
+            raise ConvertedCheckpointError(f"{folder}: unreadable orbax checkpoint metadata "
+                                           f"({_damaged_file(str(e)) or e})") from e
+    if metadata is None:  # orbax logs the reason and returns None
+        damaged = _damaged_file("\n".join(log)) or "a file under state/"
+        raise ConvertedCheckpointError(f"{folder}: damaged orbax tree, cannot read {damaged}; convert the model again")
     flat, _ = jax.tree_util.tree_flatten_with_path(metadata)
     return {tuple(str(k.key) for k in keys): (tuple(m.shape), np.dtype(m.dtype)) for keys, m in flat}
 
@@ -178,7 +213,13 @@ def restore_tree(folder: Path, abstract: Any | None = None) -> Any:
     (each with a `sharding`), jax.Arrays cast to those dtypes and placed in those shardings."""
     if not folder.is_dir():
         raise ConvertedCheckpointError(f"{folder}: missing orbax checkpoint")
-    return ocp.load(folder, abstract)
+    try:
+        return ocp.load(folder, abstract)
+    except Exception as e:  # TensorStore raises ValueError / RuntimeError variants for damaged data
+        what = re.search(r'in "([^"]+)" in OCDBT', str(e))
+        leaf = f"leaf {what.group(1).split('/c/')[0]}" if what else "a leaf"
+        raise ConvertedCheckpointError(f"{folder}: damaged orbax tree, cannot read {leaf} "
+                                       f"({str(e).splitlines()[0][:160]}); convert the model again") from None
 
 
 class LeafReader:
