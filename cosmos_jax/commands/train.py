@@ -111,8 +111,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_args(args)
     lora = _lora_config(args)
+    _check_args(args)
     optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps, weight_decay=args.weight_decay,
                         clip_norm=args.clip, ema_decay=args.ema, freeze_reasoner=args.freeze_reasoner,
                         grad_accum=args.grad_accum)
