@@ -22,7 +22,9 @@ COMMANDS = {
     "export": "Export a cosmos-jax checkpoint back to the diffusers/transformers safetensors layout.",
     "plan": "Plan memory for a config on a device mesh (abstract, nothing allocated).",
     "train": "Fine-tune with flow matching (and optionally the language loss).",
+    "sdg": "Synthetic robot data: a jobs file -> an action-labelled LeRobot dataset with consistency scores.",
     "prepare": "Turn a robot dataset (LeRobot v2 layout) into cosmos-jax training data (VAE latents, captions, actions).",
+    "serve": "Serve a model: openpi WebSocket policy endpoint and the /v1/videos jobs API.",
 }
 
 

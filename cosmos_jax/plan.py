@@ -10,7 +10,9 @@ cover every layer exactly. The generator attention is compiled as the XLA refere
 chunks (and context-parallel on a `context` axis): the memory profile of a flash kernel, standing in for the
 Pallas kernel that runs on GPU/TPU. Temporaries come from XLA:CPU's buffer assignment; GPU/TPU fusion differs.
 
-  infer: one joint forward (both towers), bf16 weights, `batch` rows (2 = the two guidance branches).
+  infer: one joint forward (both towers), bf16 weights, `batch` samples of the batched generation loop: padded
+         up to a multiple of the mesh's `data` axis (as `Cosmos3Pipeline.run_batch` pads them), 2 rows each
+         (the two guidance branches), the rows sharded over the logical `batch` axis.
   train: one AdamW step on every parameter: bf16 params + fp32 master copy + two fp32 moments, remat per layer,
          flow-matching MSE on the vision velocity; the state is donated (updated in place).
 """
@@ -38,6 +40,7 @@ from cosmos_jax.sharding import (
     Rules,
     make_mesh,
     mesh_size,
+    parse_mesh_spec,
     param_specs,
     replicated_fraction,
     spec_for,
@@ -76,6 +79,7 @@ class MemoryPlan:
     quantize: str | None = None
     offload_reasoner: bool = False
     encode_peak: int = 0  # with offload: the reasoner pass (its tower on device, the generator on host)
+    samples: int | None = None  # infer: the samples of the batch (before padding for the data axis)
 
     @property
     def step_total(self) -> int:
@@ -222,10 +226,14 @@ def plan_memory(
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     mesh = make_mesh(mesh_spec, jax.devices()[: mesh_size(mesh_spec)])
-    if batch is None:
-        batch = 2 if task == "infer" else mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch <= 0:
+    if batch is not None and batch <= 0:
         raise ValueError(f"batch must be positive, got {batch}")
+    samples = None
+    if task == "infer":
+        samples = 1 if batch is None else batch
+        batch = 2 * (-(-samples // mesh.shape["data"]) * mesh.shape["data"])
+    elif batch is None:
+        batch = mesh.shape["data"] * mesh.shape["fsdp"]
     sharding = ActivationSharding(mesh, rules, query_chunk=query_chunk)
     model = Cosmos3Transformer(cfg, dtype=jnp.bfloat16, attention="xla", remat=task == "train", sharding=sharding)
     abstract = model.abstract_params()
@@ -275,6 +283,7 @@ def plan_memory(
         devices=mesh.size,
         task=task,
         batch=batch,
+        samples=samples,
         gen_tokens=gen_tokens,
         text_tokens=text_tokens,
         params=params_bytes,
@@ -310,13 +319,25 @@ def _weights_label(quantize: str | None) -> str:
     return f"parameters (layer linears {quantize}, rest bf16)"
 
 
+def _samples_note(plan: MemoryPlan) -> str:
+    """' rows (3 samples, padded to 4 for data=2; 2 guidance rows each; 4 rows per data shard)' for infer."""
+    if plan.samples is None:
+        return ""
+    data = parse_mesh_spec(plan.mesh)["data"]
+    padded = plan.batch // 2
+    pad = f", padded to {padded} for data={data}" if padded != plan.samples else ""
+    return (f" rows ({plan.samples} sample{'s' if plan.samples != 1 else ''}{pad}; 2 guidance rows each; "
+            f"{plan.batch // data} rows per data shard)")
+
+
 def format_plan(plan: MemoryPlan) -> str:
     """A human-readable report of a plan."""
     gib = lambda n: f"{n / GB:9.2f} GB"  # noqa: E731
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
     lines = [
         f"plan: {plan.config_name}  task={plan.task}  mesh={plan.mesh} ({plan.devices} devices)",
-        f"  batch={plan.batch}  generator tokens={plan.gen_tokens}  text tokens={plan.text_tokens}",
+        f"  batch={plan.batch}{_samples_note(plan)}  generator tokens={plan.gen_tokens}  "
+        f"text tokens={plan.text_tokens}",
         "  per-device bytes (all layers: scanned, so exact for the full depth):",
         f"    {_weights_label(plan.quantize):<42}{gib(plan.params)}",
         f"    optimizer state (fp32 master + 2 moments) {gib(plan.optimizer)}",

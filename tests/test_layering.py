@@ -23,6 +23,8 @@ FORBIDDEN = (
     ("cosmos_jax.modeling", "cosmos_jax.training"),
     ("cosmos_jax.modeling", "cosmos_jax.commands"),
     ("cosmos_jax.convert", "cosmos_jax.sampling"),
+    ("cosmos_jax.sampling", "cosmos_jax.serve"),
+    ("cosmos_jax.serve", "cosmos_jax.commands"),
     ("pallas_kernels", "cosmos_jax"),
 )
 

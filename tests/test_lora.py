@@ -235,4 +235,4 @@ def test_cli_export_lora_writes_the_peft_file(tmp_path):
         np.testing.assert_array_equal(written[key], value)
     again = subprocess.run([sys.executable, "-m", "cosmos_jax.cli", "export", "--lora", str(tmp_path / "ad"),
                             str(tmp_path / "peft"), "--config", "tiny"], capture_output=True, text=True)
-    assert again.returncode == 1 and "exists (use --overwrite)" in again.stderr
+    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr

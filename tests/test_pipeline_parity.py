@@ -32,6 +32,7 @@ from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.modeling.wan_vae import COSMOS3_LATENTS_MEAN, COSMOS3_LATENTS_STD, WanVAE, WanVAEConfig
+from cosmos_jax.sampling.batch import sample_key
 from cosmos_jax.sampling.generate import Cosmos3Pipeline
 from cosmos_jax.sampling.request import GenerationRequest
 from cosmos_jax.sampling.prompts import ChatTokenizer
@@ -166,8 +167,9 @@ def _materialise(case: dict) -> dict:
     return kwargs
 
 
-def _reference_run(reference, kwargs: dict, decode: bool) -> dict:
-    """prepare_latents (seeded torch noise, clean frames encoded by the reference), then __call__ from them."""
+def _reference_run(reference, kwargs: dict, decode: bool, seed: int = 0, prompt: str = PROMPT) -> dict:
+    """prepare_latents (torch noise seeded with `seed`, clean frames encoded by the reference), then __call__ from
+    them with `prompt`."""
     action = None
     if "action_mode" in kwargs:
         raw = kwargs.get("actions")
@@ -185,7 +187,7 @@ def _reference_run(reference, kwargs: dict, decode: bool) -> dict:
     with torch.no_grad():
         start = reference.prepare_latents(
             image=image, video=video, num_frames=num_frames, height=height, width=width, fps=24.0,
-            generator=torch.Generator().manual_seed(0), device="cpu", dtype=torch.float32, enable_sound=sound,
+            generator=torch.Generator().manual_seed(seed), device="cpu", dtype=torch.float32, enable_sound=sound,
             action=action,
         )
     vision0, sound0, action0 = start[0], start[1], start[2]
@@ -204,7 +206,7 @@ def _reference_run(reference, kwargs: dict, decode: bool) -> dict:
     reference.decode_sound = decode_sound
     try:
         out = reference(
-            PROMPT, image=image, video=video, action=action,
+            prompt, image=image, video=video, action=action,
             num_frames=None if action else num_frames, height=height, width=width, fps=24.0,
             num_inference_steps=STEPS, guidance_scale=kwargs["guidance"], enable_sound=sound,
             latents=vision0, sound_latents=sound0, action_latents=action0,
@@ -232,7 +234,7 @@ def test_pipeline_matches_reference(reference, pipeline, name, case):
 
     if encode:  # the JAX pipeline's own conditioning (preprocessing + VAE encoding) gives the same clean frames
         plan = pipeline.plan(GenerationRequest(PROMPT, **kwargs, guidance=guidance))
-        own_vision, _, own_action = pipeline._starting_latents(plan, 0, None, None, None)
+        own_vision, _, own_action = pipeline.starting_latents(plan, sample_key(0, 0), (None, None, None))
         assert own_vision.shape == vision0.shape and plan.clean_frames
         for frame in plan.clean_frames:
             np.testing.assert_allclose(own_vision[:, :, frame], vision0[:, :, frame], atol=ATOL, rtol=0)
@@ -299,7 +301,7 @@ def test_bad_input_is_refused_before_compute(pipeline, monkeypatch, name):
     def no_compute(*args, **kw):
         raise AssertionError("compute started before the input was checked")
 
-    monkeypatch.setattr(pipeline, "_starting_latents", no_compute)
+    monkeypatch.setattr(pipeline, "starting_latents", no_compute)
     monkeypatch.setattr(pipeline, "_executable", no_compute)
     with pytest.raises(error, match=message):
         pipeline(GenerationRequest(PROMPT, steps=STEPS, output_type=kwargs.pop("output_type", "latent"), **kwargs),

@@ -17,7 +17,7 @@ import pytest
 
 from cosmos_jax.config import load_preset
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
-from cosmos_jax.plan import latent_shape_for, plan_memory
+from cosmos_jax.plan import format_plan, latent_shape_for, plan_memory
 from cosmos_jax.sharding import load_mesh_preset
 
 RULES = load_mesh_preset("tiny").rules
@@ -96,3 +96,19 @@ def test_quantized_and_offloaded_plans_count_their_bytes():
         plan_memory(cfg, "tiny", "data=1", RULES, "train", quantize="fp8", **kwargs)
     with pytest.raises(ValueError, match="--quantize 'int4': choose one of int8, fp8"):
         plan_memory(cfg, "tiny", "data=1", RULES, "infer", quantize="int4", **kwargs)
+
+
+def test_infer_plan_counts_samples_padded_for_the_data_axis():
+    """--batch 3 on data=2: padded to 4 samples = 8 rows (2 guidance rows each), 4 rows per data shard; the
+    per-device inputs are those 4 rows, half of what one device holds for the same batch."""
+    cfg = load_preset("tiny")
+    kwargs = dict(gen_tokens=64, text_tokens=8, query_chunk=16)
+    sharded = plan_memory(cfg, "tiny", "data=2,tensor=2", RULES, "infer", batch=3, **kwargs)
+    assert (sharded.samples, sharded.batch) == (3, 8)
+    one = plan_memory(cfg, "tiny", "tensor=2", RULES, "infer", batch=4, **kwargs)
+    assert (one.samples, one.batch) == (4, 8)
+    assert sharded.inputs * 2 == one.inputs
+    assert "batch=8 rows (3 samples, padded to 4 for data=2; 2 guidance rows each; 4 rows per data shard)" in \
+        format_plan(sharded)
+    default = plan_memory(cfg, "tiny", "tensor=2", RULES, "infer", **kwargs)
+    assert (default.samples, default.batch) == (1, 2)

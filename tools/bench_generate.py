@@ -16,6 +16,15 @@ between `callback_on_step_end` calls. End to end: wall seconds of a warm call wi
 Compile: the JAX executable's AOT compile seconds (first call only). The reference's end to end includes its
 VAE encode of the (all-zero or first-frame) conditioning video, which it runs even for text→video; the JAX
 pipeline skips it (text→video) or, here, is handed the same starting latents. Prints one markdown table.
+
+    python tools/bench_generate.py --batch-sweep [--sizes 1 2 4 8] [--repeats 3]
+
+runs only the batch sweep instead: B samples of one text2video request (guidance 6, so 2B rows) in one
+`Cosmos3Pipeline.run_batch`, timed warm (denoise seconds, median of `--tiny-repeats` or `--repeats`): samples/s and seconds per
+sample, on the tiny pipeline above and on a compute-bound config (4 layers, hidden 512, 8/4 heads x 64; 17
+frames at 256x256 = 320 generator tokens per row; random JAX weights, no VAE, latents out), where GFLOP/s
+(dense matmul + unmasked attention FLOPs of every step and the reasoner pass) and the fraction of this machine's
+fp32 matmul ceiling (an XLA 2048^3 matmul, measured in the same run) are reported too.
 """
 
 from __future__ import annotations
@@ -38,12 +47,18 @@ from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import Cosmos3OmniPipeline
 from PIL import Image
 from transformers import AutoTokenizer
 
+from cosmos_jax.config import Cosmos3Config, load_preset
+from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.modeling.wan_vae import COSMOS3_LATENTS_MEAN, COSMOS3_LATENTS_STD
+from cosmos_jax.sampling.batch import Sample
+from cosmos_jax.sampling.prompts import ChatTokenizer
 from cosmos_jax.sampling.generate import Cosmos3Pipeline
 from cosmos_jax.sampling.request import GenerationRequest
+from cosmos_jax.scheduler_config import SchedulerConfig
 from cosmos_jax.tiny_tokenizer import write_tiny_tokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from bench_forward import matmul_ceiling, model_flops  # noqa: E402
 from torch_reference import NANO_STYLE, build_torch_transformer  # noqa: E402
 
 TRANSFORMER = dict(NANO_STYLE, vocab_size=600, action_dim=16, sound_dim=64)
@@ -125,6 +140,73 @@ def time_jax(pipeline: Cosmos3Pipeline, request: dict[str, Any], start: Any, ste
     return first.timings["compile"], statistics.median(per_step), statistics.median(total), result.latents
 
 
+COMPUTE_BOUND = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=4, head_dim=64, rope_axes_dim=[12, 10, 10])
+
+
+def compute_bound_pipeline(root: str, attention: str) -> Cosmos3Pipeline:
+    """A pipeline around a wider random transformer (COMPUTE_BOUND over the tiny preset), no VAE."""
+    cfg = Cosmos3Config.from_dict({**load_preset("tiny").to_dict(), **COMPUTE_BOUND})
+    model = Cosmos3Transformer(cfg, dtype=jnp.float32, attention=attention)
+    params = jax.jit(model.init)(jax.random.key(0))
+    tok = os.path.join(root, "tok_compute")
+    write_tiny_tokenizer(tok)
+    return Cosmos3Pipeline(model, params, ChatTokenizer.from_dir(tok), SchedulerConfig.cosmos3())
+
+
+def sweep(pipeline: Cosmos3Pipeline, request: GenerationRequest, sizes: list[int],
+          repeats: int) -> list[tuple[int, float, float]]:
+    """[(B, compile seconds, median warm denoise seconds)] for B samples of `request` in one batch."""
+    out = []
+    for size in sizes:
+        samples = [Sample(request, k) for k in range(size)]
+        first = pipeline.run_batch(samples, progress=False)
+        times = [pipeline.run_batch(samples, progress=False)[0].timings["denoise"] for _ in range(repeats)]
+        out.append((size, first[0].timings["compile"], statistics.median(times)))
+    return out
+
+
+def batch_sweep(args: argparse.Namespace, root: str) -> None:
+    """Print the batch-sweep tables (tiny pipeline, compute-bound config)."""
+    frames, size = args.frames, args.size
+    tiny = Cosmos3Pipeline.from_pretrained(build_folder(root), dtype=jnp.float32, attention=args.attention)
+    tiny_request = GenerationRequest(PROMPT, num_frames=frames, height=size, width=size, steps=args.steps,
+                                     guidance=6.0, output_type="latent")
+    wide = compute_bound_pipeline(root, args.attention)
+    wide_request = GenerationRequest(PROMPT, num_frames=17, height=256, width=256, steps=2, guidance=6.0,
+                                     output_type="latent")
+    print(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} "
+          f"({jax.default_backend()}); attention {args.attention}; fp32; text2video guidance 6 (2 rows per "
+          f"sample); median of {args.tiny_repeats} (tiny) / {args.repeats} (compute-bound) warm runs\n")
+    cases = (("tiny pipeline", tiny, tiny_request, args.tiny_repeats),
+             ("compute-bound config", wide, wide_request, args.repeats))
+    for name, pipe, request, repeats in cases:
+        plan = pipe.plan(request)
+        text_len = max(len(plan.cond_ids), len(plan.uncond_ids))
+        t, h, w = plan.latent_shape
+        patch = pipe.config.latent_patch_size
+        gen_len = t * (h // patch) * (w // patch)
+        total, reasoner = model_flops(pipe.config, text_len, gen_len)
+        per_sample = 2 * (request.steps * (total - reasoner) + reasoner)  # 2 guidance rows, reasoner once
+        compute_bound = pipe is wide
+        ceilings = [matmul_ceiling()] if compute_bound else []
+        results = sweep(pipe, request, args.sizes, repeats)
+        ceiling = max(ceilings + [matmul_ceiling()]) if compute_bound else None
+        base = results[0][2] / results[0][0]
+        print(f"{name}: {pipe.config.num_hidden_layers} layers, hidden {pipe.config.hidden_size}, "
+              f"{text_len} text + {gen_len} generator tokens per row, {request.steps} steps"
+              + (f"; fp32 matmul ceiling (XLA 2048^3, best of before/after) {ceiling:.0f} GFLOP/s" if ceiling
+                 else "") + "\n")
+        print("| B | compile s | denoise s | samples/s | s / sample | vs B=1 | GFLOP/s | of ceiling |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for b, compile_s, seconds in results:
+            gflops = b * per_sample / seconds / 1e9
+            flops = f"{gflops:.1f} | {gflops / ceiling:.0%}" if ceiling else "– | –"
+            print(f"| {b} | {compile_s:.1f} | {seconds:.3f} | {b / seconds:.2f} | {seconds / b:.3f} | "
+                  f"{base / (seconds / b):.2f}x | {flops} |")
+        print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -133,6 +215,11 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=300, help="words in the long policy prompt")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attention", default="xla", help="JAX attention implementation (xla, blocked, auto)")
+    parser.add_argument("--batch-sweep", action="store_true",
+                        help="run only the batch sweep (samples/s for B samples per batch)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="batch sizes of the sweep")
+    parser.add_argument("--tiny-repeats", type=int, default=9,
+                        help="warm runs per batch size on the tiny pipeline (its calls last milliseconds)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own); 1 is faster on a busy 2-core host")
     args = parser.parse_args()
@@ -140,6 +227,10 @@ def main() -> None:
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
 
+    if args.batch_sweep:
+        with tempfile.TemporaryDirectory() as root:
+            batch_sweep(args, root)
+        return
     with tempfile.TemporaryDirectory() as root:
         folder = build_folder(root)
         reference = Cosmos3OmniPipeline.from_pretrained(folder, enable_safety_checker=False)

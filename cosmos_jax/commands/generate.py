@@ -1,4 +1,10 @@
-"""`cosmos-jax generate`: text/image/video/actions in; video (+ sound), actions or latents out."""
+"""`cosmos-jax generate`: text/image/video/actions in; video (+ sound), actions or latents out.
+
+With `--num-samples N` > 1 the outputs are STEM-00000.mp4 ... STEM-{N-1:05d}.mp4 (side files named the same way)
+and STEM.samples.json listing every output with its seed and sample index; sample k draws its noise from
+fold_in(key(--seed), k). The samples run in batches of `--batch-size`, sharded over `--mesh data=D`, and each is
+written as soon as its batch finishes.
+"""
 
 from __future__ import annotations
 
@@ -98,6 +104,20 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default="auto", choices=("auto", "xla", "blocked", "pallas"),
                         help="attention implementation (auto: Pallas on GPU/TPU, blocked on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    batch = parser.add_argument_group("batches and devices")
+    batch.add_argument("--num-samples", type=int, default=1,
+                       help="samples of the request (sample k uses the noise key fold_in(key(seed), k)); above 1 "
+                            "the outputs are STEM-00000.EXT, ... and STEM.samples.json")
+    batch.add_argument("--batch-size", type=int, default=None,
+                       help="samples per jitted loop, a multiple of the mesh's data axis (default: its size, 1 "
+                            "without a mesh); host memory holds one batch")
+    batch.add_argument("--mesh", default=None, metavar="data=D[,fsdp=F,tensor=T,context=C]",
+                       help="device mesh over all devices; the batch is sharded over data, the weights as the "
+                            "rules say (default: one device)")
+    batch.add_argument("--mesh-rules", default="nano", help="mesh preset whose rules shard weights and batch")
+    batch.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first (multi-host: every process writes the "
+                            "samples its devices hold; process 0 writes STEM.samples.json)")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -138,6 +158,32 @@ def _check_args(args: argparse.Namespace) -> None:
         if single != (suffix == ".png"):
             raise ValueError(f"--output {args.output!r}: one frame is written as .png, a video as .mp4")
     errors.output_path(args.output, "--output")
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """--num-samples / --batch-size / --mesh make sense together (before loading anything)."""
+    from cosmos_jax.sampling.batch import check_batch_size
+    from cosmos_jax.sharding import parse_mesh_spec
+
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be a positive integer, got {args.num_samples}")
+    if args.offload_reasoner and args.mesh is not None:
+        raise ValueError("--offload-reasoner runs on one device; it cannot be combined with --mesh (drop one)")
+    if args.quantize is not None and args.mesh is not None:
+        raise ValueError("--quantize weights are not sharded on a mesh yet; it cannot be combined with --mesh "
+                         "(drop one)")
+    data = parse_mesh_spec(args.mesh)["data"] if args.mesh is not None else 1
+    if args.batch_size is not None:
+        try:
+            check_batch_size(args.batch_size, data)
+        except ValueError as e:
+            raise ValueError(f"--batch-size: {e}") from None
+    if args.num_samples > 1:
+        given = [f"--{f.replace('_', '-')}" for f in ("init_noise", "init_sound_noise", "init_action_noise")
+                 if getattr(args, f) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} fix the starting latents, so every sample would be the same: "
+                             "use --num-samples 1")
 
 
 # The pipeline's messages use parameter names; the command line says the flags. Longest names first.
@@ -265,17 +311,15 @@ def check_work(pipeline: Any, args: argparse.Namespace, request: Any) -> None:
               "(e.g. --num-frames 9 --height 64 --width 64 --steps 4)", file=sys.stderr)
 
 
-def generate_and_write(pipeline: Any, args: argparse.Namespace, inputs: dict[str, Any] | None = None) -> list[str]:
-    """Run the pipeline for parsed arguments and write every output; returns the written paths."""
+def _write_result(result: Any, args: argparse.Namespace, output: str, normalizer: Any) -> list[str]:
+    """Write one sample's outputs at `output` (side files named after it); returns the written paths."""
     from cosmos_jax.sampling import media
 
-    inputs = read_inputs(args) if inputs is None else inputs
-    result = pipeline(build_request(args, inputs), progress=not args.no_progress)
-    stem = media.output_stem(args.output)
+    stem = media.output_stem(output)
     written: list[str] = []
     if args.output_type == "latent":
-        media.write_npy(args.output, result.latents)
-        written.append(args.output)
+        media.write_npy(output, result.latents)
+        written.append(output)
         if result.sound_latents is not None:
             written.append(f"{stem}.sound_latents.npy")
             media.write_npy(written[-1], result.sound_latents)
@@ -283,9 +327,54 @@ def generate_and_write(pipeline: Any, args: argparse.Namespace, inputs: dict[str
         written += media.write_video_outputs(stem, result.video, result.fps, result.sound, result.sample_rate)
     if result.actions is not None:
         written += media.write_actions(stem, result.actions, domain=args.domain, mode=result.mode,
-                                       normalizer=inputs["normalizer"])
-    t = result.timings
-    print(f"{result.mode}: compile {t['compile']:.1f}s, denoise {t['denoise']:.2f}s, decode {t['decode']:.1f}s",
+                                       normalizer=normalizer)
+    return written
+
+
+def sample_output(output: str, index: int) -> str:
+    """`out/clip.mp4`, 3 -> `out/clip-00003.mp4`: where sample `index` of a --num-samples run is written."""
+    from cosmos_jax.sampling import media
+
+    stem = media.output_stem(output)
+    return f"{stem}-{index:05d}{output[len(stem):]}"
+
+
+def generate_and_write(pipeline: Any, args: argparse.Namespace, inputs: dict[str, Any] | None = None) -> list[str]:
+    """Run the pipeline for parsed arguments and write every output; returns the written paths."""
+    import time
+
+    from cosmos_jax.sampling import media
+
+    inputs = read_inputs(args) if inputs is None else inputs
+    request = build_request(args, inputs)
+    if args.num_samples == 1 and args.mesh is None:
+        result = pipeline(request, progress=not args.no_progress)
+        t = result.timings
+        print(f"{result.mode}: compile {t['compile']:.1f}s, denoise {t['denoise']:.2f}s, decode {t['decode']:.1f}s",
+              file=sys.stderr)
+        return _write_result(result, args, args.output, inputs["normalizer"])
+    import jax
+
+    numbered = args.num_samples > 1
+    written: list[str] = []
+    start = time.perf_counter()
+    count = 0
+    for result in pipeline.generate_samples([request], num_samples=args.num_samples, batch_size=args.batch_size,
+                                            progress=not args.no_progress):
+        path = sample_output(args.output, result.sample_index) if numbered else args.output
+        written += _write_result(result, args, path, inputs["normalizer"])
+        count += 1
+    seconds = time.perf_counter() - start
+    if numbered and jax.process_index() == 0:
+        listing = f"{media.output_stem(args.output)}.samples.json"
+        media.write_json(listing, {
+            "prompt": args.prompt, "mode": request.action_mode or "vision", "seed": args.seed,
+            "noise_key": "jax.random.fold_in(jax.random.key(seed), sample_index)",
+            "samples": [{"sample_index": k, "seed": args.seed, "output": sample_output(args.output, k)}
+                        for k in range(args.num_samples)],
+        })
+        written.append(listing)
+    print(f"{count} samples in {seconds:.1f}s ({count / seconds:.3g} samples/s) on process {jax.process_index()}",
           file=sys.stderr)
     return written
 
@@ -304,6 +393,7 @@ def _read_loras(args: argparse.Namespace) -> list[Any]:
 def run(args: argparse.Namespace) -> int:
     try:
         _check_args(args)
+        _check_counts(args)
         inputs = read_inputs(args)
         loras = _read_loras(args)
     except ValueError as e:
@@ -311,14 +401,21 @@ def run(args: argparse.Namespace) -> int:
     from cosmos_jax.compile_cache import enable as enable_compile_cache
 
     enable_compile_cache()
+    import jax
     import jax.numpy as jnp
 
     from cosmos_jax.sampling.generate import Cosmos3Pipeline
+    from cosmos_jax.sharding import load_mesh_preset, make_mesh
 
     try:
+        if args.distributed:
+            jax.distributed.initialize()
+        mesh = rules = None
+        if args.mesh is not None:
+            mesh, rules = make_mesh(args.mesh), load_mesh_preset(args.mesh_rules).rules
         pipeline = Cosmos3Pipeline.from_pretrained(args.model, dtype=getattr(jnp, args.dtype),
-                                                   attention=args.attention, quantize=args.quantize,
-                                                   offload_reasoner=args.offload_reasoner)
+                                                   attention=args.attention, mesh=mesh, rules=rules,
+                                                   quantize=args.quantize, offload_reasoner=args.offload_reasoner)
         if loras:
             from cosmos_jax.training.lora import apply_adapters
 

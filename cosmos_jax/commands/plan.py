@@ -43,7 +43,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="generator (video) tokens; default 44160 = 720p, 189 frames")
     parser.add_argument("--text-tokens", type=int, default=300, help="reasoner (prompt) tokens")
     parser.add_argument("--batch", type=int, default=None,
-                        help="batch rows (default: 2 guidance branches for infer, data*fsdp for train)")
+                        help="infer: samples of one batched generation loop, padded to a multiple of the data axis, "
+                             "2 guidance rows each (default 1); train: rows (default data*fsdp)")
     parser.add_argument("--device", default="h100-80g",
                         help="device to check the fit against: h100-80g, h200-141g, b200-180g, v5p-95g, v5e-16g")
     parser.add_argument("--quantize", default=None, metavar="MODE",

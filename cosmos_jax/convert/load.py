@@ -332,7 +332,8 @@ def _sharding_for(shardings: Shardings, path: LeafPath) -> jax.sharding.Sharding
 
 
 def _default_sharding() -> jax.sharding.Sharding:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    """This process's first device (under jax.distributed, jax.devices()[0] may belong to another process)."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _load_hub_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, shardings: Shardings,

@@ -33,11 +33,12 @@ import ml_dtypes
 import numpy as np
 import qwix
 
-from cosmos_jax.config import ConfigError, Cosmos3Config
+from cosmos_jax.config import ConfigError, Cosmos3Config, param_dtype
 from cosmos_jax.convert.keymap_transformer import LINEAR, KeyMapError, check_state, key_table
 from cosmos_jax.convert.quantize import is_quantized_path
 from cosmos_jax.convert.safetensors_io import CheckpointIndex
 from cosmos_jax.convert.tree_paths import get_path, set_path
+from cosmos_jax.modeling.transformer import Cosmos3Transformer
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 WEIGHT_SCALE = "weight_quantizer._scale"
@@ -212,11 +213,9 @@ def _check_keys(index: CheckpointIndex, config: Cosmos3Config, abstract: Any) ->
 def load_transformer(folder: Path, config: Cosmos3Config, dtype: Any) -> dict[str, Any]:
     """Both trees from an FP8 revision folder: layer linears as E4M3 `qwix.QArray`s with per-layer per-tensor
     scales (in `dtype`), every other leaf in its target dtype (time embedder f32)."""
-    from cosmos_jax.convert.load import abstract_transformer, target_dtype
-
     if dtype is None:
         raise ValueError("an FP8 revision needs a compute dtype (dtype=None would keep float8 weights)")
-    abstract = abstract_transformer(config)
+    abstract = Cosmos3Transformer(config, dtype=jax.numpy.float32).abstract_params()
     params: dict[str, Any] = {}
     with CheckpointIndex.open(folder) as index:
         _check_keys(index, config, abstract)
@@ -225,7 +224,7 @@ def load_transformer(folder: Path, config: Cosmos3Config, dtype: Any) -> dict[st
             keys = entry.torch_keys(config.num_hidden_layers)
             shape = tuple(get_path(abstract, entry.path).shape)
             layer_shape = shape[1:] if entry.per_layer else shape
-            target = target_dtype(entry.path, np.dtype(np.float32), dtype)
+            target = np.dtype(param_dtype(entry.path, dtype))
             fp8 = [index.dtype(k) == FP8 for k in keys]
             if any(fp8) and (entry.transform != LINEAR or not all(fp8)):
                 raise KeyMapError(f"{index.source}: {entry.torch_key}: float8 weights must be whole linears "

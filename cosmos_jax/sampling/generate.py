@@ -8,10 +8,16 @@ state per modality sharing the coefficients, action channels ≥ the raw width z
 velocities and after every step, latent (de)normalisation with the statistics rounded to the VAE dtype.
 
 How it runs (differs from the reference, same numbers):
-- both guidance branches are rows of one batch (the two prompts right-padded and masked);
-- the reasoner K/V are computed once per call (`Cosmos3Transformer.encode_reasoner`), not at every step;
+- every call runs a batch of samples (`run_batch`; `__call__` is a batch of one): both guidance branches of
+  every sample are rows of one batch, different prompts right-padded and masked;
+- the reasoner K/V are computed once per distinct prompt of a batch (`Cosmos3Transformer.encode_reasoner`),
+  not at every step nor once per sample;
+- sample k of a request with seed s draws its noise from `jax.random.fold_in(jax.random.key(s), k)`, so its
+  outputs do not depend on the batch (`cosmos_jax.sampling.batch`);
 - the whole loop is one jitted `jax.lax.scan` compiled ahead of time once per shape signature; progress is
-  reported by `jax.debug.callback` with the step index only (no latents leave the device until the end).
+  reported by `jax.debug.callback` with the step index only (no latents leave the device until the end);
+- on a mesh (`on_mesh`, or `from_pretrained(mesh=...)`) the batch is sharded over the `data` axis (and the
+  weights as the rules say); under jax.distributed every process gets the samples its devices hold.
 """
 
 from __future__ import annotations
@@ -20,32 +26,53 @@ import dataclasses
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cosmos_jax.config import Cosmos3Config
 from cosmos_jax.convert.modelopt_fp8 import fallback_note
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
-from cosmos_jax.modeling.inputs import GeneratorInputs, TextInputs
 from cosmos_jax.modeling.transformer import Cosmos3Transformer, Params
 from cosmos_jax.modeling.wan_vae import WanVAE
-from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence
+from cosmos_jax.modeling.weights import is_quantized
 from cosmos_jax.sampling import conditioning, offload, scheduler
+from cosmos_jax.sampling.batch import (
+    BatchShape,
+    PlannedBatch,
+    Sample,
+    batch_denoiser,
+    batch_rows,
+    check_batch_size,
+    common_shape,
+    owned_rows,
+    padded_size,
+    plan_batches,
+    sample_key,
+    sample_noise,
+)
+from cosmos_jax.sampling.plan import GenerationPlan
 from cosmos_jax.sampling.prompts import EMBODIMENT_DOMAINS, ChatTokenizer, build_prompt_pair, raw_action_dim
 from cosmos_jax.sampling.request import TEMPORAL_COMPRESSION, GenerationRequest, is_path
 from cosmos_jax.scheduler_config import SchedulerConfig
+from cosmos_jax.sharding import BATCH, ActivationSharding, Rules, param_shardings, spec_for
 
 DEFAULT_SPATIAL_COMPRESSION = 16
+_QUANTIZE_MESH_ERROR = ("quantized weights (--quantize, or the FP8 revision) are not sharded on a mesh yet; load "
+                        "them without a mesh (--mesh), or the full-precision weights with one")
+_OFFLOAD_MESH_ERROR = ("offload_reasoner (--offload-reasoner) runs on one device; it cannot be combined with a mesh "
+                       "(--mesh): drop one of them")
 
 
 @dataclasses.dataclass
 class GenerationResult:
-    """What one call produced (numpy, float32).
+    """What one sample produced (numpy, float32).
 
+    seed and sample_index: the sample's noise key is fold_in(key(seed), sample_index);
     latents [1, 48, T, h, w] (final, normalised); video [F, H, W, 3] in [0, 1] (None for output_type="latent");
     sound_latents [64, Ts] and sound [channels, N] waveform at `sample_rate` (None without sound);
     actions [chunk, raw width] in model space (policy / inverse dynamics, else None);
@@ -55,6 +82,8 @@ class GenerationResult:
     mode: str
     fps: float
     latents: np.ndarray
+    seed: int = 0
+    sample_index: int = 0
     video: np.ndarray | None = None
     sound_latents: np.ndarray | None = None
     sound: np.ndarray | None = None
@@ -63,40 +92,17 @@ class GenerationResult:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
-class GenerationPlan:
-    """Everything decided host-side before any compute: mode, geometry, latent layout, prompt ids, the
-    pixels to encode for clean frames, the action rows (forward dynamics' given actions) and domain."""
-
-    mode: str
-    num_frames: int
-    height: int
-    width: int
-    fps: float
-    latent_shape: tuple[int, int, int]
-    clean_frames: tuple[int, ...]
-    cond_ids: list[int]
-    uncond_ids: list[int]
-    use_cfg: bool
-    pixels: np.ndarray | None  # [3, F', H, W] frames to encode for the clean latent frames
-    latent_crop: tuple[int, int] | None  # action canvas: keep latent [:h, :w]
-    sound_len: int
-    action_len: int
-    clean_action_rows: tuple[int, ...]
-    action_x0: np.ndarray | None  # [chunk, action_dim]
-    raw_action_dim: int | None
-    domain_id: int | None
-
-
 class _ProgressSink:
-    """Where the jitted loop's per-step callback lands: a tqdm bar while a call runs, nothing otherwise."""
+    """Where the jitted loop's per-step callback lands: a tqdm bar while a call runs (advanced by `per_step`:
+    1 on a bar of steps, samples/steps on a bar of samples), nothing otherwise."""
 
     def __init__(self) -> None:
         self.bar: Any = None
+        self.per_step = 1.0
 
     def tick(self, step: Any) -> None:
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(self.per_step)
 
 
 class Cosmos3Pipeline:
@@ -105,6 +111,10 @@ class Cosmos3Pipeline:
     `vae`/`sound` may be None: then only `output_type="latent"` without clean vision frames (or with
     `init_noise`) works, respectively no sound. `cache_reasoner=False` runs the joint forward (both towers) at
     every step as the reference does: same numbers, slower; kept for measuring what the cache saves.
+    `mesh` and `rules`: shard the parameters (placed here unless they already carry their shardings) and every
+    batch on that mesh; without a mesh everything runs on the default device. `offload_reasoner`: the weights
+    rest in host memory between calls; each batch runs the reasoner pass with only its tower on the device, then
+    the loop with only the generator tower (`cosmos_jax.sampling.offload`; single device, no mesh).
     """
 
     def __init__(
@@ -122,11 +132,25 @@ class Cosmos3Pipeline:
         native_flow_schedule: bool = False,
         cache_reasoner: bool = True,
         offload_reasoner: bool = False,
+        mesh: Mesh | None = None,
+        rules: Rules | None = None,
     ) -> None:
+        if (mesh is None) != (rules is None):
+            raise ValueError("give both mesh and rules, or neither")
         if (vae is None) != (vae_params is None):
             raise ValueError("give both vae and vae_params, or neither")
         if (sound is None) != (sound_params is None):
             raise ValueError("give both sound and sound_params, or neither")
+        if offload_reasoner and not cache_reasoner:
+            raise ValueError("offload_reasoner needs cache_reasoner (the reasoner runs once, before the loop)")
+        if offload_reasoner and mesh is not None:
+            raise ValueError(_OFFLOAD_MESH_ERROR)
+        if mesh is not None and any(map(is_quantized, jax.tree.leaves(params, is_leaf=is_quantized))):
+            raise ValueError(_QUANTIZE_MESH_ERROR)
+        self.mesh, self.rules = mesh, rules
+        if mesh is not None:
+            model = dataclasses.replace(model, sharding=ActivationSharding(mesh, rules))
+            params = jax.tree.map(_global_array_of, params, param_shardings(params, mesh, rules))
         self.model = model
         self.params = params
         self.tokenizer = tokenizer
@@ -138,8 +162,6 @@ class Cosmos3Pipeline:
         self.use_system_prompt = use_system_prompt
         self.native_flow_schedule = native_flow_schedule
         self.cache_reasoner = cache_reasoner
-        if offload_reasoner and not cache_reasoner:
-            raise ValueError("offload_reasoner needs cache_reasoner (the reasoner runs once, before the loop)")
         self.offload_reasoner = offload_reasoner
         self._encode_reasoner = jax.jit(lambda p, t: model.encode_reasoner(p, t)[0])
         if offload_reasoner:
@@ -153,16 +175,36 @@ class Cosmos3Pipeline:
     def config(self) -> Cosmos3Config:
         return self.model.config
 
+    def on_mesh(self, mesh: Mesh, rules: Rules) -> Cosmos3Pipeline:
+        """The same pipeline with its parameters and batches sharded on `mesh` under `rules`."""
+        return Cosmos3Pipeline(
+            dataclasses.replace(self.model, sharding=None), self.params, self.tokenizer, self.scheduler_config,
+            vae=self.vae, vae_params=self.vae_params, sound=self.sound, sound_params=self.sound_params,
+            use_system_prompt=self.use_system_prompt, native_flow_schedule=self.native_flow_schedule,
+            cache_reasoner=self.cache_reasoner, offload_reasoner=self.offload_reasoner, mesh=mesh, rules=rules,
+        )
+
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, attention: str = "auto",
-        quantize: str | None = None, offload_reasoner: bool = False,
+        mesh: Mesh | None = None, rules: Rules | None = None, quantize: str | None = None,
+        offload_reasoner: bool = False,
     ) -> Cosmos3Pipeline:
-        """Load a Hub-layout (or converted) folder through `cosmos_jax.convert.load.load` (quantize: None, "int8"
-        or "fp8" weight-only, see `cosmos_jax.convert.quantize`)."""
-        from cosmos_jax.convert.load import load
+        """Load a Hub-layout (or converted) folder through `cosmos_jax.convert.load.load`; with a mesh, every
+        process reads only its devices' slices of the transformer. quantize: None, "int8" or "fp8" weight-only
+        (see `cosmos_jax.convert.quantize`); offload_reasoner: the towers rest in host memory between calls (see
+        `cosmos_jax.sampling.offload`)."""
+        from cosmos_jax.convert.load import abstract_transformer, load, locate
 
-        loaded = load(path, dtype=dtype, quantize=quantize)
+        if mesh is not None and offload_reasoner:
+            raise ValueError(_OFFLOAD_MESH_ERROR)
+        if mesh is not None and quantize is not None:
+            raise ValueError(_QUANTIZE_MESH_ERROR)
+        shardings = None
+        if mesh is not None:
+            config = Cosmos3Config.from_json(locate(path).transformer_dir / "config.json")
+            shardings = param_shardings(abstract_transformer(config), mesh, rules)
+        loaded = load(path, dtype=dtype, shardings=shardings, quantize=quantize)
         if loaded.tokenizer_dir is None:
             raise ValueError(f"{path}: no text_tokenizer/ folder; generation needs the prompt tokenizer")
         scheduler_config = loaded.scheduler_config or SchedulerConfig.cosmos3()
@@ -185,6 +227,7 @@ class Cosmos3Pipeline:
             use_system_prompt=bool(index.get("default_use_system_prompt", True)),
             native_flow_schedule=bool(index.get("use_native_flow_schedule", False)),
             offload_reasoner=offload_reasoner,
+            mesh=mesh, rules=rules,
         )
         pipeline.fp8_revision, pipeline.fp8_policy = loaded.fp8_revision, loaded.fp8_policy
         return pipeline
@@ -323,139 +366,237 @@ class Cosmos3Pipeline:
             _checked_noise("init_action_noise", init_action_noise, a_shape),
         )
 
-    def _starting_latents(
-        self, plan: GenerationPlan, seed: int, given_v: np.ndarray | None, given_s: np.ndarray | None,
-        given_a: np.ndarray | None,
+    def starting_latents(
+        self, plan: GenerationPlan, key: jax.Array, given: tuple[np.ndarray | None, ...],
+        clean: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """(vision [1, C, T, h, w], sound [S, Ts] | None, action [chunk, A] | None) in float32: the given
-        tensors as they are, else noise (vision → sound → action) with the clean frames/rows put in."""
+        """(vision [1, C, T, h, w], sound [S, Ts] | None, action [chunk, A] | None) float32 of one sample: the
+        given tensors as they are, else noise from the sample's `key` (vision → sound → action, see
+        `cosmos_jax.sampling.batch.sample_noise`) with the clean frames/rows put in. `clean` is the plan's
+        encoded clean frames [C, T, h, w] when the caller already has them (encoded here otherwise)."""
         cfg = self.config
         v_shape = (1, cfg.latent_channel, *plan.latent_shape)
         s_shape = (cfg.sound_dim, plan.sound_len) if plan.sound_len else None
         a_shape = (plan.action_len, cfg.action_dim) if plan.action_len else None
-        key_v, key_s, key_a = jax.random.split(jax.random.key(seed), 3)
+        given_v, given_s, given_a = given
+        vision, sound, action = sample_noise(key, v_shape, s_shape, a_shape)
         if given_v is not None:
             vision = given_v
-        else:
-            vision = np.asarray(jax.random.normal(key_v, v_shape, jnp.float32))
-            if plan.clean_frames:
-                mask = np.zeros((plan.latent_shape[0], 1, 1), bool)
-                mask[list(plan.clean_frames)] = True
-                vision = np.where(mask, self._encode_clean(plan)[None], vision).astype(np.float32)
-        sound = None
-        if s_shape is not None:
-            sound = given_s if given_s is not None else np.asarray(jax.random.normal(key_s, s_shape, jnp.float32))
-        action = None
-        if a_shape is not None:
-            if given_a is not None:
-                action = given_a
-            else:
-                action = np.asarray(jax.random.normal(key_a, a_shape, jnp.float32))
-                rows = np.zeros((plan.action_len, 1), bool)
-                rows[list(plan.clean_action_rows)] = True
-                action = np.where(rows, plan.action_x0, action).astype(np.float32)
-                action[:, plan.raw_action_dim :] = 0
+        elif plan.clean_frames:
+            mask = np.zeros((plan.latent_shape[0], 1, 1), bool)
+            mask[list(plan.clean_frames)] = True
+            clean = self._encode_clean(plan) if clean is None else clean
+            vision = np.where(mask, clean[None], vision).astype(np.float32)
+        if given_s is not None:
+            sound = given_s
+        if given_a is not None:
+            action = given_a
+        elif action is not None:
+            rows = np.zeros((plan.action_len, 1), bool)
+            rows[list(plan.clean_action_rows)] = True
+            action = np.where(rows, plan.action_x0, action).astype(np.float32)
+            action[:, plan.raw_action_dim :] = 0
         return vision, sound, action
 
-    # ------------------------------------------------------------------ the jitted loop
+    # ------------------------------------------------------------------ batches
 
-    def _model_inputs(self, plan: GenerationPlan) -> tuple[TextInputs, dict[str, Any]]:
-        """Batched text (cond row, then uncond row when guiding) and the static generator fields."""
-        ids = [plan.cond_ids, plan.uncond_ids] if plan.use_cfg else [plan.cond_ids]
-        layouts = [
-            layout_sequence(
-                self.config, len(row), plan.latent_shape, fps=plan.fps, clean_vision_frames=plan.clean_frames,
-                sound_len=plan.sound_len, action_len=plan.action_len, clean_action_rows=plan.clean_action_rows,
-                vae_temporal_compression=TEMPORAL_COMPRESSION,
-            )
-            for row in ids
-        ]
-        pad_id = self.tokenizer.tokenizer.token_to_id(self.tokenizer.special_tokens.get("pad_token", "")) or 0
-        text = jax.tree.map(jnp.asarray, batch_text(ids, layouts, pad_id=pad_id))
-        b = len(ids)
-        static: dict[str, Any] = {
-            "position_ids": jnp.asarray(batch_generator_positions(layouts)),
-            "vision_noisy": jnp.asarray(np.stack([lay.vision_noisy for lay in layouts])),
-        }
-        if plan.sound_len:
-            static["sound_noisy"] = jnp.ones((b, plan.sound_len), bool)
-        if plan.action_len:
-            static["action_noisy"] = jnp.asarray(np.stack([lay.action_noisy for lay in layouts]))
-            static["action_domain"] = jnp.full((b,), plan.domain_id, jnp.int32)
-            static["action_channels"] = jnp.arange(self.config.action_dim) < plan.raw_action_dim
-        return text, static
+    def plan_batch(self, samples: Sequence[Sample]) -> PlannedBatch:
+        """Plan the samples of one batch (each distinct request once) and check they share one shape."""
+        samples = tuple(samples)
+        plans: dict[int, GenerationPlan] = {}
+        for sample in samples:
+            if id(sample.request) not in plans:
+                plans[id(sample.request)] = self._checked_plan(sample.request)
+        ordered = tuple(plans[id(s.request)] for s in samples)
+        shape = common_shape([BatchShape.of(p, s.request.steps) for s, p in zip(samples, ordered)])
+        return PlannedBatch(samples, ordered, shape)
 
-    def _executable(self, plan: GenerationPlan, args: tuple) -> tuple[Any, float]:
-        """The compiled loop for this shape signature (compiled once, then reused) and the compile seconds."""
-        leaves, treedef = jax.tree_util.tree_flatten(args)
-        step_action = bool(plan.action_len) and len(plan.clean_action_rows) < plan.action_len
-        shapes = tuple((x.shape, jnp.result_type(x)) for x in leaves)
-        key = (plan.use_cfg, step_action, self.cache_reasoner, self.offload_reasoner, treedef, shapes)
-        if key in self._executables:
-            return self._executables[key], 0.0
-        fn = _denoiser(self.model, plan.use_cfg, step_action, self.cache_reasoner, self._progress.tick,
-                       given_cache=self.offload_reasoner)
-        start = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
-        self._executables[key] = compiled
-        return compiled, time.perf_counter() - start
+    def plan_batches(self, samples: Sequence[Sample], batch_size: int | None = None) -> list[PlannedBatch]:
+        """Group samples into same-shape batches of at most `batch_size` (default: the mesh's data axis size;
+        it must be a multiple of it). Every request is planned (and checked) once, before any compute."""
+        data = self.data_size
+        batch_size = data if batch_size is None else batch_size
+        check_batch_size(batch_size, data)
+        plans: dict[int, GenerationPlan] = {}
+        for sample in samples:
+            if id(sample.request) not in plans:
+                plans[id(sample.request)] = self._checked_plan(sample.request)
+        ordered = [plans[id(s.request)] for s in samples]
+        shapes = [BatchShape.of(p, s.request.steps) for s, p in zip(samples, ordered)]
+        return [PlannedBatch(tuple(samples[i] for i in group), tuple(ordered[i] for i in group), shapes[group[0]])
+                for group in plan_batches(shapes, batch_size, data)]
 
-    def __call__(self, request: GenerationRequest, *, progress: bool = True) -> GenerationResult:
-        """Generate what `request` asks for (see the module docstring); `progress` shows a step bar."""
-        start = time.perf_counter()
+    def _checked_plan(self, request: GenerationRequest) -> GenerationPlan:
         if request.output_type == "video" and self.vae is None:
             raise ValueError("output_type='video' needs a VAE; this pipeline has none (use output_type='latent')")
-        steps = request.steps
         if self.fp8_revision:
-            note = fallback_note(self.fp8_policy, steps)
+            note = fallback_note(self.fp8_policy, request.steps)
             if note is not None:
                 warnings.warn(note, stacklevel=2)
         plan = self.plan(request)
-        given = self.given_latents(plan, request.init_noise, request.init_sound_noise, request.init_action_noise)
-        vision, sound, action = self._starting_latents(plan, request.seed, *given)
-        schedule = scheduler.make_schedule(self.scheduler_config, steps, native_flow=self.native_flow_schedule)
-        text, static = self._model_inputs(plan)
-        coefficients = jax.tree.map(jnp.asarray, schedule.coefficients)
-        latents = {"vision": jnp.asarray(vision)}
-        if sound is not None:
-            latents["sound"] = jnp.asarray(sound)
-        if action is not None:
-            latents["action"] = jnp.asarray(action)
-        params: Any = self.params
-        if self.offload_reasoner:
-            cache = self._encode_reasoner(offload.reasoner_pass_params(self.params), text)
-            params = offload.generator_params(self.params)
-        args = (params, text, static, latents, coefficients,
-                jnp.asarray(schedule.timesteps.astype(np.float32)), jnp.float32(request.guidance))
-        if self.offload_reasoner:
-            args += (cache,)
-            del cache
-        timings = {"prepare": time.perf_counter() - start}
-        compiled, timings["compile"] = self._executable(plan, args)
+        self.given_latents(plan, request.init_noise, request.init_sound_noise, request.init_action_noise)
+        return plan
+
+    @property
+    def data_size(self) -> int:
+        """The size of the mesh's `data` axis (1 without a mesh): batches are padded to a multiple of it."""
+        return 1 if self.mesh is None else int(self.mesh.shape["data"])
+
+    def run_batch(self, batch: PlannedBatch | Sequence[Sample], *, progress: bool = True) -> list[GenerationResult]:
+        """Generate every sample of one same-shape batch in one jitted loop (see cosmos_jax.sampling.batch).
+
+        The batch is padded to a multiple of the mesh's data axis (the padding repeats the last sample and is
+        dropped). Returns the results of the samples this process owns, in batch order: all of them in a
+        single process; under jax.distributed, each process gets the samples whose rows its devices hold.
+        """
+        bar = _progress_bar(batch_steps(batch)) if progress else None
+        try:
+            return self._run_batch(batch, bar, 1.0)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def generate_samples(
+        self, requests: Sequence[GenerationRequest], *, num_samples: int = 1, batch_size: int | None = None,
+        progress: bool = True,
+    ) -> Iterator[GenerationResult]:
+        """Samples 0..num_samples-1 of every request, in same-shape batches of at most `batch_size`, yielded
+        batch by batch as they finish (host memory holds one batch). Everything is planned and checked before
+        any compute; one progress bar (samples/s) covers the run. Under jax.distributed every process yields
+        the samples it owns (see `run_batch`)."""
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        samples = [Sample(r, k) for r in requests for k in range(num_samples)]
+        batches = self.plan_batches(samples, batch_size)
+        show = progress and jax.process_index() == 0
+        bar = _progress_bar(len(samples), unit="sample", desc="generating") if show else None
+        try:
+            for batch in batches:
+                yield from self._run_batch(batch, bar, len(batch.samples) / batch.shape.steps)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _run_batch(self, batch: PlannedBatch | Sequence[Sample], bar: Any, per_step: float) -> list[GenerationResult]:
         start = time.perf_counter()
-        self._progress.bar = _progress_bar(steps) if progress else None
+        if not isinstance(batch, PlannedBatch):
+            batch = self.plan_batch(batch)
+        shape = batch.shape
+        count = padded_size(len(batch.samples), self.data_size)
+        samples = batch.samples + (batch.samples[-1],) * (count - len(batch.samples))
+        plans = batch.plans + (batch.plans[-1],) * (count - len(batch.plans))
+        latents = self._batch_latents(samples, plans)
+        rows = batch_rows(self.config, plans, [s.request.guidance for s in samples], self._pad_id())
+        schedule = scheduler.make_schedule(self.scheduler_config, shape.steps, native_flow=self.native_flow_schedule)
+        text = self._replicated(rows.text)
+        params: Any = self.params
+        cache: tuple = ()
+        if self.offload_reasoner:
+            cache = (self._encode_reasoner(offload.reasoner_pass_params(self.params), text),)
+            params = offload.generator_params(self.params)
+        args = (params, text, self._per_row(rows.static), self._per_row(latents),
+                self._replicated(schedule.coefficients),
+                self._replicated(np.asarray(schedule.timesteps, np.float32))) + cache
+        del cache
+        timings = {"prepare": time.perf_counter() - start}
+        compiled, timings["compile"] = self._executable(shape, args)
+        start = time.perf_counter()
+        self._progress.bar, self._progress.per_step = bar, per_step
         try:
             final = jax.block_until_ready(compiled(*args))
             jax.effects_barrier()
             del args, params  # with offload, the generator's device copy goes here
         finally:
-            if self._progress.bar is not None:
-                self._progress.bar.close()
             self._progress.bar = None
         timings["denoise"] = time.perf_counter() - start
+        owned = {name: owned_rows(x) for name, x in final.items()}
+        results = []
+        for i, (sample, plan) in enumerate(zip(batch.samples, batch.plans)):
+            if i in owned["vision"]:
+                results.append(self._result(sample, plan, {name: rows[i] for name, rows in owned.items()},
+                                            dict(timings)))
+        return results
+
+    def _batch_latents(self, samples: Sequence[Sample], plans: Sequence[GenerationPlan]) -> dict[str, np.ndarray]:
+        """The stacked starting latents of a batch {"vision" [N, C, T, h, w], "sound" [N, S, Ts], "action"
+        [N, chunk, A]}; clean frames are encoded once per distinct request."""
+        clean: dict[int, np.ndarray] = {}
+        given: dict[int, tuple] = {}
+        stacks: dict[str, list[np.ndarray]] = {"vision": [], "sound": [], "action": []}
+        for sample, plan in zip(samples, plans):
+            request = sample.request
+            if id(plan) not in given:
+                given[id(plan)] = self.given_latents(plan, request.init_noise, request.init_sound_noise,
+                                                     request.init_action_noise)
+                if plan.clean_frames and given[id(plan)][0] is None:
+                    clean[id(plan)] = self._encode_clean(plan)
+            vision, sound, action = self.starting_latents(
+                plan, sample_key(request.seed, sample.index), given[id(plan)], clean.get(id(plan)))
+            for name, x in (("vision", vision[0]), ("sound", sound), ("action", action)):
+                if x is not None:
+                    stacks[name].append(x)
+        return {name: np.stack(xs) for name, xs in stacks.items() if xs}
+
+    def _result(self, sample: Sample, plan: GenerationPlan, final: dict[str, np.ndarray],
+                timings: dict[str, float]) -> GenerationResult:
+        """One sample's result from its rows of the final latents (decoded as its request asks)."""
         start = time.perf_counter()
-        result = GenerationResult(mode=plan.mode, fps=plan.fps, latents=np.asarray(final["vision"]))
-        if request.output_type == "video":
+        result = GenerationResult(mode=plan.mode, fps=plan.fps, latents=np.asarray(final["vision"])[None],
+                                  seed=sample.seed, sample_index=sample.index)
+        if sample.request.output_type == "video":
             result.video = self.decode_video(result.latents)
-        if sound is not None:
+        if "sound" in final:
             result.sound_latents = np.asarray(final["sound"])
-            result.sound = np.asarray(self.sound.decode(self.sound_params, final["sound"]), np.float32)
+            result.sound = np.asarray(self.sound.decode(self.sound_params, jnp.asarray(final["sound"])), np.float32)
             result.sample_rate = self.sound.config.sampling_rate
         if plan.mode in ("policy", "inverse_dynamics"):
             result.actions = np.asarray(final["action"])[:, : plan.raw_action_dim]
         timings["decode"] = time.perf_counter() - start
         result.timings = timings
         return result
+
+    def _pad_id(self) -> int:
+        return self.tokenizer.tokenizer.token_to_id(self.tokenizer.special_tokens.get("pad_token", "")) or 0
+
+    # ------------------------------------------------------------------ placement on the mesh
+
+    def _replicated(self, tree: Any) -> Any:
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.tree.map(lambda x: _global_array(np.asarray(x), NamedSharding(self.mesh, PartitionSpec())), tree)
+
+    def _per_row(self, tree: Any) -> Any:
+        """Arrays whose leading axis is the batch (rows or samples), sharded as the logical `batch` axis."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.tree.map(lambda x: _global_array(np.asarray(x), self._batch_sharding(np.shape(x))), tree)
+
+    def _batch_sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        names = (BATCH,) + (None,) * (len(shape) - 1)
+        return NamedSharding(self.mesh, spec_for(shape, names, self.rules, self.mesh))
+
+    def _executable(self, shape: BatchShape, args: tuple) -> tuple[Any, float]:
+        """The compiled loop for this shape signature (compiled once, then reused) and the compile seconds."""
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        signature = tuple((x.shape, jnp.result_type(x)) for x in leaves)
+        key = (shape.use_cfg, shape.steps_action, self.cache_reasoner, self.offload_reasoner, treedef, signature)
+        if key in self._executables:
+            return self._executables[key], 0.0
+        fn = batch_denoiser(self.model, shape, self.cache_reasoner, self._progress.tick,
+                            given_cache=self.offload_reasoner)
+        out_shardings = None
+        if self.mesh is not None:
+            out_shardings = jax.tree.map(lambda x: self._batch_sharding(x.shape), args[3])
+        start = time.perf_counter()
+        compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args).compile()
+        self._executables[key] = compiled
+        return compiled, time.perf_counter() - start
+
+    def __call__(self, request: GenerationRequest, *, progress: bool = True) -> GenerationResult | None:
+        """Generate sample 0 of `request` (a batch of one; see the module docstring); `progress` shows a step
+        bar. Under jax.distributed only the process that owns the sample gets it; the others get None."""
+        results = self.run_batch([Sample(request, 0)], progress=progress)
+        return results[0] if results else None
 
     def decode_video(self, latents: np.ndarray) -> np.ndarray:
         """Normalised latents [1, C, T, h, w] -> frames [F, H, W, 3] float32 in [0, 1]."""
@@ -465,58 +606,14 @@ class Cosmos3Pipeline:
         return np.asarray(jnp.transpose(frames, (1, 2, 3, 0)))
 
 
-def _denoiser(
-    model: Cosmos3Transformer, use_cfg: bool, step_action: bool, cache_reasoner: bool, tick: Callable[[Any], None],
-    given_cache: bool = False,
-) -> Callable:
-    """The whole sampling loop as one pure function: reasoner K/V once, then a scan of generator steps
-    (with `cache_reasoner=False`, the joint forward of both towers at every step; with `given_cache`, the cache
-    is a last argument computed beforehand and `params` need only the generator tree)."""
+def batch_steps(batch: PlannedBatch | Sequence[Sample]) -> int:
+    """The denoising steps of a batch (its first sample's)."""
+    return batch.shape.steps if isinstance(batch, PlannedBatch) else batch[0].request.steps
 
-    def run(params, text, static, latents, coefficients, timesteps, guidance, cache=None):
-        if not given_cache:
-            cache = model.encode_reasoner(params, text)[0] if cache_reasoner else None
-        rows = text.und_len.shape[0]
 
-        def batch(x: jax.Array) -> jax.Array:
-            return jnp.broadcast_to(x[None], (rows, *x.shape)).astype(model.dtype)
-
-        def combine(v: jax.Array) -> jax.Array:
-            v = v.astype(jnp.float32)
-            return v[1] + guidance * (v[0] - v[1]) if use_cfg else v[0]
-
-        def body(carry, i):
-            x, states = carry
-            t = jnp.full((rows,), timesteps[i], jnp.float32)
-            gen = GeneratorInputs(
-                position_ids=static["position_ids"],
-                vision=batch(x["vision"][0]), vision_noisy=static["vision_noisy"], vision_t=t,
-                sound=batch(x["sound"]) if "sound" in x else None,
-                sound_noisy=static.get("sound_noisy"), sound_t=t if "sound" in x else None,
-                action=batch(x["action"]) if "action" in x else None,
-                action_noisy=static.get("action_noisy"), action_t=t if "action" in x else None,
-                action_domain=static.get("action_domain"),
-            )
-            out = model.denoise_step(params, cache, gen) if cache_reasoner else model(params, text, gen)
-            new_x, new_states = dict(x), dict(states)
-            new_x["vision"], new_states["vision"] = scheduler.step(
-                coefficients, states["vision"], combine(out.vision)[None], x["vision"])
-            if "sound" in x:
-                new_x["sound"], new_states["sound"] = scheduler.step(
-                    coefficients, states["sound"], combine(out.sound), x["sound"])
-            if "action" in x and step_action:
-                channels = static["action_channels"]
-                velocity = jnp.where(channels, combine(out.action), 0.0)
-                stepped, new_states["action"] = scheduler.step(coefficients, states["action"], velocity, x["action"])
-                new_x["action"] = jnp.where(channels, stepped, 0.0)
-            jax.debug.callback(tick, i)
-            return (new_x, new_states), None
-
-        states = {name: scheduler.init_state(x.shape) for name, x in latents.items()}
-        (final, _), _ = jax.lax.scan(body, (latents, states), jnp.arange(timesteps.shape[0]))
-        return final
-
-    return run
+def _global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A (possibly multi-process) global array from a host array every process holds in full."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def _plan_text2image(image: Any, video: Any) -> tuple[str, tuple[int, ...], None]:
@@ -569,7 +666,15 @@ def _checked_noise(name: str, value: Any, shape: tuple[int, ...] | None) -> np.n
     return array
 
 
-def _progress_bar(total: int) -> Any:
+def _global_array_of(x: Any, sharding: NamedSharding) -> jax.Array:
+    """A parameter placed with `sharding` (kept as is when it already has it)."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    return _global_array(np.asarray(x), sharding)
+
+
+def _progress_bar(total: int, unit: str = "step", desc: str = "denoising") -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="denoising", unit="step")
+    bar_format = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]"
+    return tqdm(total=total, desc=desc, unit=unit, bar_format=bar_format)

@@ -1,0 +1,66 @@
+"""`cosmos-jax sdg`: a jobs file -> an action-labelled LeRobot v3.0 dataset with consistency scores."""
+
+from __future__ import annotations
+
+import argparse
+
+_DTYPES = ("float32", "bfloat16")
+
+
+def add_parser(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Resumable: re-run the same command after a kill and it continues; a re-run over the finished "
+                     "dataset does nothing. Under jax.distributed every process runs its share and process 0 merges.")
+    parser.add_argument("--model", default=None, help="model folder (Hub layout as published, or converted)")
+    parser.add_argument("--jobs", default=None, help="JOBS.jsonl: one job per line, fields named as generate's "
+                                                     "flags in snake_case plus samples, chunks, camera, id")
+    parser.add_argument("--out", default=None, help="the dataset folder to write (LeRobot v3.0)")
+    parser.add_argument("--merge", default=None, metavar="DATASET",
+                        help="only merge the shards of a run that stopped before its merge")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples per batch (default: the data axis)")
+    parser.add_argument("--mesh", default=None, metavar="data=N", help="mesh over this process's devices")
+    parser.add_argument("--mesh-rules", default="tiny", help="mesh preset whose rules shard the parameters")
+    parser.add_argument("--dtype", choices=_DTYPES, default="bfloat16",
+                        help="weights and activations dtype (float32 for exact reproduction checks)")
+    parser.add_argument("--attention", default="auto", help="attention implementation: auto, xla, blocked, pallas")
+    parser.add_argument("--best-of", type=int, default=1, help="candidates per episode; the best score is kept")
+    parser.add_argument("--min-consistency", type=float, default=None,
+                        help="drop episodes whose consistency score (0..1, exp(-error)) is below this")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a jax.distributed job first (SLURM, Open MPI, Cloud TPU and Kubernetes are "
+                             "detected; elsewhere give --coordinator, --num-processes and --process-id)")
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="jax.distributed coordinator")
+    parser.add_argument("--num-processes", type=int, default=None, help="jax.distributed process count")
+    parser.add_argument("--process-id", type=int, default=None, help="this process's jax.distributed index")
+    parser.add_argument("--skip-bad", action="store_true", help="report bad job lines and skip them")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Bad input raises (cli.main prints `error: ...`, exit 2); a bad jobs file prints one error per bad line."""
+    from cosmos_jax.commands.errors import EXIT_USAGE, report
+    from cosmos_jax.sdg.engine import Settings
+    from cosmos_jax.sdg.jobs import JobErrors
+    from cosmos_jax.sdg.run import merge_only, run_sdg
+
+    if args.merge is not None:
+        merge_only(args.merge)
+        return 0
+    missing = [f"--{n}" for n in ("model", "jobs", "out") if getattr(args, n) is None]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} required (or --merge DATASET)")
+    settings = Settings(best_of=args.best_of, min_consistency=args.min_consistency, dtype=args.dtype,
+                        batch_size=args.batch_size)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    try:
+        run_sdg(args.model, args.jobs, args.out, settings, mesh=args.mesh, mesh_rules=args.mesh_rules,
+                attention=args.attention, skip_bad=args.skip_bad, progress=not args.no_progress)
+    except JobErrors as e:
+        for error in e.errors:
+            report(error)
+        return EXIT_USAGE
+    except ImportError as e:
+        return report(e)
+    return 0

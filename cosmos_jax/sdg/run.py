@@ -1,0 +1,156 @@
+"""`run_sdg`: one call from a jobs file to a finished dataset (validate, resume or refuse, generate, merge)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cosmos_jax.datasets.normalization import STATS_FILE, normalizer_for_domain
+from cosmos_jax.sdg.engine import (Engine, Settings, Tally, job_requests, process_info, wait_for_merge,
+                                   wait_for_shards)
+from cosmos_jax.sdg.fingerprint import cosmos_jax_version, jobs_fingerprint, model_fingerprint
+from cosmos_jax.sdg.jobs import JobError, JobErrors, read_jobs
+from cosmos_jax.sdg.journal import META_DIR, RUN_FILE, RUN_FORMAT, Journal, check_same_run, finished_run, work_dir
+from cosmos_jax.sdg.merge import merge
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _normalizer(model: Path, jobs: list, jobs_path: Path, errors: list[JobError]) -> tuple[Any, list]:
+    """The model folder's action stats (None without a stats file), and the jobs whose domain fits them."""
+    stats = model / STATS_FILE
+    labelled = [job for job in jobs if job.labelled]
+    if not stats.is_file() or not labelled:
+        return None, jobs
+    kept, normalizer = [], None
+    for job in jobs:
+        try:
+            normalizer = normalizer_for_domain(stats, job.domain)
+            kept.append(job)
+        except ValueError as e:
+            errors.append(JobError(jobs_path, job.line, "domain", str(e)))
+    return normalizer, kept
+
+
+def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | os.PathLike, settings: Settings,
+            *, pipeline: Any = None, mesh: str | None = None, mesh_rules: str = "tiny", attention: str = "auto",
+            skip_bad: bool = False, progress: bool = True, say: Callable[[str], None] = _say) -> dict[str, Any]:
+    """Make (or finish) the dataset `out` from the jobs file; returns the report ({"nothing_to_do": True} when
+    `out` is already the finished dataset of these jobs and this model; {"shard_done": p} on a process other
+    than 0). Raises JobErrors (every bad line) before any compute, ValueError when `out` or its work folder
+    belongs to another run."""
+    model, jobs_path, out = Path(model), Path(jobs_path), Path(out)
+    _check_writer_dependencies()
+    if not model.is_dir():
+        raise FileNotFoundError(f"--model folder not found: {model}")
+    jobs, errors = read_jobs(jobs_path, skip_bad=skip_bad)
+    normalizer, jobs = _normalizer(model, jobs, jobs_path, errors)
+    if errors and not skip_bad:
+        raise JobErrors(errors)
+    if settings.min_consistency is not None and not jobs[0].labelled:
+        raise ValueError("--min-consistency needs action-labelled jobs (give each job a domain)")
+    wanted = {"format": RUN_FORMAT, "jobs_fingerprint": jobs_fingerprint(jobs, settings.fingerprinted()),
+              "model_fingerprint": model_fingerprint(model)}
+    finished = finished_run(out)
+    if finished is not None:
+        check_same_run(finished, wanted, out / META_DIR / RUN_FILE)
+        say(f"nothing to do: {out} is the finished dataset of these jobs and this model")
+        Journal(work_dir(out)).remove()
+        return {"nothing_to_do": True}
+    process, count = process_info()
+    start = time.perf_counter()
+    if pipeline is None:
+        import jax
+        import jax.numpy as jnp
+
+        from cosmos_jax.sampling.generate import Cosmos3Pipeline
+
+        pipeline = Cosmos3Pipeline.from_pretrained(model, dtype=getattr(jnp, settings.dtype), attention=attention)
+        if mesh is not None:
+            from cosmos_jax.sharding import load_mesh_preset, make_mesh
+
+            pipeline = pipeline.on_mesh(make_mesh(mesh, jax.local_devices()), load_mesh_preset(mesh_rules).rules)
+    jobs, requests, model_errors = job_requests(pipeline, jobs, normalizer, jobs_path)
+    errors += model_errors
+    if model_errors and not skip_bad:
+        raise JobErrors(model_errors)
+    if not jobs:
+        raise JobErrors(errors)
+    for error in errors:
+        say(f"skipped: {error}")
+    run = {**wanted, "model": os.fspath(model.resolve()), "jobs": [j.to_json() for j in jobs],
+           "settings": settings.fingerprinted(), "cosmos_jax_version": cosmos_jax_version(),
+           "action_stats": normalizer.to_json() if normalizer is not None else None,
+           "skipped_lines": [e.line for e in errors]}
+    journal = Journal(work_dir(out), process)
+    journal.start(run)
+    engine = Engine(pipeline, jobs, requests, settings, normalizer, wanted["model_fingerprint"])
+    done = journal.done()
+    batches = engine.todo(done, process, count)
+    tally = Tally(jobs, settings)
+    for key in sorted(done):
+        tally.add(journal.read_record(*key))
+    total = sum(len(b.samples) for b in batches)
+    if done:
+        say(f"resuming: {len(done)} candidates already made, {total} to go on this process")
+    bar = _bar(total, progress and process == 0)
+
+    def advance(records: list[dict[str, Any]]) -> None:
+        for record in records:
+            tally.add(record)
+        if bar is not None:
+            bar.update(len(records))
+            bar.set_postfix_str(f"kept {tally.kept}, rejected {tally.rejected}")
+
+    try:
+        engine.run(batches, journal, advance)
+    finally:
+        if bar is not None:
+            bar.close()
+    journal.finish_shard({"process": process})
+    if process != 0:
+        wait_for_merge(out)
+        return {"shard_done": process}
+    wait_for_shards(journal, count)
+    report = merge(out, journal, wall_seconds=time.perf_counter() - start)
+    say(f"{out}: {report['episodes']} episodes ({report['candidates']} candidates, rejected "
+        f"{report['rejected']['best_of']} by --best-of and {report['rejected']['min_consistency']} by "
+        f"--min-consistency); report in {out / META_DIR / 'report.json'}")
+    return report
+
+
+def merge_only(out: str | os.PathLike, say: Callable[[str], None] = _say) -> dict[str, Any]:
+    """`sdg --merge DATASET`: merge the shards of a run that stopped before its merge."""
+    out = Path(out)
+    if finished_run(out) is not None:
+        say(f"nothing to do: {out} is already merged")
+        return {"nothing_to_do": True}
+    journal = Journal(work_dir(out))
+    journal.run()
+    report = merge(out, journal)
+    say(f"{out}: merged {report['episodes']} episodes")
+    return report
+
+
+def _check_writer_dependencies() -> None:
+    """The LeRobot writer's pyarrow and pandas, checked before any compute rather than at the merge."""
+    try:
+        import pandas  # noqa: F401
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise ImportError("cosmos-jax sdg writes LeRobot datasets, which needs pyarrow and pandas: "
+                          "pip install 'cosmos-jax[lerobot]'") from None
+
+
+def _bar(total: int, show: bool) -> Any:
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sdg", unit="sample", dynamic_ncols=True)
