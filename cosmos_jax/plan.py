@@ -31,6 +31,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cosmos_jax.config import Cosmos3Config
+from cosmos_jax.convert.quantize import check_mode, quantize_params
+from cosmos_jax.modeling.weights import is_quantized
 from cosmos_jax.modeling.inputs import GeneratorInputs, TextInputs
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.sharding import (
@@ -74,12 +76,20 @@ class MemoryPlan:
     replicated_share: float
     device: str
     compile_seconds: float
+    quantize: str | None = None
+    offload_reasoner: bool = False
+    encode_peak: int = 0  # with offload: the reasoner pass (its tower on device, the generator on host)
     samples: int | None = None  # infer: the samples of the batch (before padding for the data axis)
 
     @property
-    def total(self) -> int:
-        """Peak estimate: arguments + outputs not aliased to them + temporaries."""
+    def step_total(self) -> int:
+        """Arguments + outputs not aliased to them + temporaries of the planned step."""
         return self.params + self.optimizer + self.inputs + self.outputs - self.aliased + self.temporaries
+
+    @property
+    def total(self) -> int:
+        """Peak estimate: the step's total (with offload, the larger of it and the reasoner pass)."""
+        return max(self.step_total, self.encode_peak)
 
     @property
     def capacity(self) -> int:
@@ -144,6 +154,30 @@ def _with_shardings(abstract: Any, specs: Any, mesh, dtype: Any = None) -> Any:
     )
 
 
+def _quantized_structs(abstract: Any, specs: Any, mesh, mode: str) -> Any:
+    """The parameter structs after `quantize_params(mode)`: values take their kernel's spec; a scale drops the mesh
+    axes of its size-1 (reduced) dimensions."""
+    quantized = jax.eval_shape(lambda p: quantize_params(p, mode), abstract)
+
+    def place(spec: PartitionSpec, node: Any) -> Any:
+        if not is_quantized(node):
+            return jax.ShapeDtypeStruct(node.shape, node.dtype, sharding=NamedSharding(mesh, spec))
+        entries = tuple(spec) + (None,) * (node.scale.ndim - len(spec))
+        scale_spec = PartitionSpec(*(None if d == 1 else e for d, e in zip(node.scale.shape, entries)))
+        return dataclasses.replace(
+            node,
+            qvalue=jax.ShapeDtypeStruct(node.qvalue.shape, node.qvalue.dtype, sharding=NamedSharding(mesh, spec)),
+            scale=jax.ShapeDtypeStruct(node.scale.shape, node.scale.dtype, sharding=NamedSharding(mesh, scale_spec)),
+        )
+
+    return jax.tree.map(place, specs, quantized, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _placed_bytes(structs: Any) -> int:
+    """Per-device bytes of a tree of sharded ShapeDtypeStructs."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(structs))
+
+
 def _train_step(model: Cosmos3Transformer, optimizer: optax.GradientTransformation):
     def step(
         state: dict[str, Any], text: TextInputs, gen: GeneratorInputs, target: jax.Array
@@ -174,10 +208,18 @@ def plan_memory(
     batch: int | None = None,
     device: str = "h100-80g",
     query_chunk: int = DEFAULT_QUERY_CHUNK,
+    quantize: str | None = None,
+    offload_reasoner: bool = False,
 ) -> MemoryPlan:
-    """Compile one sharded step abstractly and return its per-device memory plan."""
+    """Compile one sharded step abstractly and return its per-device memory plan (quantize: None, "int8" or
+    "fp8" weight-only, inference only)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_mode(quantize)
+    if quantize is not None and task != "infer":
+        raise ValueError("--quantize plans inference only (training keeps full-precision weights)")
+    if offload_reasoner and task != "infer":
+        raise ValueError("--offload-reasoner plans inference only")
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; devices: {', '.join(DEVICES)}")
     for name, value in (("gen_tokens", gen_tokens), ("text_tokens", text_tokens), ("query_chunk", query_chunk)):
@@ -196,12 +238,27 @@ def plan_memory(
     model = Cosmos3Transformer(cfg, dtype=jnp.bfloat16, attention="xla", remat=task == "train", sharding=sharding)
     abstract = model.abstract_params()
     specs = param_specs(abstract, mesh, rules)
-    params = _with_shardings(abstract, specs, mesh)
+    params = _with_shardings(abstract, specs, mesh) if quantize is None else \
+        _quantized_structs(abstract, specs, mesh, quantize)
     latent = latent_shape_for(gen_tokens, cfg.latent_patch_size)
     text, gen = _abstract_inputs(cfg, batch, text_tokens, latent, model.dtype, mesh, rules)
     optimizer_bytes = 0
+    encode_peak = 0
     start = time.perf_counter()
-    if task == "infer":
+    if task == "infer" and offload_reasoner:
+        reasoner_pass = {"reasoner": params["reasoner"],
+                         "generator": {"layers": {k: v for k, v in params["generator"]["layers"].items()
+                                                  if k == "und_k_norm"}}}
+        encode = jax.jit(lambda p, t: model.encode_reasoner(p, t)[0]).lower(reasoner_pass, text).compile()
+        analysis = encode.memory_analysis()
+        encode_peak = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                          - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+        cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             jax.eval_shape(lambda p, t: model.encode_reasoner(p, t)[0], reasoner_pass, text),
+                             encode.output_shardings)
+        params = {"generator": params["generator"]}
+        lowered = jax.jit(model.denoise_step).lower(params, cache, gen)
+    elif task == "infer":
         lowered = jax.jit(model.__call__).lower(params, text, gen)
     else:
         optimizer = optax.adamw(1e-5)
@@ -218,7 +275,7 @@ def plan_memory(
         ).lower(state, text, gen, target)
     analysis = lowered.compile().memory_analysis()
     seconds = time.perf_counter() - start
-    params_bytes = _sharded_bytes(abstract, specs, mesh)
+    params_bytes = _placed_bytes(params) if task == "infer" else _sharded_bytes(abstract, specs, mesh)
     arguments = int(analysis.argument_size_in_bytes)
     return MemoryPlan(
         config_name=config_name,
@@ -238,6 +295,9 @@ def plan_memory(
         replicated_share=replicated_fraction(abstract, mesh, rules),
         device=device,
         compile_seconds=seconds,
+        quantize=quantize,
+        offload_reasoner=offload_reasoner,
+        encode_peak=encode_peak,
     )
 
 
@@ -251,6 +311,12 @@ def _opt_specs(opt_state: Any, param_spec_tree: Any) -> Any:
         return jax.tree.map(lambda _: PartitionSpec(), node)
 
     return jax.tree.map(specs_for, opt_state, is_leaf=lambda n: jax.tree.structure(n) == param_treedef)
+
+
+def _weights_label(quantize: str | None) -> str:
+    if quantize is None:
+        return "parameters (bf16; time embedder fp32)"
+    return f"parameters (layer linears {quantize}, rest bf16)"
 
 
 def _samples_note(plan: MemoryPlan) -> str:
@@ -273,12 +339,15 @@ def format_plan(plan: MemoryPlan) -> str:
         f"  batch={plan.batch}{_samples_note(plan)}  generator tokens={plan.gen_tokens}  "
         f"text tokens={plan.text_tokens}",
         "  per-device bytes (all layers: scanned, so exact for the full depth):",
-        f"    parameters (bf16; time embedder fp32)     {gib(plan.params)}",
+        f"    {_weights_label(plan.quantize):<42}{gib(plan.params)}",
         f"    optimizer state (fp32 master + 2 moments) {gib(plan.optimizer)}",
         f"    inputs                                    {gib(plan.inputs)}",
         f"    outputs (less donated/aliased)            {gib(plan.outputs - plan.aliased)}",
         f"    activations / temporaries                 {gib(plan.temporaries)}",
-        f"    total                                     {gib(plan.total)}",
+        *([f"    denoising step total (generator + cache) {gib(plan.step_total)}",
+           f"    reasoner pass (its tower on device)      {gib(plan.encode_peak)}"] if plan.offload_reasoner else []),
+        f"    total{' (peak of the two)' if plan.offload_reasoner else '                 '}                    "
+        f"{gib(plan.total)}",
         f"  parameters left replicated: {plan.replicated_share:.4%} of parameter bytes"
         + (" (a single device holds everything)" if plan.devices == 1 else ""),
         f"  {plan.device}: {verdict} ({plan.total / plan.capacity:.0%} of {DEVICES[plan.device]} GB)",

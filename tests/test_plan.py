@@ -79,6 +79,25 @@ def test_cli_reports_bad_mesh_and_config_clearly():
     assert done.returncode == 2 and "unknown preset" in done.stderr
 
 
+def test_quantized_and_offloaded_plans_count_their_bytes():
+    from cosmos_jax.convert.quantize import quantize_params, tree_bytes
+
+    cfg = load_preset("tiny")
+    kwargs = dict(gen_tokens=64, text_tokens=8, query_chunk=16)
+    full = plan_memory(cfg, "tiny", "data=1", RULES, "infer", **kwargs)
+    int8 = plan_memory(cfg, "tiny", "data=1", RULES, "infer", quantize="int8", **kwargs)
+    abstract = Cosmos3Transformer(cfg).abstract_params()
+    assert full.params == _total_bytes(abstract)
+    assert int8.params == tree_bytes(jax.eval_shape(lambda p: quantize_params(p, "int8"), abstract)) < full.params
+    off = plan_memory(cfg, "tiny", "data=1", RULES, "infer", offload_reasoner=True, **kwargs)
+    assert off.params == _total_bytes(abstract["generator"])  # the loop holds only the generator tower
+    assert off.encode_peak > _total_bytes(abstract["reasoner"]) and off.total == max(off.step_total, off.encode_peak)
+    with pytest.raises(ValueError, match="--quantize plans inference only"):
+        plan_memory(cfg, "tiny", "data=1", RULES, "train", quantize="fp8", **kwargs)
+    with pytest.raises(ValueError, match="--quantize 'int4': choose one of int8, fp8"):
+        plan_memory(cfg, "tiny", "data=1", RULES, "infer", quantize="int4", **kwargs)
+
+
 def test_infer_plan_counts_samples_padded_for_the_data_axis():
     """--batch 3 on data=2: padded to 4 samples = 8 rows (2 guidance rows each), 4 rows per data shard; the
     per-device inputs are those 4 rows, half of what one device holds for the same batch."""

@@ -226,8 +226,8 @@ def _duplicate_header_key(tmp: Path) -> tuple[Path, str]:
 
 def _unsupported_dtype(tmp: Path) -> tuple[Path, str]:
     path = tmp / "x.safetensors"
-    torch_save_file({"fp8": torch.ones(4, dtype=torch.float8_e4m3fn)}, str(path))
-    return path, "tensor 'fp8': unsupported dtype 'F8_E4M3'"
+    torch_save_file({"fp8": torch.ones(4, dtype=torch.float8_e5m2)}, str(path))
+    return path, "tensor 'fp8': unsupported dtype 'F8_E5M2'"
 
 
 def _sharded(tmp: Path, weight_map: dict[str, str], shards: dict[str, dict[str, np.ndarray]]) -> Path:

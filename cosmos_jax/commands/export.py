@@ -1,5 +1,6 @@
 """`cosmos-jax export SRC DST`: a converted folder -> the Hub's layout (diffusers components and the root reasoner
-files), streamed leaf by leaf."""
+files), streamed leaf by leaf. `cosmos-jax export --lora ADAPTER DST --config MODEL`: a LoRA folder (from `train
+--lora-rank`) -> DST/pytorch_lora_weights.safetensors in the PEFT/diffusers key layout."""
 
 from __future__ import annotations
 
@@ -17,6 +18,35 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors shard, e.g. 5GB (default, as the Hub), 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace DST (only once the export succeeded)")
+    parser.add_argument("--lora", action="store_true",
+                        help="SRC is a LoRA adapter folder: write DST/pytorch_lora_weights.safetensors (PEFT keys) "
+                             "for diffusers' Cosmos3OmniTransformer.load_lora_adapter; needs --config")
+    parser.add_argument("--config", default=None,
+                        help="with --lora: the model the adapters belong to (preset, config.json or model folder)")
+
+
+def _export_lora(args: argparse.Namespace) -> list[str]:
+    import os
+
+    from safetensors.numpy import save
+
+    from cosmos_jax.config import load_preset
+    from cosmos_jax.convert.lora_peft import FILE_NAME, peft_state
+    from cosmos_jax.training.lora import adapter_paths, load_adapters
+
+    if args.config is None:
+        raise ValueError("--lora needs --config (the model the adapters belong to)")
+    config_path = Path(args.config) / "transformer" / "config.json"
+    config = load_preset(str(config_path) if config_path.is_file() else args.config)
+    saved = load_adapters(args.src)
+    if args.dst.exists() and not args.overwrite and (args.dst / FILE_NAME).exists():
+        raise ValueError(f"{args.dst / FILE_NAME} exists (use --overwrite)")
+    state = peft_state(saved.adapters, adapter_paths(saved.adapters), saved.config.scale, config)
+    args.dst.mkdir(parents=True, exist_ok=True)
+    tmp = args.dst / f".{FILE_NAME}.tmp"
+    tmp.write_bytes(save(state))
+    os.replace(tmp, args.dst / FILE_NAME)
+    return [FILE_NAME]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,11 +55,14 @@ def run(args: argparse.Namespace) -> int:
         errors.input_path(args.src, "SRC", folder=True)
         errors.no_symlink_loops(args.src, "SRC")
         errors.output_path(args.dst, "DST", overwrite=args.overwrite)
-        try:
-            max_shard = parse_size(args.max_shard_size)
-        except ValueError as e:
-            raise ValueError(f"--max-shard-size: {e}") from None
-        files = export_converted(args.src, args.dst, max_shard_bytes=max_shard, overwrite=args.overwrite)
+        if args.lora:
+            files = _export_lora(args)
+        else:
+            try:
+                max_shard = parse_size(args.max_shard_size)
+            except ValueError as e:
+                raise ValueError(f"--max-shard-size: {e}") from None
+            files = export_converted(args.src, args.dst, max_shard_bytes=max_shard, overwrite=args.overwrite)
     except (ValueError, OSError, NotImplementedError) as e:
         return errors.report(e)
     size = sum((args.dst / f).stat().st_size for f in files)

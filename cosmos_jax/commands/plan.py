@@ -47,6 +47,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                              "2 guidance rows each (default 1); train: rows (default data*fsdp)")
     parser.add_argument("--device", default="h100-80g",
                         help="device to check the fit against: h100-80g, h200-141g, b200-180g, v5p-95g, v5e-16g")
+    parser.add_argument("--quantize", default=None, metavar="MODE",
+                        help="inference with weight-only quantized layer linears: int8 or fp8 (default bf16)")
+    parser.add_argument("--offload-reasoner", action="store_true",
+                        help="inference with the towers taking turns on the device (generate --offload-reasoner)")
     parser.add_argument("--query-chunk", type=int, default=256,
                         help="generator queries per rematerialised attention chunk")
 
@@ -61,6 +65,10 @@ def _child_argv(args: argparse.Namespace, mesh: str, rules: str) -> list[str]:
             "--query-chunk", str(args.query_chunk)]
     if args.batch is not None:
         argv += ["--batch", str(args.batch)]
+    if args.quantize is not None:
+        argv += ["--quantize", args.quantize]
+    if args.offload_reasoner:
+        argv += ["--offload-reasoner"]
     return argv
 
 
@@ -77,9 +85,15 @@ def _resolve_rules(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from cosmos_jax.config import load_preset
+    from cosmos_jax.convert.quantize import check_mode
     from cosmos_jax.sharding import MeshSpecError, mesh_size
 
     try:
+        check_mode(args.quantize)
+        if args.quantize is not None and args.task != "infer":
+            raise ValueError("--quantize plans inference only (training keeps full-precision weights)")
+        if args.offload_reasoner and args.task != "infer":
+            raise ValueError("--offload-reasoner plans inference only")
         load_preset(args.config)
         rules_name, preset = _resolve_rules(args)
         mesh = args.mesh or preset.mesh
@@ -119,7 +133,8 @@ def _plan_here(args: argparse.Namespace, mesh: str, rules) -> int:
         cfg = load_preset(args.config)
         plan = plan_memory(cfg, _preset_name(args.config), mesh, rules, args.task, gen_tokens=args.tokens,
                            text_tokens=args.text_tokens, batch=args.batch, device=args.device,
-                           query_chunk=args.query_chunk)
+                           query_chunk=args.query_chunk, quantize=args.quantize,
+                           offload_reasoner=args.offload_reasoner)
     except (ConfigError, ValueError) as e:
         return report(e)
     print(format_plan(plan))

@@ -59,6 +59,12 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-bad", action="store_true", help="skip (log, count) bad samples instead of failing")
     parser.add_argument("--seed", type=int, default=0, help="data order and noise seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                        help="train only rank-R LoRA adapters on frozen base weights (saved to OUT/lora)")
+    parser.add_argument("--lora-targets", default=None, metavar="RULES",
+                        help="comma-separated [generator/|reasoner/]NAME, NAME one of q_proj k_proj v_proj o_proj "
+                             "gate_proj up_proj down_proj (default: the generator's q_proj,k_proj,v_proj,o_proj)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (update scale alpha/R; default R)")
 
 
 def _loss_config(args: argparse.Namespace) -> LossConfig:
@@ -68,6 +74,17 @@ def _loss_config(args: argparse.Namespace) -> LossConfig:
         raise ValueError(f"--loss-weights: unknown modalities {sorted(unknown)}")
     return LossConfig(schedule=args.schedule, shift=shift_for_resolution(args.resolution),
                       **{f"{k}_weight": float(v) for k, v in weights.items()})
+
+
+def _lora_config(args: argparse.Namespace) -> Any:
+    from cosmos_jax.training.lora import DEFAULT_TARGETS, LoraConfig, parse_targets
+
+    if args.lora_rank is None:
+        if args.lora_targets is not None or args.lora_alpha is not None:
+            raise ValueError("--lora-targets and --lora-alpha need --lora-rank")
+        return None
+    return LoraConfig(rank=args.lora_rank, targets=parse_targets(args.lora_targets or DEFAULT_TARGETS),
+                      alpha=args.lora_alpha)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -94,6 +111,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    lora = _lora_config(args)
     _check_args(args)
     optim = OptimConfig(lr=args.lr, warmup_steps=args.warmup, total_steps=args.steps, weight_decay=args.weight_decay,
                         clip_norm=args.clip, ema_decay=args.ema, freeze_reasoner=args.freeze_reasoner,
@@ -101,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     config = RunConfig(model=args.config, data=args.data, out=args.out, steps=args.steps, batch=args.batch,
                        max_text_len=args.max_text_len, seed=args.seed, dtype=args.dtype, remat=args.remat,
                        attention=args.attention, mesh=args.mesh, rules=args.mesh_rules,
-                       save_every=args.save_every, keep=args.keep, skip_bad=args.skip_bad, task_weights=args.tasks, optim=optim, loss=_loss_config(args))
+                       save_every=args.save_every, keep=args.keep, skip_bad=args.skip_bad, task_weights=args.tasks,
+                       optim=optim, loss=_loss_config(args), lora=lora)
     init = None
     if args.init:
         from cosmos_jax.convert.load import load

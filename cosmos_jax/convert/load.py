@@ -35,10 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from cosmos_jax.config import ConfigError, Cosmos3Config, param_dtype
-from cosmos_jax.convert import keymap_reasoner, orbax_io
+from cosmos_jax.convert import keymap_reasoner, modelopt_fp8, orbax_io
 from cosmos_jax.convert.keymap_audio import audio_params_from_torch_state
 from cosmos_jax.convert.keymap_transformer import Entry, KeyMapError, check_state, key_table
 from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
+from cosmos_jax.convert.quantize import check_mode, quantize_leaf
 from cosmos_jax.convert.safetensors_io import CheckpointIndex, make_sharded_array, read_stacked, shard_name
 from cosmos_jax.convert.tree_paths import get_path, set_path
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizerConfig
@@ -125,6 +126,8 @@ class LoadedModel:
     reasoner_config: dict[str, Any] | None
     source: str  # "hub" or "converted"
     reasoner: ReasonerWeights | None = None
+    fp8_revision: bool = False  # the transformer is ModelOpt's FP8 revision (cosmos_jax.convert.modelopt_fp8)
+    fp8_policy: modelopt_fp8.StepPolicy | None = None  # its per-step W8A16/W8A8 schedule, if it declares one
 
 
 # ------------------------------------------------------------------------------------------- layout
@@ -330,13 +333,15 @@ def _default_sharding() -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def _load_hub_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, shardings: Shardings) -> dict[str, Any]:
+def _load_hub_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, shardings: Shardings,
+                          quantize: str | None = None) -> dict[str, Any]:
     params: dict[str, Any] = {}
     with CheckpointIndex.open(layout.transformer_dir) as index:
         if shardings is None:
             for tree, path, array in iter_transformer_leaves(index, config, dtype):
-                set_path(params, (tree, *path), jax.device_put(array, _default_sharding()))
-                del array
+                value = quantize_leaf((tree, *path), jax.device_put(array, _default_sharding()), quantize)
+                set_path(params, (tree, *path), value)
+                del array, value
             return params
         abstract = abstract_transformer(config)
         validate_transformer_index(index, config, abstract)
@@ -344,7 +349,7 @@ def _load_hub_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, sha
             shape = tuple(get_path(abstract, entry.path).shape)
             sharding = _sharding_for(shardings, entry.path)
             value = _sharded_entry(index, entry, shape, dtype, config.num_hidden_layers, sharding)
-            set_path(params, entry.path, value)
+            set_path(params, entry.path, quantize_leaf(entry.path, value, quantize))
     return params
 
 
@@ -374,7 +379,8 @@ def _flat_shapes(tree: Any) -> dict[LeafPath, tuple[int, ...]]:
 
 
 def _load_converted_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, shardings: Shardings,
-                                trees: Sequence[str] = TRANSFORMER_TREES, lazy: bool = False) -> dict[str, Any]:
+                                trees: Sequence[str] = TRANSFORMER_TREES, lazy: bool = False,
+                                quantize: str | None = None) -> dict[str, Any]:
     abstract = abstract_transformer(config)
     params: dict[str, Any] = {}
     for tree in trees:
@@ -388,7 +394,10 @@ def _load_converted_transformer(layout: Layout, config: Cosmos3Config, dtype: An
             sharding = _sharding_for(shardings, (tree, *path)) or _default_sharding()
             dt = target_dtype((tree, *path), stored[path], dtype)
             set_path(target, path, jax.ShapeDtypeStruct(shape, dt, sharding=sharding))
-        params[tree] = orbax_io.restore_tree(folder, target)
+        restored = orbax_io.restore_tree(folder, target)
+        params[tree] = jax.tree_util.tree_map_with_path(
+            lambda keys, x: quantize_leaf((tree, *(str(k.key) for k in keys)), x, quantize), restored)
+        del restored
     return params
 
 
@@ -631,6 +640,7 @@ def load(
     shardings: Shardings = None,
     components: Sequence[str] = DEFAULT_COMPONENTS,
     lazy: bool = False,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load the requested components of a Hub-layout or converted folder.
 
@@ -642,8 +652,15 @@ def load(
     `cosmos_jax.sharding.param_shardings(abstract, mesh, rules)`; None puts every array on the first device.
     lazy: converted folders only, with dtype and shardings None: the transformer and reasoner leaves are
     `orbax_io.LazyLeaf`s read on access, one leaf held at a time per tree (for streaming exports).
+    quantize: None, "int8" or "fp8": the transformer's layer linears are quantized (`cosmos_jax.convert.quantize`)
+    leaf by leaf as they are read, so the full-precision tree is never held whole.
     Errors name the file and every offending key.
     """
+    check_mode(quantize, "quantize")
+    if lazy and quantize is not None:
+        raise ValueError("lazy=True reads the stored weights as they are; it cannot be combined with quantize")
+    if quantize is not None and "reasoner" in components:
+        raise ValueError("quantize applies to generation; load the 'reasoner' component without it")
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"unknown component(s) {unknown}; choose from {COMPONENTS}")
@@ -652,11 +669,21 @@ def load(
         raise ValueError("lazy=True needs a converted folder, dtype=None and shardings=None")
     config = Cosmos3Config.from_json(layout.transformer_dir / "config.json")
     params: dict[str, Any] = {}
+    fp8_revision = not layout.converted and modelopt_fp8.quantization_config(config) is not None
+    fp8_policy = modelopt_fp8.read_policy(config) if fp8_revision else None
+    if fp8_revision and "reasoner" in components:
+        raise ValueError(f"{layout.transformer_dir}: the FP8 revision quantizes the reasoner tower; reasoning needs "
+                         "a full-precision revision")
+    if fp8_revision and (quantize is not None or shardings is not None or lazy):
+        raise ValueError(f"{layout.transformer_dir}: the FP8 revision is already quantized; load it without "
+                         "quantize, shardings or lazy")
     if "transformer" in components:
-        if layout.converted:
-            params = _load_converted_transformer(layout, config, dtype, shardings, lazy=lazy)
+        if fp8_revision:
+            params = modelopt_fp8.load_transformer(layout.transformer_dir, config, dtype)
+        elif layout.converted:
+            params = _load_converted_transformer(layout, config, dtype, shardings, lazy=lazy, quantize=quantize)
         else:
-            params = _load_hub_transformer(layout, config, dtype, shardings)
+            params = _load_hub_transformer(layout, config, dtype, shardings, quantize)
     vae_config = vae_params = sound_config = sound_params = None
     if "vae" in components:
         vae_config, vae_params = _load_component(layout, "vae", "vae", read_vae_config, vae_params_from_torch_state)
@@ -684,7 +711,8 @@ def load(
         transformer_config=config, params=params, vae_config=vae_config, vae_params=vae_params,
         sound_config=sound_config, sound_params=sound_params, scheduler_config=scheduler_config,
         tokenizer_dir=tokenizer_dir, model_index=model_index, reasoner_config=reasoner_config,
-        source="converted" if layout.converted else "hub", reasoner=reasoner,
+        source="converted" if layout.converted else "hub", reasoner=reasoner, fp8_revision=fp8_revision,
+        fp8_policy=fp8_policy,
     )
 
 

@@ -53,6 +53,8 @@ _DTYPES: dict[str, np.dtype] = {
     "C64": np.dtype(np.complex64),
 }
 _WRITABLE_DTYPES = frozenset(_DTYPES.values())
+# readable from the header (the FP8 revision's weights); their bytes are read by cosmos_jax.convert.modelopt_fp8
+_DTYPES["F8_E4M3"] = np.dtype(ml_dtypes.float8_e4m3fn)
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 _METADATA_KEY = "__metadata__"

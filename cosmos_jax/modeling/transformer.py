@@ -34,6 +34,7 @@ from cosmos_jax.modeling.layers import (
     reasoner_step,
     scan_layers,
 )
+from cosmos_jax.modeling.weights import materialize_tree
 from cosmos_jax.modeling.rope import mrope_cos_sin
 from cosmos_jax.modeling.towers import GeneratorIO, ReasonerIO
 
@@ -133,7 +134,7 @@ class Cosmos3Transformer:
         r_layer, g_layer = self.reasoner_layer, self.generator_layer
 
         def body(und, layer_params):
-            r_params, g_params = layer_params
+            r_params, g_params = materialize_tree(layer_params)
             und = self._constrain(und, _UND)
             und, kv = reasoner_step(r_layer, g_layer, r_params, g_params, und, rope, text.und_len, reasoner_attention)
             return und, kv
@@ -158,6 +159,7 @@ class Cosmos3Transformer:
 
         def body(hidden, layer_inputs):
             g_params, k, v = layer_inputs
+            g_params = materialize_tree(g_params)
             kv = ReasonerKV(k, v)
             hidden = self._constrain(hidden, _GEN)
             return generator_step(g_layer, g_params, hidden, rope, kv, cache.und_len, gen_len, generator_attention), None
@@ -181,7 +183,7 @@ class Cosmos3Transformer:
 
         def body(carry, layer_params):
             und, hidden = carry
-            r_params, g_params = layer_params
+            r_params, g_params = materialize_tree(layer_params)
             und, hidden = self._constrain(und, _UND), self._constrain(hidden, _GEN)
             und, kv = reasoner_step(r_layer, g_layer, r_params, g_params, und, und_rope, text.und_len, reasoner_attention)
             hidden = generator_step(g_layer, g_params, hidden, gen_rope, kv, text.und_len, gen_len, generator_attention)
@@ -202,8 +204,8 @@ class Cosmos3Transformer:
 
 
 def _io(tower: Params) -> Params:
-    """A tower's parameters without its layer stack (what the tower's IO module owns)."""
-    return {k: v for k, v in tower.items() if k != "layers"}
+    """A tower's parameters without its layer stack (what the tower's IO module owns), materialized if held quantized or with a LoRA update."""
+    return materialize_tree({k: v for k, v in tower.items() if k != "layers"})
 
 
 def _und_k_norm_params(generator_layers: Params) -> Params:

@@ -216,24 +216,30 @@ def batch_rows(
 
 
 def batch_denoiser(
-    model: Cosmos3Transformer, shape: BatchShape, cache_reasoner: bool, tick: Callable[[Any], None]
+    model: Cosmos3Transformer, shape: BatchShape, cache_reasoner: bool, tick: Callable[[Any], None],
+    given_cache: bool = False,
 ) -> Callable:
     """The sampling loop of one batch as a pure function
         (params, text [U], static, latents {"vision" [N, C, T, h, w], "sound" [N, S, Ts], "action" [N, chunk, A]},
-         coefficients, timesteps [steps]) -> final latents (same tree):
+         coefficients, timesteps [steps][, distinct]) -> final latents (same tree):
     the reasoner K/V of the distinct prompts once, gathered to the rows, then a scan of generator steps (with
-    `cache_reasoner=False`, the joint forward of both towers at every step)."""
+    `cache_reasoner=False`, the joint forward of both towers at every step). With `given_cache`, the distinct
+    prompts' `ReasonerCache` [layers, U, Lu, ...] is a last argument computed beforehand, and `params` need only
+    the generator tree (the reasoner tower stays off the device during the loop)."""
+    if given_cache and not cache_reasoner:
+        raise ValueError("given_cache needs cache_reasoner (the loop reads a precomputed K/V cache)")
     branches, use_cfg = shape.branches, shape.use_cfg
 
     def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
         return x if model.sharding is None else model.sharding.constrain(x, names)
 
-    def run(params, text, static, latents, coefficients, timesteps):
+    def run(params, text, static, latents, coefficients, timesteps, distinct=None):
         row_prompt = static["row_prompt"]
         rows = row_prompt.shape[0]
         samples = rows // branches
         if cache_reasoner:
-            distinct = model.encode_reasoner(params, text)[0]
+            if not given_cache:
+                distinct = model.encode_reasoner(params, text)[0]
             cache = ReasonerCache(
                 k=constrain(jnp.take(distinct.k, row_prompt, axis=1), _CACHE_AXES),
                 v=constrain(jnp.take(distinct.v, row_prompt, axis=1), _CACHE_AXES),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -34,10 +35,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cosmos_jax.config import Cosmos3Config
+from cosmos_jax.convert.modelopt_fp8 import fallback_note
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
 from cosmos_jax.modeling.transformer import Cosmos3Transformer, Params
 from cosmos_jax.modeling.wan_vae import WanVAE
-from cosmos_jax.sampling import conditioning, scheduler
+from cosmos_jax.modeling.weights import is_quantized
+from cosmos_jax.sampling import conditioning, offload, scheduler
 from cosmos_jax.sampling.batch import (
     BatchShape,
     PlannedBatch,
@@ -59,6 +62,10 @@ from cosmos_jax.scheduler_config import SchedulerConfig
 from cosmos_jax.sharding import BATCH, ActivationSharding, Rules, param_shardings, spec_for
 
 DEFAULT_SPATIAL_COMPRESSION = 16
+_QUANTIZE_MESH_ERROR = ("quantized weights (--quantize, or the FP8 revision) are not sharded on a mesh yet; load "
+                        "them without a mesh (--mesh), or the full-precision weights with one")
+_OFFLOAD_MESH_ERROR = ("offload_reasoner (--offload-reasoner) runs on one device; it cannot be combined with a mesh "
+                       "(--mesh): drop one of them")
 
 
 @dataclasses.dataclass
@@ -105,7 +112,9 @@ class Cosmos3Pipeline:
     `init_noise`) works, respectively no sound. `cache_reasoner=False` runs the joint forward (both towers) at
     every step as the reference does: same numbers, slower; kept for measuring what the cache saves.
     `mesh` and `rules`: shard the parameters (placed here unless they already carry their shardings) and every
-    batch on that mesh; without a mesh everything runs on the default device.
+    batch on that mesh; without a mesh everything runs on the default device. `offload_reasoner`: the weights
+    rest in host memory between calls; each batch runs the reasoner pass with only its tower on the device, then
+    the loop with only the generator tower (`cosmos_jax.sampling.offload`; single device, no mesh).
     """
 
     def __init__(
@@ -122,6 +131,7 @@ class Cosmos3Pipeline:
         use_system_prompt: bool = True,
         native_flow_schedule: bool = False,
         cache_reasoner: bool = True,
+        offload_reasoner: bool = False,
         mesh: Mesh | None = None,
         rules: Rules | None = None,
     ) -> None:
@@ -131,6 +141,12 @@ class Cosmos3Pipeline:
             raise ValueError("give both vae and vae_params, or neither")
         if (sound is None) != (sound_params is None):
             raise ValueError("give both sound and sound_params, or neither")
+        if offload_reasoner and not cache_reasoner:
+            raise ValueError("offload_reasoner needs cache_reasoner (the reasoner runs once, before the loop)")
+        if offload_reasoner and mesh is not None:
+            raise ValueError(_OFFLOAD_MESH_ERROR)
+        if mesh is not None and any(map(is_quantized, jax.tree.leaves(params, is_leaf=is_quantized))):
+            raise ValueError(_QUANTIZE_MESH_ERROR)
         self.mesh, self.rules = mesh, rules
         if mesh is not None:
             model = dataclasses.replace(model, sharding=ActivationSharding(mesh, rules))
@@ -146,8 +162,14 @@ class Cosmos3Pipeline:
         self.use_system_prompt = use_system_prompt
         self.native_flow_schedule = native_flow_schedule
         self.cache_reasoner = cache_reasoner
+        self.offload_reasoner = offload_reasoner
+        self._encode_reasoner = jax.jit(lambda p, t: model.encode_reasoner(p, t)[0])
+        if offload_reasoner:
+            self.params = offload.to_memory(params, offload.HOST)
         self._progress = _ProgressSink()
         self._executables: dict[Any, Any] = {}
+        self.fp8_revision = False  # set by from_pretrained for ModelOpt's FP8 revision
+        self.fp8_policy: Any = None
 
     @property
     def config(self) -> Cosmos3Config:
@@ -159,23 +181,30 @@ class Cosmos3Pipeline:
             dataclasses.replace(self.model, sharding=None), self.params, self.tokenizer, self.scheduler_config,
             vae=self.vae, vae_params=self.vae_params, sound=self.sound, sound_params=self.sound_params,
             use_system_prompt=self.use_system_prompt, native_flow_schedule=self.native_flow_schedule,
-            cache_reasoner=self.cache_reasoner, mesh=mesh, rules=rules,
+            cache_reasoner=self.cache_reasoner, offload_reasoner=self.offload_reasoner, mesh=mesh, rules=rules,
         )
 
     @classmethod
     def from_pretrained(
         cls, path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, attention: str = "auto",
-        mesh: Mesh | None = None, rules: Rules | None = None,
+        mesh: Mesh | None = None, rules: Rules | None = None, quantize: str | None = None,
+        offload_reasoner: bool = False,
     ) -> Cosmos3Pipeline:
         """Load a Hub-layout (or converted) folder through `cosmos_jax.convert.load.load`; with a mesh, every
-        process reads only its devices' slices of the transformer."""
+        process reads only its devices' slices of the transformer. quantize: None, "int8" or "fp8" weight-only
+        (see `cosmos_jax.convert.quantize`); offload_reasoner: the towers rest in host memory between calls (see
+        `cosmos_jax.sampling.offload`)."""
         from cosmos_jax.convert.load import abstract_transformer, load, locate
 
+        if mesh is not None and offload_reasoner:
+            raise ValueError(_OFFLOAD_MESH_ERROR)
+        if mesh is not None and quantize is not None:
+            raise ValueError(_QUANTIZE_MESH_ERROR)
         shardings = None
         if mesh is not None:
             config = Cosmos3Config.from_json(locate(path).transformer_dir / "config.json")
             shardings = param_shardings(abstract_transformer(config), mesh, rules)
-        loaded = load(path, dtype=dtype, shardings=shardings)
+        loaded = load(path, dtype=dtype, shardings=shardings, quantize=quantize)
         if loaded.tokenizer_dir is None:
             raise ValueError(f"{path}: no text_tokenizer/ folder; generation needs the prompt tokenizer")
         scheduler_config = loaded.scheduler_config or SchedulerConfig.cosmos3()
@@ -186,7 +215,7 @@ class Cosmos3Pipeline:
         if loaded.sound_params is not None:
             sound = AudioTokenizer(loaded.sound_config, dtype=dtype)
         index = loaded.model_index or {}
-        return cls(
+        pipeline = cls(
             model,
             loaded.params,
             ChatTokenizer.from_dir(loaded.tokenizer_dir),
@@ -197,8 +226,11 @@ class Cosmos3Pipeline:
             sound_params=loaded.sound_params if sound is not None else None,
             use_system_prompt=bool(index.get("default_use_system_prompt", True)),
             native_flow_schedule=bool(index.get("use_native_flow_schedule", False)),
+            offload_reasoner=offload_reasoner,
             mesh=mesh, rules=rules,
         )
+        pipeline.fp8_revision, pipeline.fp8_policy = loaded.fp8_revision, loaded.fp8_policy
+        return pipeline
 
     # ------------------------------------------------------------------ validation and planning
 
@@ -397,6 +429,10 @@ class Cosmos3Pipeline:
     def _checked_plan(self, request: GenerationRequest) -> GenerationPlan:
         if request.output_type == "video" and self.vae is None:
             raise ValueError("output_type='video' needs a VAE; this pipeline has none (use output_type='latent')")
+        if self.fp8_revision:
+            note = fallback_note(self.fp8_policy, request.steps)
+            if note is not None:
+                warnings.warn(note, stacklevel=2)
         plan = self.plan(request)
         self.given_latents(plan, request.init_noise, request.init_sound_noise, request.init_action_noise)
         return plan
@@ -452,9 +488,16 @@ class Cosmos3Pipeline:
         latents = self._batch_latents(samples, plans)
         rows = batch_rows(self.config, plans, [s.request.guidance for s in samples], self._pad_id())
         schedule = scheduler.make_schedule(self.scheduler_config, shape.steps, native_flow=self.native_flow_schedule)
-        args = (self.params, self._replicated(rows.text), self._per_row(rows.static), self._per_row(latents),
+        text = self._replicated(rows.text)
+        params: Any = self.params
+        cache: tuple = ()
+        if self.offload_reasoner:
+            cache = (self._encode_reasoner(offload.reasoner_pass_params(self.params), text),)
+            params = offload.generator_params(self.params)
+        args = (params, text, self._per_row(rows.static), self._per_row(latents),
                 self._replicated(schedule.coefficients),
-                self._replicated(np.asarray(schedule.timesteps, np.float32)))
+                self._replicated(np.asarray(schedule.timesteps, np.float32))) + cache
+        del cache
         timings = {"prepare": time.perf_counter() - start}
         compiled, timings["compile"] = self._executable(shape, args)
         start = time.perf_counter()
@@ -462,6 +505,7 @@ class Cosmos3Pipeline:
         try:
             final = jax.block_until_ready(compiled(*args))
             jax.effects_barrier()
+            del args, params  # with offload, the generator's device copy goes here
         finally:
             self._progress.bar = None
         timings["denoise"] = time.perf_counter() - start
@@ -535,10 +579,11 @@ class Cosmos3Pipeline:
         """The compiled loop for this shape signature (compiled once, then reused) and the compile seconds."""
         leaves, treedef = jax.tree_util.tree_flatten(args)
         signature = tuple((x.shape, jnp.result_type(x)) for x in leaves)
-        key = (shape.use_cfg, shape.steps_action, self.cache_reasoner, treedef, signature)
+        key = (shape.use_cfg, shape.steps_action, self.cache_reasoner, self.offload_reasoner, treedef, signature)
         if key in self._executables:
             return self._executables[key], 0.0
-        fn = batch_denoiser(self.model, shape, self.cache_reasoner, self._progress.tick)
+        fn = batch_denoiser(self.model, shape, self.cache_reasoner, self._progress.tick,
+                            given_cache=self.offload_reasoner)
         out_shardings = None
         if self.mesh is not None:
             out_shardings = jax.tree.map(lambda x: self._batch_sharding(x.shape), args[3])

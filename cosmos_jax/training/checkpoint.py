@@ -48,6 +48,13 @@ class TrainCheckpointer:
                                                                        extra=ocp.args.JsonRestore()))
         return restored["state"], restored["extra"]
 
+    def restore_extra(self, step: int | None = None) -> dict[str, Any]:
+        """Only the saved `extra` at `step` (default: latest), e.g. to check a run's setup before its state."""
+        step = self.latest_step if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {self._manager.directory}")
+        return self._manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+
     def wait(self) -> None:
         """Block until pending saves are on disk."""
         self._manager.wait_until_finished()

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from cosmos_jax import sharding as sharding_lib
@@ -18,6 +19,7 @@ from cosmos_jax.config import Cosmos3Config, load_preset
 from cosmos_jax.datasets.normalization import copy_stats_file
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.training import data as data_lib
+from cosmos_jax.training import lora as lora_lib
 from cosmos_jax.training.checkpoint import TrainCheckpointer, with_shardings
 from cosmos_jax.training.losses import LossConfig, TrainBatch
 from cosmos_jax.training.metrics import MetricsWriter, peak_flops, train_flops_per_step
@@ -28,6 +30,7 @@ from cosmos_jax.training.step import (
     batch_shardings,
     init_state,
     jit_train_step,
+    make_optimizer,
     state_shardings,
     train_step_fn,
 )
@@ -60,6 +63,7 @@ class RunConfig:
     task_weights: Mapping[str, float] | None = None
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
+    lora: lora_lib.LoraConfig | None = None  # train only these adapters (saved to out/lora) on frozen base weights
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -104,23 +108,49 @@ def train(
     loader, meta, bad_log = data_lib.make_loader(run.data, cfg, pipeline)
     iterator = iter(loader)
 
-    abstract, optimizer = abstract_state(model, run.optim)
-    param_shardings = sharding_lib.param_shardings(abstract.params, mesh, rules)
-    shardings = state_shardings(abstract, param_shardings, optimizer, mesh)
     checkpointer = TrainCheckpointer(os.path.join(run.out, "checkpoints"), keep=run.keep)
     copy_stats_file(run.data, run.out)  # the action stats travel with the fine-tuned checkpoints
+    run_extra: dict[str, Any] = {}
+    if run.lora is None:
+        abstract, optimizer = abstract_state(model, run.optim)
+        param_shardings = sharding_lib.param_shardings(abstract.params, mesh, rules)
+    else:
+        base = init_params(model) if init_params else model.init(jax.random.key(run.seed))
+        base_shardings = sharding_lib.param_shardings(base, mesh, rules)
+        base = jax.device_put(base, base_shardings)
+        run_extra["lora"] = {"rank": run.lora.rank, "alpha": run.lora.rank * run.lora.scale,
+                             "targets": ["/".join(t) for t in run.lora.targets],
+                             "base_fingerprint": lora_lib.fingerprint(base)}
+        adapters = lora_lib.init_adapters(base, run.lora, jax.random.key(run.seed + 1))
+        optimizer = make_optimizer(run.optim, adapters)
+        abstract = jax.eval_shape(lambda a: init_state(a, optimizer, run.optim, run.seed), adapters)
+        param_shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), adapters)
+    shardings = state_shardings(abstract, param_shardings, optimizer, mesh)
     if checkpointer.latest_step is not None:
+        saved_lora = checkpointer.restore_extra().get("lora")
+        if saved_lora != run_extra.get("lora"):
+            raise ValueError(f"{run.out}: the checkpoint's LoRA setup {saved_lora} differs from this run's "
+                             f"{run_extra.get('lora')} (base weights, rank, alpha or targets)")
         state, extra = checkpointer.restore(with_shardings(abstract, shardings))
         data_lib.restore_iterator(iterator, extra["data_iterator"])
-    else:
+    elif run.lora is None:
         params = init_params(model) if init_params else model.init(jax.random.key(run.seed))
         state = jax.jit(lambda p: init_state(p, optimizer, run.optim, run.seed), out_shardings=shardings)(params)
+    else:
+        state = jax.jit(lambda p: init_state(p, optimizer, run.optim, run.seed), out_shardings=shardings)(adapters)
 
     first = next(iterator)
     example = data_lib.to_train_batch(first)
     global_example = jax.tree.map(lambda x: jax.ShapeDtypeStruct((run.batch,) + x.shape[1:], x.dtype), example)
     b_shardings = batch_shardings(global_example, mesh)
-    step_fn = jit_train_step(train_step_fn(model, optimizer, run.loss, run.optim), shardings, b_shardings, mesh)
+    if run.lora is None:
+        step_fn = jit_train_step(train_step_fn(model, optimizer, run.loss, run.optim), shardings, b_shardings, mesh)
+    else:
+        lora_step = jax.jit(
+            lora_lib.lora_train_step_fn(model, optimizer, run.loss, run.optim, run.lora.scale),
+            in_shardings=(shardings, b_shardings, base_shardings),
+            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
+        step_fn = lambda s, b: lora_step(s, b, base)  # noqa: E731
     text_len, gen_len = example.text.input_ids.shape[1], example.gen.position_ids.shape[2]
     tokens = run.batch * (text_len + gen_len)
     flops = train_flops_per_step(cfg, run.batch, text_len, gen_len, run.optim.freeze_reasoner)
@@ -146,9 +176,12 @@ def train(
                 on_step(step + 1, state)
             if (step + 1) % run.save_every == 0 or step + 1 == run.steps:
                 checkpointer.save(step + 1, state, {"data_iterator": data_lib.iterator_state(iterator),
-                                                    "skipped": bad_log.skipped})
+                                                    "skipped": bad_log.skipped, **run_extra})
     finally:  # on any exit, saves already started are finished and the metrics written so far flushed
         bar.close()
         last = writer.close()
         checkpointer.close()
+    if run.lora is not None:
+        lora_lib.save_adapters(os.path.join(run.out, "lora"), state.params, run.lora,
+                               run_extra["lora"]["base_fingerprint"])
     return {"state": state, "metrics": last, "skipped": list(bad_log.skipped), "model": model, "meta": meta}

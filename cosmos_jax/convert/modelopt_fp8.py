@@ -1,0 +1,246 @@
+"""The published FP8 revision of the transformer: ModelOpt E4M3 weights with one scale per tensor, and its policy.
+
+Layout (as ModelOpt's serialized diffusers export writes it): a quantized linear `X` stores `X.weight` as
+float8_e4m3fn plus `X.weight_quantizer._scale` (one float32 value), with `X.weight_quantizer._amax` and
+`X.input_quantizer._amax` beside it; everything else is stored as usual. `transformer/config.json` carries
+`quantization_config` (quant_method "modelopt", quant_type/quant_algo FP8) whose optional
+`runtime.diffusion_step_policy` turns on the per-step W8A16/W8A8 schedule.
+
+Layer linears stay quantized (`qwix.QArray`, values [L, in, out] in E4M3, scales [L, 1, 1]) and are dequantized in
+the layer loop as `w.astype(x.dtype) * scale`, the W8A16 formula. Other quantized linears (the modality
+projections, the time embedder) are dequantized once at load with the same formula, in their target dtype.
+
+The schedule: the first and last N denoising steps run W8A16, the rest W8A8. Linears fall into two groups by the
+reference's rule, which pairs them across the towers: "generation" = the reasoner tower's attention projections
+(`self_attn.to_q/to_k/to_v/to_out`) plus the generator's MLP (`mlp_moe_gen`); "reasoner" = the generator's
+attention projections (`add_*_proj`, `to_add_out`) plus the reasoner's MLP. The "generation" group follows the
+schedule; the "reasoner" group is W8A16 at every step under the reasoner policy "a16", else follows it too.
+Running W8A8 needs fp8 matmuls; where the backend has none (CPU), every step runs W8A16 and `fallback_note`
+says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+import qwix
+
+from cosmos_jax.config import ConfigError, Cosmos3Config, param_dtype
+from cosmos_jax.convert.keymap_transformer import LINEAR, KeyMapError, check_state, key_table
+from cosmos_jax.convert.quantize import is_quantized_path
+from cosmos_jax.convert.safetensors_io import CheckpointIndex
+from cosmos_jax.convert.tree_paths import get_path, set_path
+from cosmos_jax.modeling.transformer import Cosmos3Transformer
+
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+WEIGHT_SCALE = "weight_quantizer._scale"
+QUANTIZER_SUFFIXES = ("weight_quantizer._scale", "weight_quantizer._amax", "input_quantizer._amax",
+                      "input_quantizer._scale")
+W8A16, W8A8 = "W8A16", "W8A8"
+POLICY_FIELDS = ("schema_version", "type", "index_space", "scope", "default_mode", "first_steps", "last_steps",
+                 "overlap", "reasoner")
+WHERE = "quantization_config.runtime.diffusion_step_policy"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPolicy:
+    """first_steps/last_steps: W8A16 windows; overlap_a16: a step in both windows runs W8A16; reasoner_a16: the
+    "reasoner" group is W8A16 at every step."""
+
+    first_steps: int = 3
+    last_steps: int = 3
+    overlap_a16: bool = True
+    reasoner_a16: bool = True
+
+    def generation_precision(self, step: int, num_steps: int) -> str:
+        """W8A16 or W8A8 for the "generation" group at `step` of `num_steps` (a 1-step run keeps W8A8)."""
+        if not 0 <= step < num_steps:
+            raise IndexError(f"step must be in [0, {num_steps}), got {step}")
+        if num_steps == 1:
+            return W8A8
+        first, last = step < self.first_steps, step >= num_steps - self.last_steps
+        if first and last:
+            return W8A16 if self.overlap_a16 else W8A8
+        return W8A16 if first or last else W8A8
+
+    def schedule(self, num_steps: int) -> list[str]:
+        return [self.generation_precision(i, num_steps) for i in range(num_steps)]
+
+
+def _mode(value: Any, field: str) -> str:
+    if value not in ("a16", "native"):
+        raise ConfigError(f"{WHERE}.{field}: must be 'a16' or 'native', got {value!r}")
+    return value
+
+
+def _window(spec: Any, field: str) -> int:
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{WHERE}.{field}: must be an object with count and mode, got {spec!r}")
+    mode = _mode(spec.get("mode"), f"{field}.mode")
+    count = spec.get("count")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise ConfigError(f"{WHERE}.{field}.count: must be a non-negative integer, got {count!r}")
+    return count if mode == "a16" else 0
+
+
+def parse_policy(raw: Any) -> StepPolicy:
+    """Validate a `diffusion_step_policy` (schema 1, type first_last_n); ConfigError naming the field otherwise."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{WHERE}: must be an object, got {raw!r}")
+    missing = [f for f in POLICY_FIELDS if f not in raw]
+    if missing:
+        raise ConfigError(f"{WHERE}: missing field(s) {', '.join(missing)}")
+    expected = {"schema_version": 1, "type": "first_last_n", "index_space": "denoising_loop_iteration",
+                "default_mode": "native"}
+    for field, want in expected.items():
+        if raw[field] != want:
+            raise ConfigError(f"{WHERE}.{field}: unknown policy {raw[field]!r} (supported: {want!r})")
+    if raw["scope"] != ["transformer"]:
+        raise ConfigError(f"{WHERE}.scope: supported scope is ['transformer'], got {raw['scope']!r}")
+    return StepPolicy(
+        first_steps=_window(raw["first_steps"], "first_steps"),
+        last_steps=_window(raw["last_steps"], "last_steps"),
+        overlap_a16=_mode(raw["overlap"], "overlap") == "a16",
+        reasoner_a16=_mode(raw["reasoner"], "reasoner") == "a16",
+    )
+
+
+def quantization_config(config: Cosmos3Config) -> Mapping[str, Any] | None:
+    """The transformer config's `quantization_config`, or None for a full-precision checkpoint."""
+    return config.extra.get("quantization_config")
+
+
+def read_policy(config: Cosmos3Config) -> StepPolicy | None:
+    """The validated step policy of an FP8 revision (None: no policy, native W8A8 at every step).
+
+    ConfigError for a quantization method other than ModelOpt FP8 or an invalid policy."""
+    raw = quantization_config(config)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"quantization_config: must be an object, got {raw!r}")
+    method = raw.get("quant_method")
+    algo = str(raw.get("quant_algo") or raw.get("quant_type") or "").upper()
+    if method != "modelopt" or "FP8" not in algo:
+        raise ConfigError(f"quantization_config: only ModelOpt FP8 is supported, got quant_method={method!r}, "
+                          f"quant_type/quant_algo={algo or None!r}")
+    runtime = raw.get("runtime")
+    if runtime is None:
+        return None
+    if not isinstance(runtime, Mapping):
+        raise ConfigError(f"quantization_config.runtime: must be an object or null, got {runtime!r}")
+    policy = runtime.get("diffusion_step_policy")
+    return None if policy is None else parse_policy(policy)
+
+
+def linear_group(torch_key: str) -> str | None:
+    """"generation", "reasoner" or None for a diffusers transformer module name (the reference's grouping)."""
+    generation = (".self_attn.to_q", ".self_attn.to_k", ".self_attn.to_v", ".self_attn.to_out")
+    reasoner = (".self_attn.add_q_proj", ".self_attn.add_k_proj", ".self_attn.add_v_proj", ".self_attn.to_add_out")
+    if ".mlp_moe_gen." in torch_key or torch_key.endswith(generation):
+        return "generation"
+    if ".mlp." in torch_key or torch_key.endswith(reasoner):
+        return "reasoner"
+    return None
+
+
+def has_fp8_matmul() -> bool:
+    """True when the default backend runs fp8 matmuls natively (GPU/TPU); False on CPU."""
+    return jax.default_backend() != "cpu"
+
+
+def fallback_note(policy: StepPolicy | None, num_steps: int) -> str | None:
+    """What the run does instead of the W8A8 steps (None when every step already is W8A16)."""
+    planned = policy.schedule(num_steps) if policy is not None else [W8A8] * num_steps
+    if W8A8 not in planned:
+        return None
+    return (f"FP8 revision: {planned.count(W8A8)} of {num_steps} steps are W8A8 in the checkpoint's schedule; "
+            f"this build runs every step W8A16 (weights dequantized to the activation dtype)"
+            + ("" if has_fp8_matmul() else ": the CPU backend has no fp8 matmuls"))
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def _fp8_reader(index: CheckpointIndex):
+    """key -> float8_e4m3fn array, read from the file bytes (numpy's safetensors binding has no fp8)."""
+    headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+
+    def read(key: str) -> np.ndarray:
+        info = index.info(key)
+        if info.file not in headers:
+            with open(info.file, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                headers[info.file] = (8 + length, json.loads(f.read(length)))
+        start, header = headers[info.file]
+        begin, _ = header[key]["data_offsets"]
+        raw = np.fromfile(info.file, dtype=np.uint8, count=info.nbytes, offset=start + begin)
+        return raw.view(FP8).reshape(info.shape)
+
+    return read
+
+
+def _weight_scale(index: CheckpointIndex, weight_key: str) -> np.ndarray:
+    key = weight_key.removesuffix("weight") + WEIGHT_SCALE
+    if key not in index:
+        raise KeyMapError(f"{index.source}: {weight_key} is float8_e4m3fn but its scale {key} is missing")
+    scale = index.read(key)
+    if scale.size != 1:
+        raise KeyMapError(f"{index.source}: {key} must be one per-tensor scale, got shape {tuple(scale.shape)}")
+    return np.asarray(scale, np.float32).reshape(())
+
+
+def _check_keys(index: CheckpointIndex, config: Cosmos3Config, abstract: Any) -> None:
+    """Every tensor besides the quantizer buffers matches the key table; quantizer buffers belong to a weight."""
+    plain = {k: index.shape(k) for k in index.keys() if not k.endswith(QUANTIZER_SUFFIXES)}
+    check_state(plain, config, abstract)
+    orphans = [k for k in index.keys() if k.endswith(QUANTIZER_SUFFIXES)
+               and k.rsplit(".", 2)[0] + ".weight" not in plain]
+    if orphans:
+        raise KeyMapError(f"{index.source}: quantizer buffers without a weight: {', '.join(sorted(orphans))}")
+    bad = [f"{k} ({index.dtype(k)})" for k in plain
+           if index.dtype(k) == FP8 and not (k.endswith(".weight") or k.endswith(".fc.weight"))]
+    if bad:
+        raise KeyMapError(f"{index.source}: float8 tensors that are not linear weights: {', '.join(bad)}")
+
+
+def load_transformer(folder: Path, config: Cosmos3Config, dtype: Any) -> dict[str, Any]:
+    """Both trees from an FP8 revision folder: layer linears as E4M3 `qwix.QArray`s with per-layer per-tensor
+    scales (in `dtype`), every other leaf in its target dtype (time embedder f32)."""
+    if dtype is None:
+        raise ValueError("an FP8 revision needs a compute dtype (dtype=None would keep float8 weights)")
+    abstract = Cosmos3Transformer(config, dtype=jax.numpy.float32).abstract_params()
+    params: dict[str, Any] = {}
+    with CheckpointIndex.open(folder) as index:
+        _check_keys(index, config, abstract)
+        read_fp8 = _fp8_reader(index)
+        for entry in key_table(config):
+            keys = entry.torch_keys(config.num_hidden_layers)
+            shape = tuple(get_path(abstract, entry.path).shape)
+            layer_shape = shape[1:] if entry.per_layer else shape
+            target = np.dtype(param_dtype(entry.path, dtype))
+            fp8 = [index.dtype(k) == FP8 for k in keys]
+            if any(fp8) and (entry.transform != LINEAR or not all(fp8)):
+                raise KeyMapError(f"{index.source}: {entry.torch_key}: float8 weights must be whole linears "
+                                  "(every layer quantized)")
+            if not any(fp8):
+                arrays = [entry.to_flax(index.read(k), layer_shape).astype(target) for k in keys]
+                value: Any = jax.numpy.asarray(np.stack(arrays) if entry.per_layer else arrays[0])
+            else:
+                values = np.stack([read_fp8(k).T for k in keys])
+                scales = np.stack([_weight_scale(index, k) for k in keys]).reshape(len(keys), 1, 1)
+                if not entry.per_layer:
+                    values, scales = values[0], scales[0]
+                value = qwix.QArray(qvalue=jax.numpy.asarray(values), scale=jax.numpy.asarray(scales, target),
+                                    qtype=jax.numpy.float8_e4m3fn)
+                if not is_quantized_path(entry.path):
+                    value = qwix.dequantize(value)
+            set_path(params, entry.path, value)
+            index.close()
+    return params
