@@ -234,10 +234,9 @@ def lora_train_step_fn(model: Any, optimizer: Any, loss_config: Any, optim: Any,
     from cosmos_jax.training.losses import random_flow_loss
     from cosmos_jax.training.step import (
         TrainState,
-        _accumulated_grads,
-        _split_microbatches,
         compute_params,
         learning_rate_schedule,
+        mean_gradients,
     )
 
     schedule = learning_rate_schedule(optim)
@@ -250,17 +249,11 @@ def lora_train_step_fn(model: Any, optimizer: Any, loss_config: Any, optim: Any,
             return random_flow_loss(model, compute_params(params, model.dtype), micro, key, loss_config)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        step_key = jax.random.fold_in(state.rng, state.step)
-        if optim.grad_accum == 1:
-            (_, parts), grads = grad_fn(state.params, batch, jax.random.fold_in(step_key, 0))
-        else:
-            grads, parts = _accumulated_grads(grad_fn, state.params, _split_microbatches(batch, optim.grad_accum),
-                                              step_key)
-        inv = 1.0 / optim.grad_accum
-        grads = jax.tree.map(lambda g: g * inv, grads)
+        grads, parts = mean_gradients(grad_fn, state.params, batch, jax.random.fold_in(state.rng, state.step),
+                                      optim.grad_accum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         adapters = optax.apply_updates(state.params, updates)
-        metrics = {f"loss/{k}": v * inv for k, v in parts.items()}
+        metrics = {f"loss/{k}": v for k, v in parts.items()}
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state.step)
         return TrainState(step=state.step + 1, params=adapters, opt_state=opt_state, ema=None, rng=state.rng), metrics

@@ -139,27 +139,33 @@ def train_step_fn(
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: TrainBatch) -> tuple[TrainState, dict[str, jax.Array]]:
-        step_key = jax.random.fold_in(state.rng, state.step)
-        if config.grad_accum == 1:
-            (_, parts), grads = grad_fn(state.params, batch, jax.random.fold_in(step_key, 0))
-        else:
-            grads, parts = _accumulated_grads(grad_fn, state.params, _split_microbatches(batch, config.grad_accum),
-                                              step_key)
-        scale = 1.0 / config.grad_accum
-        grads = jax.tree.map(lambda g: g * scale, grads)
+        grads, parts = mean_gradients(grad_fn, state.params, batch, jax.random.fold_in(state.rng, state.step),
+                                      config.grad_accum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema
         if ema is not None:
             d = config.ema_decay
             ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
-        metrics = {f"loss/{k}": v * scale for k, v in parts.items()}
+        metrics = {f"loss/{k}": v for k, v in parts.items()}
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = schedule(state.step)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rng=state.rng)
         return new_state, metrics
 
     return step
+
+
+def mean_gradients(grad_fn: Callable[..., Any], params: Params, batch: TrainBatch, key: jax.Array,
+                   grad_accum: int) -> tuple[Params, dict[str, jax.Array]]:
+    """Gradients and loss parts averaged over `grad_accum` microbatches of `batch` (one pass when 1); microbatch
+    i draws its noise from `fold_in(key, i)`. `grad_fn` is `value_and_grad(loss, has_aux=True)`."""
+    if grad_accum == 1:
+        (_, parts), grads = grad_fn(params, batch, jax.random.fold_in(key, 0))
+    else:
+        grads, parts = _accumulated_grads(grad_fn, params, _split_microbatches(batch, grad_accum), key)
+    scale = 1.0 / grad_accum
+    return jax.tree.map(lambda g: g * scale, grads), {k: v * scale for k, v in parts.items()}
 
 
 def _accumulated_grads(grad_fn: Callable[..., Any], params: Params, micro: TrainBatch,
