@@ -8,13 +8,11 @@ Run as a script (`python tests/test_multiprocess.py WORKDIR PORT PROCESS_ID`), t
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from multiprocess_helpers import start_workers, wait_workers
 
 MESH = "fsdp=2,context=2,tensor=2"
 NUM_PROCESSES, LOCAL_DEVICES = 2, 4
@@ -126,12 +124,6 @@ def worker(workdir: Path, port: int, process_id: int) -> None:
 # ------------------------------------------------------------------------------------------------- test
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_load_shards_and_match_single_process_forward(tmp_path: Path) -> None:
     import jax
 
@@ -144,26 +136,8 @@ def test_two_processes_load_shards_and_match_single_process_forward(tmp_path: Pa
     assert len(list((tmp_path / "checkpoint").glob("*.safetensors"))) > 1
     want = jax.jit(model.__call__)(params, *_inputs(model.config))
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    port = _free_port()
-    procs = [
-        subprocess.Popen([sys.executable, __file__, str(tmp_path), str(port), str(i)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(NUM_PROCESSES)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
+    procs = start_workers(__file__, tmp_path, NUM_PROCESSES, LOCAL_DEVICES)
+    wait_workers(procs, TIMEOUT_S)
 
     for i in range(NUM_PROCESSES):
         got = np.load(tmp_path / f"out_{i}.npz")

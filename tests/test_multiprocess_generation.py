@@ -10,14 +10,12 @@ Run as a script (`python tests/test_multiprocess_generation.py WORKDIR PORT PROC
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from multiprocess_helpers import start_workers, wait_workers
 
 MESH = "data=4,tensor=2"
 NUM_PROCESSES, LOCAL_DEVICES = 2, 4
@@ -56,41 +54,17 @@ def worker(workdir: Path, port: int, process_id: int) -> None:
     jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_generate_the_samples_of_one(tmp_path: Path) -> None:
     from cosmos_jax.demo import build_demo_checkpoint
     from cosmos_jax.sampling.batch import Sample
 
     build_demo_checkpoint(tmp_path / "checkpoint")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    port = _free_port()
-    procs = [
-        subprocess.Popen([sys.executable, __file__, str(tmp_path), str(port), str(i)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(NUM_PROCESSES)
-    ]
+    procs = start_workers(__file__, tmp_path, NUM_PROCESSES, LOCAL_DEVICES)
     single = _pipeline(tmp_path / "checkpoint")  # one device, each sample alone, while the workers run
     want = {f"{r.seed}_{k}": single.run_batch([Sample(r, k)], progress=False)[0].latents
             for r in _requests() for k in range(NUM_SAMPLES)}
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for i, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"process {i} exited with {p.returncode}:\n{log[-4000:]}"
+    wait_workers(procs, TIMEOUT_S)
 
     owned = [dict(np.load(tmp_path / f"out_{i}.npz")) for i in range(NUM_PROCESSES)]
     assert all(owned), "every process generates some samples"
