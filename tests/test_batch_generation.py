@@ -33,7 +33,7 @@ from test_pipeline_parity import (  # noqa: F401  (module-scoped fixtures)
 )
 
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
-from cosmos_jax.sampling.batch import Sample, batch_rows, check_batch_size, plan_batches
+from cosmos_jax.sampling.batch import Sample, batch_rows, check_batch_size, group_batches
 from cosmos_jax.sampling.generate import Cosmos3Pipeline
 from cosmos_jax.sampling.request import GenerationRequest
 from cosmos_jax.sharding import load_mesh_preset, make_mesh
@@ -166,8 +166,8 @@ def test_the_reasoner_runs_once_per_distinct_prompt(pipeline, requests, monkeypa
     jax.effects_barrier()
     assert traced_rows == [3] and runs == [1]
     assert len(results) == 6
-    batch = fresh.plan_batch(samples)
-    rows = batch_rows(fresh.config, batch.plans, [s.request.guidance for s in samples], 0)
+    batch = fresh.prepare_batch(samples)
+    rows = batch_rows(fresh.config, batch.preps, [s.request.guidance for s in samples], 0)
     assert rows.distinct_prompts == 3
     assert rows.static["row_prompt"].tolist() == [0, 1, 2, 1, 0, 1, 0, 1, 2, 1, 2, 1]
 
@@ -229,7 +229,7 @@ def test_impossible_batches_are_refused(pipeline, requests, monkeypatch):
         pipeline.run_batch([], progress=False)
     with pytest.raises(ValueError, match="batch size 3 does not divide over the data axis of size 2"):
         pipeline.on_mesh(make_mesh("data=2", jax.devices()[:2]),
-                         load_mesh_preset("tiny").rules).plan_batches([Sample(base)], batch_size=3)
+                         load_mesh_preset("tiny").rules).prepare_batches([Sample(base)], batch_size=3)
     with pytest.raises(ValueError, match="num_samples must be a positive int, got 0"):
         list(pipeline.generate_samples([base], num_samples=0))
     with pytest.raises(ValueError, match="batch size must be a positive int, got 0"):
@@ -238,14 +238,14 @@ def test_impossible_batches_are_refused(pipeline, requests, monkeypatch):
         Sample(base, -1)
 
 
-# ------------------------------------------------------------------------------------------------- planner
+# ------------------------------------------------------------------------------------------------- grouping
 
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.integers(0, 3), max_size=20), st.integers(1, 4), st.integers(1, 3))
-def test_plan_batches_covers_every_sample_once_in_same_shape_batches(labels, per_data, data):
+def test_group_batches_covers_every_sample_once_in_same_shape_batches(labels, per_data, data):
     batch_size = per_data * data
-    batches = plan_batches(labels, batch_size, data)
+    batches = group_batches(labels, batch_size, data)
     flat = [i for batch in batches for i in batch]
     assert sorted(flat) == list(range(len(labels)))
     for batch in batches:

@@ -233,12 +233,12 @@ def test_pipeline_matches_reference(reference, pipeline, name, case):
     vision0, sound0, action0 = ref["start"]
 
     if encode:  # the JAX pipeline's own conditioning (preprocessing + VAE encoding) gives the same clean frames
-        plan = pipeline.plan(GenerationRequest(PROMPT, **kwargs, guidance=guidance))
-        own_vision, _, own_action = pipeline.starting_latents(plan, sample_key(0, 0), (None, None, None))
-        assert own_vision.shape == vision0.shape and plan.clean_frames
-        for frame in plan.clean_frames:
+        prep = pipeline.prepare(GenerationRequest(PROMPT, **kwargs, guidance=guidance))
+        own_vision, _, own_action = pipeline.starting_latents(prep, sample_key(0, 0), (None, None, None))
+        assert own_vision.shape == vision0.shape and prep.clean_frames
+        for frame in prep.clean_frames:
             np.testing.assert_allclose(own_vision[:, :, frame], vision0[:, :, frame], atol=ATOL, rtol=0)
-        if plan.clean_action_rows:
+        if prep.clean_action_rows:
             np.testing.assert_array_equal(own_action, action0)
 
     result = pipeline(GenerationRequest(

@@ -9,7 +9,7 @@ two jax.distributed processes) are marked slow.
 "Identical datasets" across batch sizes and meshes: every file's structure, every record, task, index and
 every decoded video frame are equal; float columns (actions, their stats, the scores) are equal within 1e-6
 absolute, since XLA:CPU sums a matmul over another number of rows in another order (a few ulp; the frames,
-quantised to uint8, come out bitwise equal). Reruns of the same batch plan (resume, two processes) are
+quantised to uint8, come out bitwise equal). Reruns of the same batch grouping (resume, two processes) are
 compared bitwise.
 """
 

@@ -181,9 +181,9 @@ def batch_sweep(args: argparse.Namespace, root: str) -> None:
     cases = (("tiny pipeline", tiny, tiny_request, args.tiny_repeats),
              ("compute-bound config", wide, wide_request, args.repeats))
     for name, pipe, request, repeats in cases:
-        plan = pipe.plan(request)
-        text_len = max(len(plan.cond_ids), len(plan.uncond_ids))
-        t, h, w = plan.latent_shape
+        prep = pipe.prepare(request)
+        text_len = max(len(prep.cond_ids), len(prep.uncond_ids))
+        t, h, w = prep.latent_shape
         patch = pipe.config.latent_patch_size
         gen_len = t * (h // patch) * (w // patch)
         total, reasoner = model_flops(pipe.config, text_len, gen_len)
@@ -255,7 +255,7 @@ def main() -> None:
         rows = []
         for name, request in requests.items():
             start = reference_start(reference, request)
-            tokens = len(cached.plan(GenerationRequest(request["prompt"], **request["jax"],
+            tokens = len(cached.prepare(GenerationRequest(request["prompt"], **request["jax"],
                                                           guidance=request["guidance"])).cond_ids)
             ref_step, ref_total, ref_latents = time_reference(reference, request, args.steps, args.repeats)
             variants = [("JAX (reasoner K/V cached)", cached)]

@@ -47,7 +47,7 @@ PIPELINE_TOLERANCE = 1e-3  # f32 pipeline, device vs CPU, max abs difference ove
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class CheckSizes:
     """What to measure: kernel cases, the layer stack's shape, and how many timing repeats."""
 
     kernel_cases: tuple[Case, ...]
@@ -59,9 +59,9 @@ class Plan:
     repeats: int
 
 
-def full_plan() -> Plan:
+def full_sizes() -> CheckSizes:
     heads = dict(heads=32, kv_heads=8, head_dim=128)
-    return Plan(
+    return CheckSizes(
         kernel_cases=(
             Case("720p: 44,160 generator + 300 reasoner", "generator", 1, 300, 44160, **heads),
             Case("480p: 11,040 generator + 300 reasoner", "generator", 1, 300, 11040, **heads),
@@ -71,9 +71,9 @@ def full_plan() -> Plan:
     )
 
 
-def dry_plan() -> Plan:
+def dry_sizes() -> CheckSizes:
     heads = dict(heads=4, kv_heads=2, head_dim=64)
-    return Plan(
+    return CheckSizes(
         kernel_cases=(Case("dry run: 80 generator + 20 reasoner", "generator", 1, 20, 80, **heads),),
         parity_case=Case("dry run parity: 48 generator + 20 reasoner", "generator", 1, 20, 48, **heads),
         stack_layers=1, stack_latent=(2, 4, 4), stack_text=8, config="tiny", repeats=2,
@@ -106,13 +106,13 @@ def _generator_sdpa(implementation: str):
     return attend
 
 
-def kernel_rows(plan: Plan, dry_run: bool, peak: float | None) -> list[dict[str, Any]]:
+def kernel_rows(sizes: CheckSizes, dry_run: bool, peak: float | None) -> list[dict[str, Any]]:
     """Section 1. The Pallas rows raise on failure; baselines record why they did not run."""
     from pallas_kernels import joint_attention
     from pallas_kernels.xla import blocked
 
     rows = []
-    for case in plan.kernel_cases:
+    for case in sizes.kernel_cases:
         args = make_inputs(case, jnp.bfloat16)
         impls = {"pallas kernel": joint_attention.generator_attention, "blocked xla": blocked.generator_attention}
         if not dry_run:
@@ -126,7 +126,7 @@ def kernel_rows(plan: Plan, dry_run: bool, peak: float | None) -> list[dict[str,
         for name, fn in impls.items():
             for pass_, call, factor in (("fwd", fn, 1.0), ("fwd+bwd", _with_backward(fn), 3.5)):
                 try:
-                    seconds = _timed(call, args, plan.repeats)
+                    seconds = _timed(call, args, sizes.repeats)
                 except Exception as error:  # noqa: BLE001 - only baselines may fail; the kernel re-raises
                     if name == "pallas kernel":
                         raise RuntimeError(f"the Pallas kernel failed ({case.name}, {pass_}): {error}") from error
@@ -144,12 +144,12 @@ def _device_memory_bytes() -> float:
     return float(stats.get("bytes_limit", 16 * 2**30))
 
 
-def parity_rows(plan: Plan) -> list[dict[str, Any]]:
+def parity_rows(sizes: CheckSizes) -> list[dict[str, Any]]:
     """Section 3a: the bf16 kernel (forward and gradients) against the f32 XLA reference on the same values."""
     from pallas_kernels import joint_attention
     from pallas_kernels.reference import generator_attention_reference
 
-    case = plan.parity_case
+    case = sizes.parity_case
     args = make_inputs(case, jnp.bfloat16, seed=3)
     args = args[:-2] + (args[-2], args[-1].at[0].set(case.gen * 3 // 4))  # a padded tail
     f32 = tuple(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x for x in args)
@@ -163,32 +163,32 @@ def parity_rows(plan: Plan) -> list[dict[str, Any]]:
     return [dict(check=check, max_abs_err=err, tolerance=tol, holds=err <= tol) for check, err, tol in rows]
 
 
-def stack_row(plan: Plan) -> dict[str, Any]:
+def stack_row(sizes: CheckSizes) -> dict[str, Any]:
     """Section 2: one cached generator (denoising) step, both guidance branches, bf16, `stack_layers` layers."""
     from cosmos_jax.config import load_preset
     from cosmos_jax.modeling.inputs import GeneratorInputs
     from cosmos_jax.modeling.transformer import Cosmos3Transformer
     from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence
 
-    cfg = dataclasses.replace(load_preset(plan.config), num_hidden_layers=plan.stack_layers)
+    cfg = dataclasses.replace(load_preset(sizes.config), num_hidden_layers=sizes.stack_layers)
     model = Cosmos3Transformer(cfg, dtype=jnp.bfloat16, attention="auto")
     params = jax.jit(model.init)(jax.random.key(0))
-    layout = layout_sequence(cfg, plan.stack_text, plan.stack_latent, fps=24.0, clean_vision_frames=[0])
-    ids = np.arange(plan.stack_text) % cfg.vocab_size
+    layout = layout_sequence(cfg, sizes.stack_text, sizes.stack_latent, fps=24.0, clean_vision_frames=[0])
+    ids = np.arange(sizes.stack_text) % cfg.vocab_size
     text = jax.tree.map(jnp.asarray, batch_text([ids, ids], [layout, layout]))
     gen = GeneratorInputs(
         position_ids=jnp.asarray(batch_generator_positions([layout, layout])),
-        vision=jax.random.normal(jax.random.key(1), (2, cfg.latent_channel, *plan.stack_latent), jnp.bfloat16),
+        vision=jax.random.normal(jax.random.key(1), (2, cfg.latent_channel, *sizes.stack_latent), jnp.bfloat16),
         vision_noisy=jnp.asarray(np.stack([layout.vision_noisy] * 2)), vision_t=jnp.full((2,), 973.0),
     )
     cache, _ = jax.jit(model.encode_reasoner)(params, text)
     step = jax.jit(model.denoise_step)
     jax.block_until_ready(step(params, cache, gen).vision)
-    seconds = median_seconds(lambda: jax.block_until_ready(step(params, cache, gen).vision), plan.repeats)
-    extrapolated = seconds * NANO_LAYERS / plan.stack_layers * NANO_STEPS
+    seconds = median_seconds(lambda: jax.block_until_ready(step(params, cache, gen).vision), sizes.repeats)
+    extrapolated = seconds * NANO_LAYERS / sizes.stack_layers * NANO_STEPS
     return dict(
-        config=plan.config, layers=plan.stack_layers, generator_tokens=int(layout.num_gen),
-        reasoner_tokens=plan.stack_text, batch_rows=2, step_ms=seconds * 1e3,
+        config=sizes.config, layers=sizes.stack_layers, generator_tokens=int(layout.num_gen),
+        reasoner_tokens=sizes.stack_text, batch_rows=2, step_ms=seconds * 1e3,
         extrapolated_720p_seconds=extrapolated,
         versus_published={name: published / extrapolated for name, published in PUBLISHED_H100_SECONDS.items()},
         note="denoising only (36 layers x 35 steps, CFG as 2 batch rows); excludes text encoding and VAE decode",
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no GPU found (jax backend is {backend!r}); use --dry-run to check the script on CPU",
               file=sys.stderr)
         return 2
-    plan = dry_plan() if args.dry_run else full_plan()
+    sizes = dry_sizes() if args.dry_run else full_sizes()
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", str(device))
     peak = None if args.dry_run else _peak(kind)
@@ -272,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = dict(device=kind, backend=backend, jax=jax.__version__, dry_run=args.dry_run,
                                   bf16_peak_tflops=peak)
     sections = {}
-    for name, run in (("kernel", lambda: kernel_rows(plan, args.dry_run, peak)), ("stack", lambda: stack_row(plan)),
-                      ("parity", lambda: parity_rows(plan)), ("pipeline", lambda: pipeline_row(args.dry_run))):
+    for name, run in (("kernel", lambda: kernel_rows(sizes, args.dry_run, peak)), ("stack", lambda: stack_row(sizes)),
+                      ("parity", lambda: parity_rows(sizes)), ("pipeline", lambda: pipeline_row(args.dry_run))):
         section_start = time.perf_counter()
         report[name] = run()
         sections[name] = round(time.perf_counter() - section_start, 1)

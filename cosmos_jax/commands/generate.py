@@ -279,32 +279,32 @@ def check_work(pipeline: Any, args: argparse.Namespace, request: Any) -> None:
     """Print the request's work estimate; refuse (ValueError naming --height/--width) sizes that cannot fit."""
     from cosmos_jax.sampling import work_estimate
 
-    plan = pipeline.plan(request)
+    prep = pipeline.prepare(request)
     vae = pipeline.vae.config.decoder_dims[0] if pipeline.vae is not None and args.output_type == "video" else None
     dense = pipeline.model.attention == "xla"
 
     sf = pipeline.vae.config.spatial_compression if pipeline.vae is not None else 16
 
     def at(height: int, width: int, latent: tuple[int, int, int] | None = None) -> work_estimate.WorkEstimate:
-        latent = latent or (plan.latent_shape[0], height // sf, width // sf)
+        latent = latent or (prep.latent_shape[0], height // sf, width // sf)
         return work_estimate.estimate(
-            pipeline.config, frames=plan.num_frames, height=height, width=width, latent_shape=latent,
-            text_tokens=len(plan.cond_ids), other_tokens=plan.sound_len + plan.action_len, steps=args.steps,
-            branches=2 if plan.use_cfg else 1, decoder_width=vae, dense_attention=dense)
+            pipeline.config, frames=prep.num_frames, height=height, width=width, latent_shape=latent,
+            text_tokens=len(prep.cond_ids), other_tokens=prep.sound_len + prep.action_len, steps=args.steps,
+            branches=2 if prep.use_cfg else 1, decoder_width=vae, dense_attention=dense)
 
-    estimate = at(plan.height, plan.width, plan.latent_shape)
+    estimate = at(prep.height, prep.width, prep.latent_shape)
     limit = work_estimate.available_bytes()
     if limit is not None and estimate.bytes > 0.9 * limit:
-        height, width = plan.height, plan.width
+        height, width = prep.height, prep.width
         while height > 16 and width > 16 and at(height, width).bytes > 0.9 * limit:
             height, width = max(16, int(height * 0.9) // 16 * 16), max(16, int(width * 0.9) // 16 * 16)
-        raise ValueError(f"--height {plan.height} --width {plan.width} with {plan.num_frames} frames needs at least "
+        raise ValueError(f"--height {prep.height} --width {prep.width} with {prep.num_frames} frames needs at least "
                          f"{estimate.bytes / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB this device has; "
                          f"about --height {height} --width {width} would fit")
     import jax
 
     rate = work_estimate.matmul_rate() if jax.devices()[0].platform == "cpu" else None
-    print(f"{plan.mode} {plan.num_frames}x{plan.height}x{plan.width}: {work_estimate.format_estimate(estimate, rate)}",
+    print(f"{prep.mode} {prep.num_frames}x{prep.height}x{prep.width}: {work_estimate.format_estimate(estimate, rate)}",
           file=sys.stderr)
     if rate and estimate.flops / rate > 300:
         print("note: that is long on a CPU; --num-frames, --height, --width and --steps make it smaller "

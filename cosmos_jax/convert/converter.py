@@ -34,7 +34,7 @@ from cosmos_jax.convert.load import (
     iter_transformer_leaves,
     locate,
     params_from_state,
-    plan_root_reasoner,
+    resolve_root_reasoner,
     read_reasoner_config,
     read_sound_config,
     read_state,
@@ -117,7 +117,7 @@ def _root_reasoner_tree(layout: Layout, transformer: CheckpointIndex, config: Co
     """(leaves of the root_reasoner tree or None when it has none, the marker entry) for the root files."""
     reasoner_config = read_reasoner_config(layout.root)
     root = stack.enter_context(CheckpointIndex.open(layout.root))
-    contents, resolved, lm_from = plan_root_reasoner(root, reasoner_config, transformer, config)
+    contents, resolved, lm_from = resolve_root_reasoner(root, reasoner_config, transformer, config)
     marker = {"language_model_from": lm_from, "contents": contents.to_dict()}
     parts = root_parts(lm_from)
     table = keymap_reasoner.tensor_table(reasoner_config, parts)

@@ -447,7 +447,7 @@ def _vision_dir(root: CheckpointIndex, keys: Sequence[str]) -> str:
     return "" if relative == "." else relative
 
 
-def plan_root_reasoner(root: CheckpointIndex, config: ReasonerConfig, transformer: CheckpointIndex,
+def resolve_root_reasoner(root: CheckpointIndex, config: ReasonerConfig, transformer: CheckpointIndex,
                        transformer_config: Cosmos3Config) -> tuple[RootContents, dict[str, str], str]:
     """Validate the root checkpoint and decide where the reasoner's LM comes from.
 
@@ -543,7 +543,7 @@ def _load_hub_reasoner(layout: Layout, config: Cosmos3Config, dtype: Any,
                        loaded: dict[str, Any] | None) -> ReasonerWeights:
     reasoner_config = read_reasoner_config(layout.root)
     with CheckpointIndex.open(layout.root) as root, CheckpointIndex.open(layout.transformer_dir) as transformer:
-        contents, resolved, lm_from = plan_root_reasoner(root, reasoner_config, transformer, config)
+        contents, resolved, lm_from = resolve_root_reasoner(root, reasoner_config, transformer, config)
         params: dict[str, Any] = {}
         for path, array in keymap_reasoner.iter_params(root, reasoner_config, resolved, dtype, root_parts(lm_from)):
             set_path(params, path, jax.device_put(array, _default_sharding()))

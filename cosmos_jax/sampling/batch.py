@@ -28,7 +28,7 @@ from cosmos_jax.modeling.inputs import GeneratorInputs, ReasonerCache, TextInput
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.packing import batch_generator_positions, batch_text, layout_sequence
 from cosmos_jax.sampling import scheduler
-from cosmos_jax.sampling.plan import GenerationPlan
+from cosmos_jax.sampling.prepared import PreparedRequest
 from cosmos_jax.sampling.request import TEMPORAL_COMPRESSION, GenerationRequest
 
 _MAX_INDEX = 2**32 - 1
@@ -83,8 +83,8 @@ class BatchShape:
     use_cfg: bool
 
     @classmethod
-    def of(cls, plan: GenerationPlan, steps: int) -> BatchShape:
-        return cls(plan.mode, tuple(plan.latent_shape), plan.sound_len, plan.action_len, steps, plan.use_cfg)
+    def of(cls, prep: PreparedRequest, steps: int) -> BatchShape:
+        return cls(prep.mode, tuple(prep.latent_shape), prep.sound_len, prep.action_len, steps, prep.use_cfg)
 
     @property
     def branches(self) -> int:
@@ -116,16 +116,16 @@ def common_shape(shapes: Sequence[BatchShape]) -> BatchShape:
             a, b = getattr(first, name), getattr(shape, name)
             if a != b:
                 raise ValueError(f"samples of one batch must share a shape: sample {i} differs from sample 0 in "
-                                 f"{label} ({b!r} vs {a!r}); group them with plan_batches")
+                                 f"{label} ({b!r} vs {a!r}); group them with group_batches")
     return first
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class PlannedBatch:
-    """Samples of one shape with their plans (one per sample, shared by the samples of a request)."""
+class PreparedBatch:
+    """Samples of one shape with their preps (one per sample, shared by the samples of a request)."""
 
     samples: tuple[Sample, ...]
-    plans: tuple[GenerationPlan, ...]
+    preps: tuple[PreparedRequest, ...]
     shape: BatchShape
 
 
@@ -146,7 +146,7 @@ def padded_size(count: int, data: int) -> int:
     return -(-count // data) * data
 
 
-def plan_batches(shapes: Sequence[BatchShape], batch_size: int, data: int = 1) -> list[tuple[int, ...]]:
+def group_batches(shapes: Sequence[BatchShape], batch_size: int, data: int = 1) -> list[tuple[int, ...]]:
     """Group sample positions into batches: same-shape samples in order of first appearance, at most
     `batch_size` per batch (only a shape's last batch is short; it is padded to a multiple of `data` when run)."""
     check_batch_size(batch_size, data)
@@ -178,18 +178,18 @@ class BatchRows:
 
 
 def batch_rows(
-    config: Cosmos3Config, plans: Sequence[GenerationPlan], guidance: Sequence[float], pad_id: int
+    config: Cosmos3Config, preps: Sequence[PreparedRequest], guidance: Sequence[float], pad_id: int
 ) -> BatchRows:
-    """Lay out the rows of a batch of plans sharing one shape; identical prompts are encoded once."""
-    shape = common_shape([BatchShape.of(p, 1) for p in plans])
+    """Lay out the rows of a batch of preps sharing one shape; identical prompts are encoded once."""
+    shape = common_shape([BatchShape.of(p, 1) for p in preps])
     distinct: dict[tuple[int, ...], int] = {}
     row_ids, layouts = [], []
-    for plan in plans:
-        for ids in ([plan.cond_ids, plan.uncond_ids] if shape.use_cfg else [plan.cond_ids]):
+    for prep in preps:
+        for ids in ([prep.cond_ids, prep.uncond_ids] if shape.use_cfg else [prep.cond_ids]):
             row_ids.append(distinct.setdefault(tuple(ids), len(distinct)))
             layouts.append(layout_sequence(
-                config, len(ids), plan.latent_shape, fps=plan.fps, clean_vision_frames=plan.clean_frames,
-                sound_len=plan.sound_len, action_len=plan.action_len, clean_action_rows=plan.clean_action_rows,
+                config, len(ids), prep.latent_shape, fps=prep.fps, clean_vision_frames=prep.clean_frames,
+                sound_len=prep.sound_len, action_len=prep.action_len, clean_action_rows=prep.clean_action_rows,
                 vae_temporal_compression=TEMPORAL_COMPRESSION,
             ))
     first_row = {u: row_ids.index(u) for u in range(len(distinct))}
@@ -206,9 +206,9 @@ def batch_rows(
         static["sound_noisy"] = np.ones((rows, shape.sound_len), bool)
     if shape.action_len:
         static["action_noisy"] = np.stack([lay.action_noisy for lay in layouts])
-        static["action_domain"] = np.repeat(np.asarray([p.domain_id for p in plans], np.int32), shape.branches)
+        static["action_domain"] = np.repeat(np.asarray([p.domain_id for p in preps], np.int32), shape.branches)
         static["action_channels"] = np.stack(
-            [np.arange(config.action_dim) < p.raw_action_dim for p in plans])[:, None, :]
+            [np.arange(config.action_dim) < p.raw_action_dim for p in preps])[:, None, :]
     return BatchRows(text, static)
 
 

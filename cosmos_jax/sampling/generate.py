@@ -43,7 +43,7 @@ from cosmos_jax.modeling.weights import is_quantized
 from cosmos_jax.sampling import conditioning, offload, scheduler
 from cosmos_jax.sampling.batch import (
     BatchShape,
-    PlannedBatch,
+    PreparedBatch,
     Sample,
     batch_denoiser,
     batch_rows,
@@ -51,11 +51,11 @@ from cosmos_jax.sampling.batch import (
     common_shape,
     owned_rows,
     padded_size,
-    plan_batches,
+    group_batches,
     sample_key,
     sample_noise,
 )
-from cosmos_jax.sampling.plan import GenerationPlan
+from cosmos_jax.sampling.prepared import PreparedRequest
 from cosmos_jax.sampling.prompts import EMBODIMENT_DOMAINS, ChatTokenizer, build_prompt_pair, raw_action_dim
 from cosmos_jax.sampling.request import TEMPORAL_COMPRESSION, GenerationRequest, is_path
 from cosmos_jax.scheduler_config import SchedulerConfig
@@ -232,12 +232,12 @@ class Cosmos3Pipeline:
         pipeline.fp8_revision, pipeline.fp8_policy = loaded.fp8_revision, loaded.fp8_policy
         return pipeline
 
-    # ------------------------------------------------------------------ validation and planning
+    # ------------------------------------------------------------------ validation and preparation
 
     def _spatial_compression(self) -> int:
         return self.vae.config.spatial_compression if self.vae is not None else DEFAULT_SPATIAL_COMPRESSION
 
-    def plan(self, request: GenerationRequest) -> GenerationPlan:
+    def prepare(self, request: GenerationRequest) -> PreparedRequest:
         """Check the request against this model and decide the layout; raises ValueError/FileNotFoundError
         before any compute (the VAE is needed to encode clean frames unless `request.init_noise` is given)."""
         image, video = request.image, request.video
@@ -252,7 +252,7 @@ class Cosmos3Pipeline:
             if self.sound is None:
                 raise ValueError("enable_sound needs a sound tokenizer (sound_tokenizer/ in the model folder)")
         if request.action_mode is not None:
-            return self._plan_action(request, image, video)
+            return self._prepare_action(request, image, video)
         num_frames = 189 if request.num_frames is None else request.num_frames
         height = 720 if request.height is None else request.height
         width = 1280 if request.width is None else request.width
@@ -262,9 +262,9 @@ class Cosmos3Pipeline:
             raise ValueError(f"height and width must be positive multiples of {sf}, got {height}x{width}")
         latent_shape = ((num_frames - 1) // TEMPORAL_COMPRESSION + 1, height // sf, width // sf)
         if num_frames == 1:
-            mode, clean, pixels = _plan_text2image(image, video)
+            mode, clean, pixels = _prepare_text2image(image, video)
         elif video is not None:
-            mode, clean, pixels = _plan_video2video(request, video, latent_shape, num_frames, height, width)
+            mode, clean, pixels = _prepare_video2video(request, video, latent_shape, num_frames, height, width)
         elif image is not None:
             mode, clean, pixels = "image2video", (0,), conditioning.conditioning_image(image, height, width)[:, None]
         else:
@@ -275,7 +275,7 @@ class Cosmos3Pipeline:
             self.tokenizer, request.prompt, request.negative_prompt, num_frames=num_frames, height=height,
             width=width, fps=request.fps, use_system_prompt=self._use_system_prompt(request),
         )
-        return GenerationPlan(
+        return PreparedRequest(
             mode=mode, num_frames=num_frames, height=height, width=width, fps=float(request.fps),
             latent_shape=latent_shape, clean_frames=clean, cond_ids=cond, uncond_ids=uncond,
             use_cfg=request.use_cfg, pixels=pixels, latent_crop=None,
@@ -283,8 +283,8 @@ class Cosmos3Pipeline:
             action_len=0, clean_action_rows=(), action_x0=None, raw_action_dim=None, domain_id=None,
         )
 
-    def _plan_action(self, request: GenerationRequest, image: Any, video: Any) -> GenerationPlan:
-        """The plan of policy / forward_dynamics / inverse_dynamics: the clip from `chunk` and the tier."""
+    def _prepare_action(self, request: GenerationRequest, image: Any, video: Any) -> PreparedRequest:
+        """The prepared request of policy / forward_dynamics / inverse_dynamics: the clip from `chunk` and the tier."""
         cfg = self.config
         mode, domain, chunk = request.action_mode, request.domain, request.chunk
         if not cfg.action_gen:
@@ -321,7 +321,7 @@ class Cosmos3Pipeline:
             width=width, fps=request.fps, use_system_prompt=self._use_system_prompt(request), action_mode=mode,
             view_point=request.view_point,
         )
-        return GenerationPlan(
+        return PreparedRequest(
             mode=mode, num_frames=num_frames, height=height, width=width, fps=float(request.fps),
             latent_shape=latent_shape, clean_frames=clean, cond_ids=cond, uncond_ids=uncond,
             use_cfg=request.use_cfg, pixels=pixels, latent_crop=latent_shape[1:],
@@ -340,12 +340,12 @@ class Cosmos3Pipeline:
 
     # ------------------------------------------------------------------ starting latents
 
-    def _encode_clean(self, plan: GenerationPlan) -> np.ndarray:
+    def _encode_clean(self, prep: PreparedRequest) -> np.ndarray:
         """[C, T, h, w] float32 normalised latents holding the clean frames (zeros elsewhere)."""
-        t, h, w = plan.latent_shape
+        t, h, w = prep.latent_shape
         x0 = np.zeros((self.config.latent_channel, t, h, w), np.float32)
         vae_dtype = self.vae.dtype
-        pixels = jnp.asarray(plan.pixels[None], vae_dtype)
+        pixels = jnp.asarray(prep.pixels[None], vae_dtype)
         mu = self.vae.encode(self.vae_params, pixels)
         z = np.asarray(self.vae.normalize(mu).astype(jnp.float32))[0]
         z = z[:, :, :h, :w]
@@ -353,13 +353,13 @@ class Cosmos3Pipeline:
         return x0
 
     def given_latents(
-        self, plan: GenerationPlan, init_noise: Any, init_sound_noise: Any, init_action_noise: Any
+        self, prep: PreparedRequest, init_noise: Any, init_sound_noise: Any, init_action_noise: Any
     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        """The caller's starting latents (arrays or .npy paths) as float32, each checked against the plan."""
+        """The caller's starting latents (arrays or .npy paths) as float32, each checked against the prep."""
         cfg = self.config
-        v_shape = (1, cfg.latent_channel, *plan.latent_shape)
-        s_shape = (cfg.sound_dim, plan.sound_len) if plan.sound_len else None
-        a_shape = (plan.action_len, cfg.action_dim) if plan.action_len else None
+        v_shape = (1, cfg.latent_channel, *prep.latent_shape)
+        s_shape = (cfg.sound_dim, prep.sound_len) if prep.sound_len else None
+        a_shape = (prep.action_len, cfg.action_dim) if prep.action_len else None
         return (
             _checked_noise("init_noise", init_noise, v_shape),
             _checked_noise("init_sound_noise", init_sound_noise, s_shape),
@@ -367,82 +367,82 @@ class Cosmos3Pipeline:
         )
 
     def starting_latents(
-        self, plan: GenerationPlan, key: jax.Array, given: tuple[np.ndarray | None, ...],
+        self, prep: PreparedRequest, key: jax.Array, given: tuple[np.ndarray | None, ...],
         clean: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(vision [1, C, T, h, w], sound [S, Ts] | None, action [chunk, A] | None) float32 of one sample: the
         given tensors as they are, else noise from the sample's `key` (vision → sound → action, see
-        `cosmos_jax.sampling.batch.sample_noise`) with the clean frames/rows put in. `clean` is the plan's
+        `cosmos_jax.sampling.batch.sample_noise`) with the clean frames/rows put in. `clean` is the prepared request.s
         encoded clean frames [C, T, h, w] when the caller already has them (encoded here otherwise)."""
         cfg = self.config
-        v_shape = (1, cfg.latent_channel, *plan.latent_shape)
-        s_shape = (cfg.sound_dim, plan.sound_len) if plan.sound_len else None
-        a_shape = (plan.action_len, cfg.action_dim) if plan.action_len else None
+        v_shape = (1, cfg.latent_channel, *prep.latent_shape)
+        s_shape = (cfg.sound_dim, prep.sound_len) if prep.sound_len else None
+        a_shape = (prep.action_len, cfg.action_dim) if prep.action_len else None
         given_v, given_s, given_a = given
         vision, sound, action = sample_noise(key, v_shape, s_shape, a_shape)
         if given_v is not None:
             vision = given_v
-        elif plan.clean_frames:
-            mask = np.zeros((plan.latent_shape[0], 1, 1), bool)
-            mask[list(plan.clean_frames)] = True
-            clean = self._encode_clean(plan) if clean is None else clean
+        elif prep.clean_frames:
+            mask = np.zeros((prep.latent_shape[0], 1, 1), bool)
+            mask[list(prep.clean_frames)] = True
+            clean = self._encode_clean(prep) if clean is None else clean
             vision = np.where(mask, clean[None], vision).astype(np.float32)
         if given_s is not None:
             sound = given_s
         if given_a is not None:
             action = given_a
         elif action is not None:
-            rows = np.zeros((plan.action_len, 1), bool)
-            rows[list(plan.clean_action_rows)] = True
-            action = np.where(rows, plan.action_x0, action).astype(np.float32)
-            action[:, plan.raw_action_dim :] = 0
+            rows = np.zeros((prep.action_len, 1), bool)
+            rows[list(prep.clean_action_rows)] = True
+            action = np.where(rows, prep.action_x0, action).astype(np.float32)
+            action[:, prep.raw_action_dim :] = 0
         return vision, sound, action
 
     # ------------------------------------------------------------------ batches
 
-    def plan_batch(self, samples: Sequence[Sample]) -> PlannedBatch:
+    def prepare_batch(self, samples: Sequence[Sample]) -> PreparedBatch:
         """Plan the samples of one batch (each distinct request once) and check they share one shape."""
         samples = tuple(samples)
-        plans: dict[int, GenerationPlan] = {}
+        preps: dict[int, PreparedRequest] = {}
         for sample in samples:
-            if id(sample.request) not in plans:
-                plans[id(sample.request)] = self._checked_plan(sample.request)
-        ordered = tuple(plans[id(s.request)] for s in samples)
+            if id(sample.request) not in preps:
+                preps[id(sample.request)] = self._checked_prepare(sample.request)
+        ordered = tuple(preps[id(s.request)] for s in samples)
         shape = common_shape([BatchShape.of(p, s.request.steps) for s, p in zip(samples, ordered)])
-        return PlannedBatch(samples, ordered, shape)
+        return PreparedBatch(samples, ordered, shape)
 
-    def plan_batches(self, samples: Sequence[Sample], batch_size: int | None = None) -> list[PlannedBatch]:
+    def prepare_batches(self, samples: Sequence[Sample], batch_size: int | None = None) -> list[PreparedBatch]:
         """Group samples into same-shape batches of at most `batch_size` (default: the mesh's data axis size;
-        it must be a multiple of it). Every request is planned (and checked) once, before any compute."""
+        it must be a multiple of it). Every request is prepared (and checked) once, before any compute."""
         data = self.data_size
         batch_size = data if batch_size is None else batch_size
         check_batch_size(batch_size, data)
-        plans: dict[int, GenerationPlan] = {}
+        preps: dict[int, PreparedRequest] = {}
         for sample in samples:
-            if id(sample.request) not in plans:
-                plans[id(sample.request)] = self._checked_plan(sample.request)
-        ordered = [plans[id(s.request)] for s in samples]
+            if id(sample.request) not in preps:
+                preps[id(sample.request)] = self._checked_prepare(sample.request)
+        ordered = [preps[id(s.request)] for s in samples]
         shapes = [BatchShape.of(p, s.request.steps) for s, p in zip(samples, ordered)]
-        return [PlannedBatch(tuple(samples[i] for i in group), tuple(ordered[i] for i in group), shapes[group[0]])
-                for group in plan_batches(shapes, batch_size, data)]
+        return [PreparedBatch(tuple(samples[i] for i in group), tuple(ordered[i] for i in group), shapes[group[0]])
+                for group in group_batches(shapes, batch_size, data)]
 
-    def _checked_plan(self, request: GenerationRequest) -> GenerationPlan:
+    def _checked_prepare(self, request: GenerationRequest) -> PreparedRequest:
         if request.output_type == "video" and self.vae is None:
             raise ValueError("output_type='video' needs a VAE; this pipeline has none (use output_type='latent')")
         if self.fp8_revision:
             note = fallback_note(self.fp8_policy, request.steps)
             if note is not None:
                 warnings.warn(note, stacklevel=2)
-        plan = self.plan(request)
-        self.given_latents(plan, request.init_noise, request.init_sound_noise, request.init_action_noise)
-        return plan
+        prep = self.prepare(request)
+        self.given_latents(prep, request.init_noise, request.init_sound_noise, request.init_action_noise)
+        return prep
 
     @property
     def data_size(self) -> int:
         """The size of the mesh's `data` axis (1 without a mesh): batches are padded to a multiple of it."""
         return 1 if self.mesh is None else int(self.mesh.shape["data"])
 
-    def run_batch(self, batch: PlannedBatch | Sequence[Sample], *, progress: bool = True) -> list[GenerationResult]:
+    def run_batch(self, batch: PreparedBatch | Sequence[Sample], *, progress: bool = True) -> list[GenerationResult]:
         """Generate every sample of one same-shape batch in one jitted loop (see cosmos_jax.sampling.batch).
 
         The batch is padded to a multiple of the mesh's data axis (the padding repeats the last sample and is
@@ -461,13 +461,13 @@ class Cosmos3Pipeline:
         progress: bool = True,
     ) -> Iterator[GenerationResult]:
         """Samples 0..num_samples-1 of every request, in same-shape batches of at most `batch_size`, yielded
-        batch by batch as they finish (host memory holds one batch). Everything is planned and checked before
+        batch by batch as they finish (host memory holds one batch). Everything is prepared and checked before
         any compute; one progress bar (samples/s) covers the run. Under jax.distributed every process yields
         the samples it owns (see `run_batch`)."""
         if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         samples = [Sample(r, k) for r in requests for k in range(num_samples)]
-        batches = self.plan_batches(samples, batch_size)
+        batches = self.prepare_batches(samples, batch_size)
         show = progress and jax.process_index() == 0
         bar = _progress_bar(len(samples), unit="sample", desc="generating") if show else None
         try:
@@ -477,16 +477,16 @@ class Cosmos3Pipeline:
             if bar is not None:
                 bar.close()
 
-    def _run_batch(self, batch: PlannedBatch | Sequence[Sample], bar: Any, per_step: float) -> list[GenerationResult]:
+    def _run_batch(self, batch: PreparedBatch | Sequence[Sample], bar: Any, per_step: float) -> list[GenerationResult]:
         start = time.perf_counter()
-        if not isinstance(batch, PlannedBatch):
-            batch = self.plan_batch(batch)
+        if not isinstance(batch, PreparedBatch):
+            batch = self.prepare_batch(batch)
         shape = batch.shape
         count = padded_size(len(batch.samples), self.data_size)
         samples = batch.samples + (batch.samples[-1],) * (count - len(batch.samples))
-        plans = batch.plans + (batch.plans[-1],) * (count - len(batch.plans))
-        latents = self._batch_latents(samples, plans)
-        rows = batch_rows(self.config, plans, [s.request.guidance for s in samples], self._pad_id())
+        preps = batch.preps + (batch.preps[-1],) * (count - len(batch.preps))
+        latents = self._batch_latents(samples, preps)
+        rows = batch_rows(self.config, preps, [s.request.guidance for s in samples], self._pad_id())
         schedule = scheduler.make_schedule(self.scheduler_config, shape.steps, native_flow=self.native_flow_schedule)
         text = self._replicated(rows.text)
         params: Any = self.params
@@ -511,37 +511,37 @@ class Cosmos3Pipeline:
         timings["denoise"] = time.perf_counter() - start
         owned = {name: owned_rows(x) for name, x in final.items()}
         results = []
-        for i, (sample, plan) in enumerate(zip(batch.samples, batch.plans)):
+        for i, (sample, prep) in enumerate(zip(batch.samples, batch.preps)):
             if i in owned["vision"]:
-                results.append(self._result(sample, plan, {name: rows[i] for name, rows in owned.items()},
+                results.append(self._result(sample, prep, {name: rows[i] for name, rows in owned.items()},
                                             dict(timings)))
         return results
 
-    def _batch_latents(self, samples: Sequence[Sample], plans: Sequence[GenerationPlan]) -> dict[str, np.ndarray]:
+    def _batch_latents(self, samples: Sequence[Sample], preps: Sequence[PreparedRequest]) -> dict[str, np.ndarray]:
         """The stacked starting latents of a batch {"vision" [N, C, T, h, w], "sound" [N, S, Ts], "action"
         [N, chunk, A]}; clean frames are encoded once per distinct request."""
         clean: dict[int, np.ndarray] = {}
         given: dict[int, tuple] = {}
         stacks: dict[str, list[np.ndarray]] = {"vision": [], "sound": [], "action": []}
-        for sample, plan in zip(samples, plans):
+        for sample, prep in zip(samples, preps):
             request = sample.request
-            if id(plan) not in given:
-                given[id(plan)] = self.given_latents(plan, request.init_noise, request.init_sound_noise,
+            if id(prep) not in given:
+                given[id(prep)] = self.given_latents(prep, request.init_noise, request.init_sound_noise,
                                                      request.init_action_noise)
-                if plan.clean_frames and given[id(plan)][0] is None:
-                    clean[id(plan)] = self._encode_clean(plan)
+                if prep.clean_frames and given[id(prep)][0] is None:
+                    clean[id(prep)] = self._encode_clean(prep)
             vision, sound, action = self.starting_latents(
-                plan, sample_key(request.seed, sample.index), given[id(plan)], clean.get(id(plan)))
+                prep, sample_key(request.seed, sample.index), given[id(prep)], clean.get(id(prep)))
             for name, x in (("vision", vision[0]), ("sound", sound), ("action", action)):
                 if x is not None:
                     stacks[name].append(x)
         return {name: np.stack(xs) for name, xs in stacks.items() if xs}
 
-    def _result(self, sample: Sample, plan: GenerationPlan, final: dict[str, np.ndarray],
+    def _result(self, sample: Sample, prep: PreparedRequest, final: dict[str, np.ndarray],
                 timings: dict[str, float]) -> GenerationResult:
         """One sample's result from its rows of the final latents (decoded as its request asks)."""
         start = time.perf_counter()
-        result = GenerationResult(mode=plan.mode, fps=plan.fps, latents=np.asarray(final["vision"])[None],
+        result = GenerationResult(mode=prep.mode, fps=prep.fps, latents=np.asarray(final["vision"])[None],
                                   seed=sample.seed, sample_index=sample.index)
         if sample.request.output_type == "video":
             result.video = self.decode_video(result.latents)
@@ -549,8 +549,8 @@ class Cosmos3Pipeline:
             result.sound_latents = np.asarray(final["sound"])
             result.sound = np.asarray(self.sound.decode(self.sound_params, jnp.asarray(final["sound"])), np.float32)
             result.sample_rate = self.sound.config.sampling_rate
-        if plan.mode in ("policy", "inverse_dynamics"):
-            result.actions = np.asarray(final["action"])[:, : plan.raw_action_dim]
+        if prep.mode in ("policy", "inverse_dynamics"):
+            result.actions = np.asarray(final["action"])[:, : prep.raw_action_dim]
         timings["decode"] = time.perf_counter() - start
         result.timings = timings
         return result
@@ -606,9 +606,9 @@ class Cosmos3Pipeline:
         return np.asarray(jnp.transpose(frames, (1, 2, 3, 0)))
 
 
-def batch_steps(batch: PlannedBatch | Sequence[Sample]) -> int:
+def batch_steps(batch: PreparedBatch | Sequence[Sample]) -> int:
     """The denoising steps of a batch (its first sample's)."""
-    return batch.shape.steps if isinstance(batch, PlannedBatch) else batch[0].request.steps
+    return batch.shape.steps if isinstance(batch, PreparedBatch) else batch[0].request.steps
 
 
 def _global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -616,14 +616,14 @@ def _global_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def _plan_text2image(image: Any, video: Any) -> tuple[str, tuple[int, ...], None]:
+def _prepare_text2image(image: Any, video: Any) -> tuple[str, tuple[int, ...], None]:
     """(mode, clean latent frames, pixels) of a one-frame request: nothing to condition on."""
     if image is not None or video is not None:
         raise ValueError("image/video conditioning needs num_frames > 1 (a video to continue)")
     return "text2image", (), None
 
 
-def _plan_video2video(
+def _prepare_video2video(
     request: GenerationRequest, video: Any, latent_shape: tuple[int, int, int], num_frames: int, height: int,
     width: int,
 ) -> tuple[str, tuple[int, ...], np.ndarray]:

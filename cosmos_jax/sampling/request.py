@@ -3,7 +3,7 @@
 A request is frozen and independent of any model: the checks that need no model (types, ranges, which fields
 go with which mode) run in `__post_init__` and raise a one-line `ValueError` naming the field. The checks that
 need the loaded model (sound or action heads, the VAE's spatial compression, the number of embodiment domains)
-run when the pipeline plans the request (`Cosmos3Pipeline.plan`). Image and video paths are read at planning
+run when the pipeline prepares the request (`Cosmos3Pipeline.prepare`). Image and video paths are read at preparation
 time too, so building a request does no I/O.
 
     request = GenerationRequest("A robot arm picks up a cube.", num_frames=9, height=64, width=64, steps=4)

@@ -2,7 +2,7 @@
 
 Every job is expanded into candidates (job order; slot s of a job owns sample indices s·N .. s·N + N − 1
 under `--best-of N`), and the candidates into same-shape batches of at most `batch_size`
-(`Cosmos3Pipeline.plan_batches`). The batch plan is computed over every candidate, done or not, and is the
+(`Cosmos3Pipeline.prepare_batches`). The batch grouping is computed over every candidate, done or not, and is the
 same on every process; process p runs the batches b with b % process_count == p on its local devices and
 journals what it made. So the batches, and with them every candidate's numbers, do not depend on how
 often the run was interrupted, and sample k of a job draws its noise from fold_in(key(seed), k) whatever the
@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from cosmos_jax.datasets.normalization import ActionNormalizer
-from cosmos_jax.sampling.batch import PlannedBatch, Sample
+from cosmos_jax.sampling.batch import PreparedBatch, Sample
 from cosmos_jax.sampling.generate import Cosmos3Pipeline, GenerationResult
 from cosmos_jax.sampling.media import to_uint8
 from cosmos_jax.sampling.request import GenerationRequest
@@ -90,9 +90,9 @@ class _Episode:
 
 def frame_size(pipeline: Cosmos3Pipeline, request: GenerationRequest) -> tuple[int, int]:
     """(H, W) of the frames a job's episodes have (the decoded size of its latents)."""
-    plan = pipeline.plan(request)
+    prep = pipeline.prepare(request)
     sf = pipeline.vae.config.spatial_compression
-    return plan.latent_shape[1] * sf, plan.latent_shape[2] * sf
+    return prep.latent_shape[1] * sf, prep.latent_shape[2] * sf
 
 
 def model_actions(job: Job, normalizer: ActionNormalizer | None) -> np.ndarray:
@@ -109,7 +109,7 @@ def model_actions(job: Job, normalizer: ActionNormalizer | None) -> np.ndarray:
 
 def job_requests(pipeline: Cosmos3Pipeline, jobs: Sequence[Job], normalizer: ActionNormalizer | None,
                  jobs_path: str | os.PathLike) -> tuple[list[Job], list[GenerationRequest], list[JobError]]:
-    """The first-chunk request of every job, checked against the model (plan) and against the first job's
+    """The first-chunk request of every job, checked against the model (prep) and against the first job's
     frame size; (jobs kept, their requests, errors naming the line of `jobs_path`)."""
     kept, requests, errors = [], [], []
     size: tuple[int, int] | None = None
@@ -164,20 +164,20 @@ class Engine:
         self.version = cosmos_jax_version()
         self._job_of = {id(r): j for j, r in enumerate(self.requests)}
 
-    def batches(self) -> list[PlannedBatch]:
-        """Every candidate in same-shape batches (the same plan on every process and every re-run)."""
+    def batches(self) -> list[PreparedBatch]:
+        """Every candidate in same-shape batches (the same grouping on every process and every re-run)."""
         samples = [Sample(self.requests[j], index) for j, index in candidates(self.jobs, self.settings.best_of)]
-        return self.pipeline.plan_batches(samples, self.settings.batch_size)
+        return self.pipeline.prepare_batches(samples, self.settings.batch_size)
 
-    def keys(self, batch: PlannedBatch) -> list[tuple[int, int]]:
+    def keys(self, batch: PreparedBatch) -> list[tuple[int, int]]:
         return [(self._job_of[id(s.request)], s.index) for s in batch.samples]
 
-    def todo(self, done: set[tuple[int, int]], process: int, process_count: int) -> list[PlannedBatch]:
+    def todo(self, done: set[tuple[int, int]], process: int, process_count: int) -> list[PreparedBatch]:
         """This process's batches (b % process_count == process) with a candidate not in `done`."""
         return [batch for number, batch in enumerate(self.batches())
                 if number % process_count == process and not all(key in done for key in self.keys(batch))]
 
-    def run(self, batches: Sequence[PlannedBatch], journal: Journal,
+    def run(self, batches: Sequence[PreparedBatch], journal: Journal,
             progress: Callable[[list[dict[str, Any]]], None]) -> int:
         """Generate every batch and journal its candidates that are not journaled yet; `progress(records)`
         after each batch. Returns the number of candidates journaled."""
@@ -200,7 +200,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ passes
 
-    def generate(self, batch: PlannedBatch) -> tuple[list[_Episode], float]:
+    def generate(self, batch: PreparedBatch) -> tuple[list[_Episode], float]:
         """Every pass of one batch (module docstring); (the episodes in batch order, the seconds the
         consistency passes took)."""
         results = self._run(list(batch.samples), batch)
@@ -221,7 +221,7 @@ class Engine:
         self._rerender(episodes)
         return episodes, time.perf_counter() - start
 
-    def _run(self, samples: list[Sample], batch: PlannedBatch | None = None) -> list[GenerationResult]:
+    def _run(self, samples: list[Sample], batch: PreparedBatch | None = None) -> list[GenerationResult]:
         results = self.pipeline.run_batch(batch if batch is not None else samples, progress=False)
         if len(results) != len(samples):
             raise RuntimeError(f"a batch of {len(samples)} samples returned {len(results)} results; sdg runs "

@@ -1,5 +1,5 @@
-"""The model behind the server: plans one request (every model-side check, before it is queued) and runs a
-list of planned same-shape requests as one batch of `Cosmos3Pipeline` (one jitted loop per compiled shape)."""
+"""The model behind the server: preps one request (every model-side check, before it is queued) and runs a
+list of prepared same-shape requests as one batch of `Cosmos3Pipeline` (one jitted loop per compiled shape)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,20 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cosmos_jax.sampling.batch import BatchShape, PlannedBatch, Sample, padded_size
+from cosmos_jax.sampling.batch import BatchShape, PreparedBatch, Sample, padded_size
 from cosmos_jax.sampling.generate import Cosmos3Pipeline, GenerationResult
 from cosmos_jax.sampling.prompts import ACTION_MODES, EMBODIMENT_DOMAINS, RAW_ACTION_DIM
 from cosmos_jax.sampling.request import GenerationRequest
 from cosmos_jax.serve.errors import ServeError
-from cosmos_jax.serve.fields import PolicyDefaults, plan_error
+from cosmos_jax.serve.fields import PolicyDefaults, prepare_error
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Prepared:
-    """A request planned against the model: sample 0 of it as a batch of one."""
+    """A request prepared against the model: sample 0 of it as a batch of one."""
 
     request: GenerationRequest
-    batch: PlannedBatch
+    batch: PreparedBatch
 
     @property
     def shape(self) -> BatchShape:
@@ -30,8 +30,8 @@ class Prepared:
     @property
     def prompts(self) -> tuple[tuple[int, ...], ...]:
         """The token sequences this request adds to a batch (both guidance branches under guidance)."""
-        plan = self.batch.plans[0]
-        return (tuple(plan.cond_ids), tuple(plan.uncond_ids)) if plan.use_cfg else (tuple(plan.cond_ids),)
+        prep = self.batch.preps[0]
+        return (tuple(prep.cond_ids), tuple(prep.uncond_ids)) if prep.use_cfg else (tuple(prep.cond_ids),)
 
 
 class _StepCounter:
@@ -56,9 +56,9 @@ class Engine:
     def prepare(self, request: GenerationRequest) -> Prepared:
         """Plan a request (reads nothing but its own fields); a 422 naming the field when the model refuses it."""
         try:
-            return Prepared(request, self.pipeline.plan_batch([Sample(request, 0)]))
+            return Prepared(request, self.pipeline.prepare_batch([Sample(request, 0)]))
         except (ValueError, FileNotFoundError) as e:
-            raise plan_error(e) from None
+            raise prepare_error(e) from None
 
     def signature(self, items: Sequence[Prepared]) -> tuple:
         """What decides whether a batch needs a compile: its shape, padded size, distinct prompts and their
@@ -77,8 +77,8 @@ class Engine:
         for item in items[1:]:
             if item.shape != shape:
                 raise ServeError(500, "internal: a batch was gathered from different shapes")
-        batch = PlannedBatch(tuple(s for item in items for s in item.batch.samples),
-                             tuple(p for item in items for p in item.batch.plans), shape)
+        batch = PreparedBatch(tuple(s for item in items for s in item.batch.samples),
+                             tuple(p for item in items for p in item.batch.preps), shape)
         counter = _StepCounter(shape.steps, progress) if progress is not None else None
         results = self.pipeline._run_batch(batch, counter, 1.0)
         with self._lock:

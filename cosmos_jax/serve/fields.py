@@ -215,15 +215,15 @@ def build_request(fields: dict[str, Any], limits: Limits) -> GenerationRequest:
 
 
 def _request_error(message: str) -> ServeError:
-    """A GenerationRequest/plan ValueError as a 422 naming the field its message starts with."""
+    """A GenerationRequest or preparation ValueError as a 422 naming the field its message starts with."""
     known = set(f.name for f in dataclasses.fields(GenerationRequest)) | {"enable_sound"}
     words = message.replace("/", " ").replace(",", " ").split()
     field = next((w for w in words[:4] if w in known), "request")
     return ServeError(422, message if field == "request" else f"{field}: {message}", field)
 
 
-def plan_error(error: Exception) -> ServeError:
-    """A refusal of the model's planning step (`Cosmos3Pipeline.plan`) as a 422 naming the field."""
+def prepare_error(error: Exception) -> ServeError:
+    """A refusal of the model's preparation step (`Cosmos3Pipeline.prepare`) as a 422 naming the field."""
     return _request_error(str(error))
 
 

@@ -1,6 +1,6 @@
 """What one request may ask for: body and upload sizes, image sizes, step, frame and chunk counts.
 
-Checked before a request is planned, so a request over a limit never reaches the model; every refusal names the
+Checked before a request is prepared, so a request over a limit never reaches the model; every refusal names the
 field (413 for sizes in bytes or pixels, 422 for counts).
 """
 

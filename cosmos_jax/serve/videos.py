@@ -79,7 +79,7 @@ def _summary(parsed: ParsedRequest) -> dict[str, Any]:
 
 
 async def _submit(request: Request) -> tuple[ServeState, dict[str, Any], asyncio.Future]:
-    """Check, plan and queue one job; the job's record (persisted) and a future that resolves when its outputs
+    """Check, prepare and queue one job; the job's record (persisted) and a future that resolves when its outputs
     are written (or its failure recorded)."""
     state: ServeState = request.app.state.serve
     parsed = await _fields(request, state)

@@ -1,4 +1,4 @@
-"""`GenerationPlan`: what the pipeline decides host-side about one request before any compute."""
+"""`PreparedRequest`: what the pipeline decides host-side about one request before any compute."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerationPlan:
+class PreparedRequest:
     """Everything decided host-side before any compute: mode, geometry, latent layout, prompt ids, the
     pixels to encode for clean frames, the action rows (forward dynamics' given actions) and domain."""
 
