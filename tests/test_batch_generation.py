@@ -193,6 +193,15 @@ def test_one_sample_per_device_is_bitwise(pipeline, requests, solo):
         assert _assert_same_sample(got, solo("text2video", 0, k)) == (0.0, True)
 
 
+def test_on_step_reports_the_fraction_done_and_leaves_the_samples_unchanged(pipeline, requests, solo):
+    """`run_batch(on_step=...)` (the server's progress hook): one call per denoising step, rising to 1.0."""
+    request = requests["text2video"][0]
+    fractions: list[float] = []
+    (got,) = pipeline.run_batch([Sample(request, 0)], progress=False, on_step=fractions.append)
+    assert fractions == pytest.approx([(i + 1) / request.steps for i in range(request.steps)])
+    assert _assert_same_sample(got, solo("text2video", 0, 0)) == (0.0, True)
+
+
 @pytest.mark.slow  # two shapes, three compiles: ~15 s quiet, ~40 s on a loaded 2-core host
 def test_generate_samples_streams_every_sample_in_same_shape_batches(pipeline, requests, solo):
     mixed = [requests["text2video"][0], requests["policy"][1], requests["text2video"][2]]

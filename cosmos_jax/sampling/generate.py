@@ -26,7 +26,7 @@ import dataclasses
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -442,13 +442,19 @@ class Cosmos3Pipeline:
         """The size of the mesh's `data` axis (1 without a mesh): batches are padded to a multiple of it."""
         return 1 if self.mesh is None else int(self.mesh.shape["data"])
 
-    def run_batch(self, batch: PreparedBatch | Sequence[Sample], *, progress: bool = True) -> list[GenerationResult]:
+    def run_batch(self, batch: PreparedBatch | Sequence[Sample], *, progress: bool = True,
+                  on_step: Callable[[float], None] | None = None) -> list[GenerationResult]:
         """Generate every sample of one same-shape batch in one jitted loop (see cosmos_jax.sampling.batch).
 
         The batch is padded to a multiple of the mesh's data axis (the padding repeats the last sample and is
         dropped). Returns the results of the samples this process owns, in batch order: all of them in a
         single process; under jax.distributed, each process gets the samples whose rows its devices hold.
+        `progress` shows a bar of denoising steps; `on_step(fraction_done)` (instead of the bar) is called
+        after every step with the fraction of the batch's steps done, for callers that report progress
+        themselves (the server).
         """
+        if on_step is not None:
+            return self._run_batch(batch, _StepFraction(batch_steps(batch), on_step), 1.0)
         bar = _progress_bar(batch_steps(batch)) if progress else None
         try:
             return self._run_batch(batch, bar, 1.0)
@@ -671,6 +677,17 @@ def _global_array_of(x: Any, sharding: NamedSharding) -> jax.Array:
     if isinstance(x, jax.Array) and x.sharding == sharding:
         return x
     return _global_array(np.asarray(x), sharding)
+
+
+class _StepFraction:
+    """Takes the denoising loop's per-step ticks (the progress bar's `update`) and reports the fraction done."""
+
+    def __init__(self, steps: int, report: Callable[[float], None]) -> None:
+        self.steps, self.done, self.report = max(steps, 1), 0.0, report
+
+    def update(self, n: float) -> None:
+        self.done += n
+        self.report(min(self.done / self.steps, 1.0))
 
 
 def _progress_bar(total: int, unit: str = "step", desc: str = "denoising") -> Any:

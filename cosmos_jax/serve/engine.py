@@ -34,17 +34,6 @@ class Prepared:
         return (tuple(prep.cond_ids), tuple(prep.uncond_ids)) if prep.use_cfg else (tuple(prep.cond_ids),)
 
 
-class _StepCounter:
-    """Receives the pipeline's per-step progress ticks and reports the fraction done."""
-
-    def __init__(self, steps: int, report: Callable[[float], None]) -> None:
-        self.steps, self.done, self.report = max(steps, 1), 0.0, report
-
-    def update(self, n: float) -> None:
-        self.done += n
-        self.report(min(self.done / self.steps, 1.0))
-
-
 class Engine:
     """`Cosmos3Pipeline` as the server uses it; `run` is called from one worker thread at a time."""
 
@@ -79,8 +68,7 @@ class Engine:
                 raise ServeError(500, "internal: a batch was gathered from different shapes")
         batch = PreparedBatch(tuple(s for item in items for s in item.batch.samples),
                              tuple(p for item in items for p in item.batch.preps), shape)
-        counter = _StepCounter(shape.steps, progress) if progress is not None else None
-        results = self.pipeline._run_batch(batch, counter, 1.0)
+        results = self.pipeline.run_batch(batch, progress=False, on_step=progress)
         with self._lock:
             self._compiled.add(self.signature(items))
         return results
