@@ -316,6 +316,23 @@ def test_plan_exits_1_when_it_does_not_fit_and_warns_on_a_mesh_that_shards_nothi
     assert "warning: --mesh fsdp=3 shards almost nothing: 100.0% of the parameter bytes stay replicated" in captured.err
 
 
+def test_the_work_estimate_counts_every_sample_and_the_ones_a_device_holds():
+    """Four samples, two per device at once: 4x the FLOPs of one, and 2x its per-sample memory (video,
+    generator activations, scores) beside one VAE decoder's scratch."""
+    from cosmos_jax.config import load_preset
+    from cosmos_jax.sampling import work_estimate
+
+    sizes = dict(frames=9, height=64, width=64, latent_shape=(3, 4, 4), text_tokens=20, other_tokens=0, steps=4,
+                 branches=2, decoder_width=None, dense_attention=True)
+    config = load_preset("tiny")
+    one = work_estimate.estimate(config, **sizes)
+    four = work_estimate.estimate(config, **sizes, samples=4, samples_per_device=2)
+    assert four.flops == 4 * one.flops and four.bytes == 2 * one.bytes
+    assert " x 4 samples (2 per device at once): " in work_estimate.format_estimate(four, None)
+    with pytest.raises(ValueError, match="samples_per_device must be in 1..4"):
+        work_estimate.estimate(config, **sizes, samples=4, samples_per_device=5)
+
+
 def test_work_is_estimated_before_compiling(files, capsys, monkeypatch):
     """The hostile default (189 x 720 x 1280, 35 steps) is announced with its size and a CPU time before any
     compile; the run is stopped right after the estimate."""

@@ -285,12 +285,17 @@ def check_work(pipeline: Any, args: argparse.Namespace, request: Any) -> None:
 
     sf = pipeline.vae.config.spatial_compression if pipeline.vae is not None else 16
 
+    data = pipeline.data_size
+    batch = min(args.num_samples, args.batch_size or data)
+    per_device = -(-batch // data)
+
     def at(height: int, width: int, latent: tuple[int, int, int] | None = None) -> work_estimate.WorkEstimate:
         latent = latent or (prep.latent_shape[0], height // sf, width // sf)
         return work_estimate.estimate(
             pipeline.config, frames=prep.num_frames, height=height, width=width, latent_shape=latent,
             text_tokens=len(prep.cond_ids), other_tokens=prep.sound_len + prep.action_len, steps=args.steps,
-            branches=2 if prep.use_cfg else 1, decoder_width=vae, dense_attention=dense)
+            branches=2 if prep.use_cfg else 1, decoder_width=vae, dense_attention=dense,
+            samples=args.num_samples, samples_per_device=per_device)
 
     estimate = at(prep.height, prep.width, prep.latent_shape)
     limit = work_estimate.available_bytes()
