@@ -1,5 +1,5 @@
 """Block arithmetic shared by the forward and backward Pallas kernels: which key (or query) blocks a block must
-visit, the edge-block mask, base-2 logits, segment-id ranges and the cost estimate.
+visit, the edge-block mask, base-2 logits, segment-id ranges, key windows and the cost estimate.
 
 Segment ids (packed rows) reach a kernel as two things: the ids themselves, q [Lq, 1] and k [1, Lk] per row,
 for the element mask; and a range table per stream, [B, 2·blocks] int32 holding (min, max) of the ids of each
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,15 @@ from jax.experimental import pallas as pl
 LOG2_E = math.log2(math.e)
 MASK_VALUE = -1e30
 PAD_SEGMENT = -1
+
+
+class KeyWindow(NamedTuple):
+    """The visible key range of one batch row in a cached pass (queries over a K/V cache): query r sits at key
+    position `offset + r` and sees keys s with first <= s <= offset + r (and s below the key length).
+    Both are non-negative int32 scalars."""
+
+    offset: jax.Array
+    first: jax.Array
 
 
 def div(a: jax.Array, b: int) -> jax.Array:
@@ -45,6 +55,20 @@ def key_block_range(
     return jnp.minimum(full, end), end
 
 
+def window_block_range(
+    q_start: jax.Array, q_len: jax.Array, k_len: jax.Array, window: KeyWindow, block_q: int, block_k: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Key blocks a query block of a cached pass must visit, (first, plain_lo, plain_hi, end): [first, plain_lo)
+    and [plain_hi, end) need a mask, [plain_lo, plain_hi) need none; blocks outside [first, end) are empty."""
+    last_query = window.offset + jnp.minimum(q_start + block_q, q_len) - 1
+    end = jnp.minimum(cdiv(k_len, block_k), div(last_query, block_k) + 1)
+    end = jnp.where(q_start < q_len, end, 0)
+    full = jnp.minimum(div(k_len, block_k), div(window.offset + q_start + 1, block_k))
+    first = jnp.minimum(div(window.first, block_k), end)
+    plain_lo = jnp.clip(cdiv(window.first, block_k), first, end)
+    return first, plain_lo, jnp.clip(full, plain_lo, end), end
+
+
 def query_block_range(
     k_start: jax.Array, q_len: jax.Array, k_len: jax.Array, causal: bool, block_q: int, block_k: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -59,15 +83,19 @@ def query_block_range(
 
 def block_mask(
     q_start: jax.Array, k_start: jax.Array, k_len: jax.Array, causal: bool, block_q: int, block_k: int,
-    segments: tuple[jax.Array, jax.Array] | None = None,
+    segments: tuple[jax.Array, jax.Array] | None = None, window: KeyWindow | None = None,
 ) -> jax.Array:
-    """[block_q, block_k] bool: key valid (below k_len), if causal not after the query, and if `segments`
-    (q ids [block_q, 1], k ids [1, block_k]) in the query's segment."""
+    """[block_q, block_k] bool: key valid (below k_len), if causal not after the query, if `segments`
+    (q ids [block_q, 1], k ids [1, block_k]) in the query's segment, and if `window` (a causal pass over a
+    cache) inside the window: query r at key position window.offset + q_start + r, no key before window.first."""
     k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 1)
     mask = k_pos < k_len
     if causal:
-        q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
+        offset = q_start if window is None else window.offset + q_start
+        q_pos = offset + jax.lax.broadcasted_iota(jnp.int32, (block_q, block_k), 0)
         mask = mask & (k_pos <= q_pos)
+    if window is not None:
+        mask = mask & (k_pos >= window.first)
     if segments is not None:
         q_seg, k_seg = segments
         mask = mask & (q_seg == k_seg)

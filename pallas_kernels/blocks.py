@@ -171,6 +171,18 @@ def validate_generator(
     _check_lengths("gen_len", gen_len, q_gen.shape[0])
 
 
+def validate_cached(
+    q: jax.Array, k: jax.Array, v: jax.Array, query_start: jax.Array, key_start: jax.Array
+) -> None:
+    """Raise a clear error if the inputs of a pass over a K/V cache are inconsistent."""
+    _check_query("q", q)
+    _check_kv_pair("cache", k, v, q)
+    if k.shape[1] < 1:
+        raise ValueError(f"k_cache must have at least one slot, got shape {tuple(k.shape)}")
+    _check_lengths("query_start", query_start, q.shape[0])
+    _check_lengths("key_start", key_start, q.shape[0])
+
+
 def validate_segments(name: str, segments: jax.Array | None, shape: tuple[int, int]) -> None:
     """Raise a clear error unless `segments` is None or an integer array of `shape` ([B, L])."""
     if segments is None:

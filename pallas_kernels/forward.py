@@ -5,7 +5,8 @@ One grid cell = (batch row, query head, query block). The cell walks the key blo
 accumulator, so the two sources are never concatenated in memory. Key blocks that are fully masked (causal
 upper triangle, padding past the valid length) are outside the loop bounds and never loaded; blocks that are
 fully visible run without a mask; only edge blocks apply one. With segment ids every visited block is masked
-and a block whose id range misses the query block's is skipped (`pallas_kernels.block_math`).
+and a block whose id range misses the query block's is skipped (`pallas_kernels.block_math`). A windowed call
+(queries over a K/V cache, `block_math.KeyWindow` per row) loops over the blocks of its key window only.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.block_math import (
-    LOG2_E, MASK_VALUE, attention_cost, block_mask, div, key_block_range, ranges_overlap, scaled_logits,
+    LOG2_E, MASK_VALUE, KeyWindow, attention_cost, block_mask, div, key_block_range, ranges_overlap, scaled_logits,
+    window_block_range,
 )
 from pallas_kernels.blocks import BlockSizes, Platform, StreamSegments, compiler_params, lengths_spec
 
@@ -45,22 +47,29 @@ def online_softmax_step(
 def _attend_source(
     carry: tuple[jax.Array, jax.Array, jax.Array], q: jax.Array, q_start: jax.Array, q_len: jax.Array,
     k_ref, v_ref, k_len: jax.Array, causal: bool, blocks: BlockSizes, scale_log2: float, segments,
+    window: KeyWindow | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Fold every non-empty key block of one source into the carry: unmasked blocks first, then edge blocks.
+    """Fold every non-empty key block of one source into the carry: unmasked blocks first, then edge blocks
+    (with a window: the edge block at its start, the unmasked blocks, the edge blocks at its end).
 
     segments: None, or (q ids [bq, 1], q range table, k ids ref [1, Lk], k range table, batch, query block).
     """
     bq, bk = blocks.block_q, blocks.block_k
-    full, end = key_block_range(q_start, q_len, k_len, causal, bq, bk)
 
     def body(j, carry, masked):
         k_start = pl.multiple_of(j * bk, bk)
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
         ids = None if segments is None else (segments[0], segments[2][:, pl.ds(k_start, bk)])
-        mask = block_mask(q_start, k_start, k_len, causal, bq, bk, ids) if masked else None
+        mask = block_mask(q_start, k_start, k_len, causal, bq, bk, ids, window) if masked else None
         return online_softmax_step(carry, q, k, v, mask, scale_log2)
 
+    if window is not None:
+        first, plain_lo, plain_hi, end = window_block_range(q_start, q_len, k_len, window, bq, bk)
+        carry = jax.lax.fori_loop(first, plain_lo, functools.partial(body, masked=True), carry)
+        carry = jax.lax.fori_loop(plain_lo, plain_hi, functools.partial(body, masked=False), carry)
+        return jax.lax.fori_loop(plain_hi, end, functools.partial(body, masked=True), carry)
+    full, end = key_block_range(q_start, q_len, k_len, causal, bq, bk)
     if segments is None:
         carry = jax.lax.fori_loop(0, full, functools.partial(body, masked=False), carry)
         return jax.lax.fori_loop(full, end, functools.partial(body, masked=True), carry)
@@ -73,11 +82,18 @@ def _attend_source(
     return jax.lax.fori_loop(0, end, segmented_body, carry)
 
 
+def read_window(lens_ref, num_sources: int, batch: jax.Array) -> KeyWindow:
+    """The key window of batch row `batch`: rows 1+S and 2+S of a windowed call's length table."""
+    return KeyWindow(lens_ref[1 + num_sources, batch], lens_ref[2 + num_sources, batch])
+
+
 def _forward_kernel(
-    lens_ref, q_ref, *refs, causal: Sequence[bool], blocks: BlockSizes, scale: float, segmented: bool
+    lens_ref, q_ref, *refs, causal: Sequence[bool], blocks: BlockSizes, scale: float, segmented: bool,
+    windowed: bool = False,
 ) -> None:
-    """lens_ref [1+S, B]: query length then one key length per source; refs = (q ids, q ranges) if segmented,
-    then (k, v) per source, each followed by (k ids, k ranges) if segmented, then o, lse."""
+    """lens_ref [1+S, B]: query length then one key length per source, then if windowed the key window's offset
+    and first key (`block_math.KeyWindow`, for every source); refs = (q ids, q ranges) if segmented, then (k, v)
+    per source, each followed by (k ids, k ranges) if segmented, then o, lse."""
     per_stream = 2 if segmented else 0
     q_seg_refs, refs = refs[:per_stream], refs[per_stream:]
     per_source = 2 + per_stream
@@ -96,12 +112,13 @@ def _forward_kernel(
         jnp.zeros((bq, head_dim), jnp.float32),
     )
     q_ids = q_seg_refs[0][...] if segmented else None
+    window = read_window(lens_ref, num_sources, batch) if windowed else None
     for source, is_causal in enumerate(causal):
         k_ref, v_ref, *k_seg_refs = src_refs[per_source * source : per_source * (source + 1)]
         k_len = lens_ref[source + 1, batch]
         segments = (q_ids, q_seg_refs[1], k_seg_refs[0], k_seg_refs[1], batch, q_block) if segmented else None
         carry = _attend_source(
-            carry, q, q_start, q_len, k_ref, v_ref, k_len, is_causal, blocks, scale_log2, segments
+            carry, q, q_start, q_len, k_ref, v_ref, k_len, is_causal, blocks, scale_log2, segments, window
         )
     m, l, acc = carry
     has_keys = l > 0.0
@@ -114,11 +131,12 @@ def _forward_kernel(
 def forward_call(
     lens: jax.Array, q: jax.Array, kvs: Sequence[tuple[jax.Array, jax.Array]], *, causal: Sequence[bool],
     blocks: BlockSizes, scale: float, platform: Platform,
-    segments: tuple[StreamSegments, Sequence[StreamSegments]] | None = None,
+    segments: tuple[StreamSegments, Sequence[StreamSegments]] | None = None, windowed: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """q [B,H,Lq,D] and per-source k/v [B,K,Lk,D] (padded to the blocks) -> (o [B,H,Lq,D], lse [B,H,Lq,1] f32).
 
-    segments: (query stream, one key stream per source) of padded ids and range tables, or None."""
+    segments: (query stream, one key stream per source) of padded ids and range tables, or None; windowed:
+    lens carries a key window per row after the lengths (see `_forward_kernel`)."""
     batch, heads, q_len, head_dim = q.shape
     group = heads // kvs[0][0].shape[1]
     grid = (batch, heads, q_len // blocks.block_q)
@@ -149,7 +167,8 @@ def forward_call(
         batch, heads, q_len, [k.shape[2] for k, _ in kvs], causal, head_dim, passes=2, bytes_accessed=io_bytes
     )
     kernel = functools.partial(
-        _forward_kernel, causal=tuple(causal), blocks=blocks, scale=scale, segmented=segments is not None
+        _forward_kernel, causal=tuple(causal), blocks=blocks, scale=scale, segmented=segments is not None,
+        windowed=windowed,
     )
     return pl.pallas_call(
         kernel,

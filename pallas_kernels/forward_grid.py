@@ -6,7 +6,9 @@ source, so VMEM use does not grow with the sequence. The running max, denominato
 in f32 scratch: set on the first key step, folded on every visible one, and normalised into the output on the
 last. A step whose key block is fully masked (causal upper triangle, past the valid length, or, with segment ids,
 a block whose id range misses the query block's) does no compute; fully visible blocks run without a mask.
-Semantics and outputs are those of `pallas_kernels.forward.forward_call`.
+Semantics and outputs are those of `pallas_kernels.forward.forward_call`. A windowed call (queries over a K/V
+cache) does no compute outside each row's key window, but its index maps cannot read the per-row window, so
+they do not clamp to the diagonal: every key block of the cache is fetched.
 """
 
 from __future__ import annotations
@@ -20,21 +22,27 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.block_math import (
-    LOG2_E, MASK_VALUE, attention_cost, block_mask, div, key_block_range, ranges_overlap,
+    LOG2_E, MASK_VALUE, KeyWindow, attention_cost, block_mask, div, key_block_range, ranges_overlap,
+    window_block_range,
 )
 from pallas_kernels.blocks import BlockSizes, Platform, StreamSegments, compiler_params, lengths_spec
-from pallas_kernels.forward import online_softmax_step
+from pallas_kernels.forward import online_softmax_step, read_window
 from pallas_kernels.key_grid import last_causal_block, source_block, source_offsets
 
 
 def key_step_visibility(
     lens_ref, seg_refs, source: int, local: jax.Array, q_start: jax.Array, q_block: jax.Array, batch: jax.Array,
-    causal: bool, count: int, blocks: BlockSizes,
+    causal: bool, count: int, blocks: BlockSizes, window: KeyWindow | None = None,
 ) -> tuple[jax.Array | None, jax.Array]:
     """(visible without a mask, visible with a mask) for block `local` of key source `source` (local may be out
     of the source's range: then neither). seg_refs = (q ranges, k ranges) or None; with segment ids every
-    visible block is masked, so the first is None."""
+    visible block is masked, so the first is None. window: the row's key window of a cached pass, or None."""
     q_len, k_len = lens_ref[0, batch], lens_ref[source + 1, batch]
+    if window is not None:
+        first, plain_lo, plain_hi, end = window_block_range(q_start, q_len, k_len, window, blocks.block_q,
+                                                            blocks.block_k)
+        plain = (local >= plain_lo) & (local < plain_hi)
+        return plain, (local >= first) & (local < end) & ~plain
     full, end = key_block_range(q_start, q_len, k_len, causal, blocks.block_q, blocks.block_k)
     visible = (local >= 0) & (local < end)
     if seg_refs is None:
@@ -46,10 +54,11 @@ def key_step_visibility(
 
 def _forward_grid_kernel(
     lens_ref, q_ref, *refs, causal: Sequence[bool], counts: Sequence[int], blocks: BlockSizes, scale: float,
-    segmented: bool,
+    segmented: bool, windowed: bool = False,
 ) -> None:
     """refs = (q ids, q ranges) if segmented, then (k, v) blocks per source, each followed by (k ids block,
-    k ranges) if segmented, then o, lse, then the m, l, acc scratch."""
+    k ranges) if segmented, then o, lse, then the m, l, acc scratch; lens_ref as in
+    `pallas_kernels.forward._forward_kernel`."""
     per_stream = 2 if segmented else 0
     q_seg_refs, refs = refs[:per_stream], refs[per_stream:]
     per_source = 2 + per_stream
@@ -59,6 +68,7 @@ def _forward_grid_kernel(
     batch, q_block, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     q_start = q_block * bq
     scale_log2 = scale * LOG2_E
+    window = read_window(lens_ref, len(causal), batch) if windowed else None
 
     @pl.when(step == 0)
     def _init():
@@ -72,14 +82,14 @@ def _forward_grid_kernel(
         k_start = local * bk
         seg_refs = (q_seg_refs[1], k_seg_refs[1]) if segmented else None
         plain, edge = key_step_visibility(
-            lens_ref, seg_refs, source, local, q_start, q_block, batch, is_causal, count, blocks
+            lens_ref, seg_refs, source, local, q_start, q_block, batch, is_causal, count, blocks, window
         )
 
         def fold(masked: bool, k_ref=k_ref, v_ref=v_ref, k_seg_refs=k_seg_refs, k_start=k_start, source=source,
                  is_causal=is_causal) -> None:
             ids = (q_seg_refs[0][...], k_seg_refs[0][...]) if segmented else None
             k_len = lens_ref[source + 1, batch]
-            mask = block_mask(q_start, k_start, k_len, is_causal, bq, bk, ids) if masked else None
+            mask = block_mask(q_start, k_start, k_len, is_causal, bq, bk, ids, window) if masked else None
             carry = (m_ref[...], l_ref[...], acc_ref[...])
             m_ref[...], l_ref[...], acc_ref[...] = online_softmax_step(
                 carry, q_ref[...], k_ref[...], v_ref[...], mask, scale_log2
@@ -143,15 +153,17 @@ def query_segment_specs(platform: Platform, segments, blocks: BlockSizes) -> tup
 def forward_grid_call(
     lens: jax.Array, q: jax.Array, kvs: Sequence[tuple[jax.Array, jax.Array]], *, causal: Sequence[bool],
     blocks: BlockSizes, scale: float, platform: Platform,
-    segments: tuple[StreamSegments, Sequence[StreamSegments]] | None = None,
+    segments: tuple[StreamSegments, Sequence[StreamSegments]] | None = None, windowed: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """q [B,H,Lq,D] and per-source k/v [B,K,Lk,D] (padded to the blocks) -> (o [B,H,Lq,D], lse [B,H,Lq,1] f32)."""
+    """q [B,H,Lq,D] and per-source k/v [B,K,Lk,D] (padded to the blocks) -> (o [B,H,Lq,D], lse [B,H,Lq,1] f32);
+    segments and windowed as in `pallas_kernels.forward.forward_call`."""
     batch, heads, q_len, head_dim = q.shape
     group = heads // kvs[0][0].shape[1]
     q_spec = pl.BlockSpec((None, None, blocks.block_q, head_dim), lambda b, h, i, j: (b, h, i, 0))
     row_spec = pl.BlockSpec((None, None, blocks.block_q, 1), lambda b, h, i, j: (b, h, i, 0))
     seg_specs, seg_operands = query_segment_specs(platform, segments, blocks)
-    kv_specs, kv_operands, counts = key_specs(platform, kvs, segments, causal, blocks, group)
+    clamped = tuple(c and not windowed for c in causal)  # a window's diagonal is per row: unknown to index maps
+    kv_specs, kv_operands, counts = key_specs(platform, kvs, segments, clamped, blocks, group)
     in_specs = [lengths_spec(platform, lens.shape), q_spec, *seg_specs, *kv_specs]
     operands = [lens, q, *seg_operands, *kv_operands]
     grid = (batch, heads, q_len // blocks.block_q, sum(counts))
@@ -161,7 +173,7 @@ def forward_grid_call(
     )
     kernel = functools.partial(
         _forward_grid_kernel, causal=tuple(causal), counts=counts, blocks=blocks, scale=scale,
-        segmented=segments is not None,
+        segmented=segments is not None, windowed=windowed,
     )
     return pl.pallas_call(
         kernel,

@@ -3,6 +3,9 @@
     reasoner_attention   q_und [B,Lu,H,D] attends causally to k_und/v_und [B,Lu,K,D]           -> [B,Lu,H,D]
     generator_attention  q_gen [B,Lg,H,D] attends to every valid reasoner key (k_und_for_gen, v_und) and every
                          valid generator key (k_gen, v_gen [B,Lg,K,D]), no causal mask             -> [B,Lg,H,D]
+    cached_attention     q [B,T,H,D] of T new reasoner tokens attends causally to a K/V cache k/v [B,S,K,D],
+                         within a per-row key window (left padding, cache slot of the first query) -> [B,T,H,D]
+                         (forward only: the reasoner alone runs inference, so no backward is wired)
 
 Semantics match `pallas_kernels.reference` (right padding by und_len/gen_len, zero rows for padded queries,
 GQA head h reads kv head h // (H // K), optional segment ids for packed rows). The backend is picked when lowering: Mosaic on TPU, Triton on
@@ -45,6 +48,7 @@ class _Config:
     block_k: int | None
     interpret: bool | None
     key_grid: bool | None = None
+    windowed: bool = False
 
 
 def _on_platform(config: _Config, fn: Callable[..., object], *args: object) -> object:
@@ -109,7 +113,7 @@ def _forward_on(
     call = forward_grid_call if _uses_key_grid(config, platform) else forward_call
     o, lse = call(
         lens, q_p, _pad_kvs(kvs, sizes.block_k), causal=config.causal, blocks=sizes, scale=config.scale,
-        platform=platform, segments=_kernel_segments(segments, sizes),
+        platform=platform, segments=_kernel_segments(segments, sizes), windowed=config.windowed,
     )
     return blk.from_heads_major(o, q_len), lse[:, :, :q_len]
 
@@ -156,6 +160,9 @@ def _joint_attention_fwd(config: _Config, q: jax.Array, kvs: KeyValues, lens: ja
 
 
 def _joint_attention_bwd(config: _Config, residuals, do: jax.Array):
+    if config.windowed:
+        raise NotImplementedError("cached_attention is forward only (reasoner inference): it has no backward pass; "
+                                  "differentiate the blocked XLA cached_attention instead")
     q, kvs, lens, segments, o, lse = residuals
     query_valid = jnp.arange(q.shape[1])[None, :] < lens[0][:, None]
     do = jnp.where(query_valid[:, :, None, None], do, 0).astype(q.dtype)
@@ -228,6 +235,34 @@ def generator_attention(
     lens = _length_table([(gen_len, lg), (und_len, lu), (gen_len, lg)])
     segments = None if gen_segment_ids is None else (gen_segment_ids, (und_segment_ids, gen_segment_ids))
     return _joint_attention(config, q_gen, ((k_und_for_gen, v_und), (k_gen, v_gen)), lens, segments)
+
+
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    query_start: jax.Array,
+    key_start: jax.Array,
+    scale: float | None = None,
+    *,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool | None = None,
+    key_grid: bool | None = None,
+) -> jax.Array:
+    """T new queries [B,T,H,D] over a K/V cache k/v [B,S,K,D] -> [B,T,H,D]: query i of row b sits at cache slot
+    query_start[b] + i and sees the slots s with key_start[b] <= s <= query_start[b] + i (query_start, key_start
+    [B] non-negative int); a query that sees no slot gives zeros. Key blocks outside a row's window are skipped.
+    Forward only: differentiating it raises NotImplementedError. key_grid as in `reasoner_attention`."""
+    blk.validate_cached(q, k, v, query_start, key_start)
+    config = _Config((True,), blk.resolve_scale(scale, q.shape[-1]), block_q, block_k, interpret, key_grid,
+                     windowed=True)
+    _check_config(config)
+    batch, length = q.shape[:2]
+    slots = k.shape[1]
+    lens = _length_table([(jnp.full((batch,), length), length), (jnp.full((batch,), slots), slots),
+                          (query_start, slots), (key_start, slots)])
+    return _joint_attention(config, q, ((k, v),), lens, None)
 
 
 def _check_config(config: _Config) -> None:

@@ -11,6 +11,11 @@ past them produce zeros. GQA: query head h reads kv head h // (H // K) (repeat-i
 Segment ids (optional, int [B, Lu] / [B, Lg]) pack several samples into one row: a query then sees only keys
 with its own id, on top of the masks above. Logits and softmax are computed in f32; outputs are cast back to
 the query dtype.
+
+The reasoner alone (text answers) runs over a K/V cache instead, left-padded:
+
+    cached queries    q [B, T, H, D] of T new tokens, query i of row b at cache slot query_start[b] + i, attend
+                      to the slots s of k/v [B, S, K, D] with key_start[b] <= s <= query_start[b] + i
 """
 
 from __future__ import annotations
@@ -80,3 +85,16 @@ def generator_attention_reference(
         key_segments = jnp.concatenate([und_segment_ids, gen_segment_ids], axis=1)
         mask = mask & (gen_segment_ids[:, :, None] == key_segments[:, None, :])
     return _grouped_attention(q_gen, keys, values, mask, scale)
+
+
+def cached_attention_reference(
+    q: jax.Array, k: jax.Array, v: jax.Array, query_start: jax.Array, key_start: jax.Array,
+    scale: float | None = None,
+) -> jax.Array:
+    """Causal attention of new queries over a K/V cache, within each row's key window (module docstring);
+    a query that sees no slot gives zeros. Returns [B, T, H, D]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    query_slot = query_start[:, None] + jnp.arange(q.shape[1])[None, :]
+    key_slot = jnp.arange(k.shape[1])[None, None, :]
+    mask = (key_slot <= query_slot[:, :, None]) & (key_slot >= key_start[:, None, None])
+    return _grouped_attention(q, k, v, mask, scale)

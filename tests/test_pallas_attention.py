@@ -20,7 +20,9 @@ from jax import export
 
 from pallas_kernels.xla import blocked as blocked_xla
 from pallas_kernels import joint_attention as pallas_attention
-from pallas_kernels.reference import generator_attention_reference, reasoner_attention_reference
+from pallas_kernels.reference import (
+    cached_attention_reference, generator_attention_reference, reasoner_attention_reference,
+)
 
 TOLERANCES = {jnp.float32: (2e-5, 1e-4), jnp.bfloat16: (3e-2, 6e-2)}
 
@@ -466,3 +468,92 @@ def test_cuda_keeps_the_in_cell_loop_at_nano_layout() -> None:
     sizes = pallas_attention.blk.choose_blocks("gpu", 128, 44160, 44160, None, None)
     assert (sizes.block_q + 2 * sizes.block_k) * 128 * 2 <= 128 * 2**10
     assert _lower("cuda", _nano_generator_grads, *_NANO_SHAPES).count("__gpu$xla.gpu.triton") >= 4
+
+
+CACHED_IMPLEMENTATIONS = {
+    "pallas": functools.partial(pallas_attention.cached_attention, block_q=16, block_k=16, interpret=True),
+    "pallas_key_grid": functools.partial(pallas_attention.cached_attention, block_q=16, block_k=16, interpret=True,
+                                         key_grid=True),
+    "blocked_xla": functools.partial(blocked_xla.cached_attention, block_q=16, block_k=16),
+}
+CACHED_CASES = {  # (batch, queries, cache slots, kv heads, group, head_dim, query_start, key_start)
+    "prefill": (3, 37, 37, 2, 2, 64, [0, 0, 0], [0, 11, 30]),  # left-padded prompts, rows of no-key queries
+    "decode": (3, 1, 50, 1, 4, 64, [17, 33, 49], [3, 20, 0]),  # one query per row, the slot differs per row
+    "chunk": (2, 20, 45, 2, 2, 128, [0, 25], [18, 30]),  # several new tokens at an offset
+}
+
+
+def _cached_case(seed: int, batch, queries, slots, kv_heads, group, head_dim, query_start, key_start):
+    rng = np.random.default_rng(seed)
+    arrays = (
+        _normal(rng, (batch, queries, kv_heads * group, head_dim), jnp.float32),
+        _normal(rng, (batch, slots, kv_heads, head_dim), jnp.float32),
+        _normal(rng, (batch, slots, kv_heads, head_dim), jnp.float32),
+    )
+    return arrays, (jnp.asarray(query_start, jnp.int32), jnp.asarray(key_start, jnp.int32))
+
+
+@pytest.mark.parametrize("case", CACHED_CASES)
+@pytest.mark.parametrize("impl", CACHED_IMPLEMENTATIONS)
+def test_cached_attention_matches_reference_fp32(impl: str, case: str) -> None:
+    """New queries over a K/V cache within each row's key window [key_start, query_start + i], GQA, several
+    16-slot blocks, against the f32 reference (atol 2e-5); queries before their row's first key give zeros."""
+    arrays, starts = _cached_case(20, *CACHED_CASES[case])
+    out = jax.jit(CACHED_IMPLEMENTATIONS[impl])(*arrays, *starts)
+    expected = cached_attention_reference(*arrays, *starts)
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=0)
+    query_slot = starts[0][:, None] + jnp.arange(arrays[0].shape[1])[None, :]
+    no_keys = query_slot < starts[1][:, None]
+    assert float(jnp.abs(jnp.where(no_keys[..., None, None], out, 0)).max()) == 0.0
+    assert float(jnp.abs(jnp.where(no_keys[..., None, None], 0, out)).max()) > 0.1
+
+
+@pytest.mark.parametrize("impl", CACHED_IMPLEMENTATIONS)
+def test_cached_attention_skips_key_blocks_outside_the_window(impl: str) -> None:
+    """NaN in the 16-slot blocks wholly before every row's first key (block 0) and after every row's query
+    (block 3) leaves the output equal to the reference on zeros there: those blocks are never computed."""
+    arrays, starts = _cached_case(21, 2, 1, 64, 2, 2, 64, [40, 35], [20, 17])
+    q, k, v = arrays
+    hidden = (jnp.arange(64) < 16) | (jnp.arange(64) >= 48)
+    poisoned = [jnp.where(hidden[None, :, None, None], jnp.nan, x) for x in (k, v)]
+    cleaned = [jnp.where(hidden[None, :, None, None], 0.0, x) for x in (k, v)]
+    out = jax.jit(CACHED_IMPLEMENTATIONS[impl])(q, *poisoned, *starts)
+    np.testing.assert_allclose(out, cached_attention_reference(q, *cleaned, *starts), atol=2e-5, rtol=0)
+
+
+def test_cached_attention_gradients() -> None:
+    """The blocked XLA pass differentiates like the reference (atol 1e-4); the Pallas pass is forward only and
+    says so when differentiated."""
+    arrays, starts = _cached_case(22, *CACHED_CASES["chunk"])
+    _assert_matches(functools.partial(blocked_xla.cached_attention, block_q=16, block_k=16),
+                    cached_attention_reference, arrays, starts, jnp.float32, 22)
+    loss = lambda q: jnp.sum(CACHED_IMPLEMENTATIONS["pallas"](q, *arrays[1:], *starts))  # noqa: E731
+    with pytest.raises(NotImplementedError, match="forward only"):
+        jax.grad(loss)(arrays[0])
+
+
+@pytest.mark.parametrize("module", [pallas_attention, blocked_xla], ids=["pallas", "blocked_xla"])
+def test_cached_attention_bad_inputs_raise_clear_errors(module) -> None:
+    (q, k, v), (query_start, key_start) = _cached_case(23, *CACHED_CASES["chunk"])
+    with pytest.raises(ValueError, match="multiple of the kv heads"):
+        module.cached_attention(q[:, :, :3], k, v, query_start, key_start)
+    with pytest.raises(ValueError, match="query_start must have shape"):
+        module.cached_attention(q, k, v, query_start[:1], key_start)
+    with pytest.raises(ValueError, match="key_start must be an integer array"):
+        module.cached_attention(q, k, v, query_start, key_start.astype(jnp.float32))
+    with pytest.raises(ValueError, match="k_cache and v_cache shapes differ"):
+        module.cached_attention(q, k, v[:, :5], query_start, key_start)
+    with pytest.raises(ValueError, match="block_k must be a power of two"):
+        module.cached_attention(q, k, v, query_start, key_start, block_k=24)
+
+
+@pytest.mark.parametrize("platform, marker", [("tpu", "tpu_custom_call"), ("cuda", "__gpu$xla.gpu.triton")])
+def test_cached_attention_lowers_for_accelerators(platform: str, marker: str) -> None:
+    """The cached pass lowers to Mosaic (tpu) / Triton (cuda) custom calls, for a prefill (T = S) and a decode
+    step (T = 1 over 300 slots), bf16, 8 query heads over 2 kv heads."""
+    spec = jax.ShapeDtypeStruct
+    b, h, k, d, dt = 2, 8, 2, 128, jnp.bfloat16
+    starts = (spec((b,), jnp.int32), spec((b,), jnp.int32))
+    for queries, slots in ((100, 100), (1, 300)):
+        q, kv = spec((b, queries, h, d), dt), spec((b, slots, k, d), dt)
+        assert _lower(platform, pallas_attention.cached_attention, q, kv, kv, *starts).count(marker) >= 1

@@ -211,6 +211,52 @@ def test_kv_cached_decoding_equals_full_recomputation(models, first, second, for
     np.testing.assert_allclose(np.stack(steps, 1), reference[:, 7:], atol=2e-5, rtol=0)
 
 
+def _greedy_decode(model, params, batch, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prefill, then `steps` cached greedy decode steps: (tokens [B, steps], logits [steps + 1, B, V])."""
+    prefill, decode_step, _ = _jitted(model)
+    width = batch.input_ids.shape[1]
+    logits, cache = prefill(params, batch, width + steps)
+    tokens, history = [], [np.asarray(logits)]
+    for i in range(steps):
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens.append(np.asarray(token))
+        logits, cache = decode_step(params, token, batch.next_position + i, cache, jnp.int32(width + i))
+        history.append(np.asarray(logits))
+    return np.stack(tokens, 1), np.stack(history)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["blocked", "pallas"])
+def test_attention_implementations_equal_xla_in_prompt_logits_and_decoding(models, prompts, attention):
+    """The language tower with attention='blocked' or 'pallas' (interpret mode on CPU) against the default
+    'xla', fp32, one left-padded batch of three prompts of different lengths (text, image, image + video; GQA,
+    4 query heads over 2 kv heads): prompt logits at every non-pad position and the logits of prefill + 12
+    cached greedy decode steps within atol 2e-5, and the 12 greedy tokens identical."""
+    _, model, params, _ = models
+    other = dataclasses.replace(model, attention=attention)
+    batch = ri.batch_prompts([prompts[case] for case in ("text", "image", "image_and_video")], model.config)
+    assert len(set(batch.pad.tolist())) == 3  # three different pad lengths
+    expected, got = (np.asarray(_jitted(m)[2](params, batch)) for m in (model, other))
+    for row, pad in enumerate(batch.pad.tolist()):
+        np.testing.assert_allclose(got[row, pad:], expected[row, pad:], atol=LOGIT_ATOL, rtol=0)
+    (tokens, logits), (other_tokens, other_logits) = (_greedy_decode(m, params, batch, 12) for m in (model, other))
+    assert all(len(set(row.tolist())) > 4 for row in tokens)  # greedy did not collapse to one token
+    np.testing.assert_array_equal(other_tokens, tokens)
+    np.testing.assert_allclose(other_logits, logits, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_reasoner_attention_choice(models):
+    """'xla' is the default; 'auto' resolves as for the transformer (blocked on CPU); a bad name is refused."""
+    from cosmos_jax.modeling import attention
+    from pallas_kernels.xla import blocked
+
+    _, model, _, _ = models
+    assert model.attention == "xla"
+    assert attention.cached_attention_function("auto") is blocked.cached_attention
+    with pytest.raises(ValueError, match="reasoner attention must be one of"):
+        Reasoner(model.config, dtype=jnp.float32, attention="flash")
+
+
 def test_reason_command_streams_greedy_ids_equal_to_transformers(models, tmp_path, capsys):
     torch_model, model, _, folder = models
     image_path = tmp_path / "scene.png"

@@ -8,6 +8,7 @@ reasoner on its own").
 
 Batches are left-padded: row b of a prompt batch holds `pad[b]` pad tokens, then its prompt, so every row writes
 its i-th new token at cache index P + i. A key is visible to a query iff it is not padding and not in the future.
+The attention over the cache goes through the dispatch point (`cosmos_jax.modeling.attention`, `Reasoner.attention`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from cosmos_jax.config import Cosmos3Config
-from cosmos_jax.modeling.attention import masked_attention
+from cosmos_jax.modeling.attention import IMPLEMENTATIONS, cached_attention_function
 from cosmos_jax.modeling.layers import TowerLayer, reasoner_layer, scan_layers
 from cosmos_jax.modeling.rope import apply_rope, mrope_cos_sin
 from cosmos_jax.modeling.towers import ReasonerIO
@@ -129,11 +130,20 @@ class KVCache:
 
 @dataclasses.dataclass(frozen=True)
 class Reasoner:
-    """The reasoner (vision encoder + language tower). Hashable: close over it or pass it as a static argument."""
+    """The reasoner (vision encoder + language tower). Hashable: close over it or pass it as a static argument.
+
+    attention: the language tower's attention over its K/V cache, 'xla' (default) | 'blocked' | 'pallas' | 'auto'
+    (see modeling/attention.py; 'pallas' runs forward only, which is all prompt logits, prefill and decode need).
+    """
 
     config: ReasonerConfig
     dtype: Any = jnp.bfloat16
     param_dtype: Any = None
+    attention: str = "xla"
+
+    def __post_init__(self) -> None:
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"reasoner attention must be one of {IMPLEMENTATIONS}, got {self.attention!r}")
 
     @property
     def _param_dtype(self) -> Any:
@@ -201,16 +211,13 @@ class Reasoner:
         """Run T new tokens through every layer, writing their K/V at cache slots [start, start+T).
 
         hidden [B, T, D]; position_ids [B, 3, T]; deepstack [n_deep, B, T, D] added after layers 0..n_deep-1;
-        queries attend to the first `kv_len` (static) cache slots. Returns hidden before the final norm.
+        queries attend to the first `kv_len` (static) cache slots: query i to slots pad[b] .. start+i (left
+        padding + causal), with `self.attention`. Returns hidden before the final norm.
         """
         cfg = self.config.text
-        length = hidden.shape[1]
         cos, sin = mrope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_axes_dim, self.dtype)
-        query_slot = start + jnp.arange(length)
-        key_slot = jnp.arange(kv_len)
-        visible = (key_slot[None, None, :] <= query_slot[None, :, None]) & (
-            key_slot[None, None, :] >= cache.pad[:, None, None]
-        )
+        attend = cached_attention_function(self.attention)
+        query_start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), cache.pad.shape)
         layer = self.layer
         num_deep = deepstack.shape[0]
 
@@ -223,7 +230,7 @@ class Reasoner:
             v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (index, 0, start, 0, 0))
             keys = jax.lax.dynamic_index_in_dim(k_cache, index, keepdims=False)[:, :kv_len]
             values = jax.lax.dynamic_index_in_dim(v_cache, index, keepdims=False)[:, :kv_len]
-            attn = masked_attention(q, keys.astype(q.dtype), values.astype(q.dtype), visible)
+            attn = attend(q, keys.astype(q.dtype), values.astype(q.dtype), query_start, cache.pad)
             h = layer.apply({"params": layer_params}, h, attn, method=TowerLayer.finish)
             if num_deep:
                 add = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(index, num_deep - 1), keepdims=False)

@@ -15,6 +15,10 @@ Segment ids (packed rows): a query sees a key only when their ids are equal (on 
 masks). A key chunk whose id range does not overlap the query tile's is skipped (`lax.cond`), which skips
 every masked chunk when ids are non-decreasing along the sequence, as packing lays them out.
 
+Cached pass (the reasoner alone, new queries over a left-padded K/V cache): the cache is laid out in key chunks
+once, each query tile scans them with per-row causal positions, and a chunk that no query of the tile sees
+(before every row's first key, after every row's last query) is skipped (`lax.cond`).
+
 Differentiable by plain JAX autodiff; each scan step is rematerialised in the backward pass so the saved state
 is O(S·D), not O(S²). All arithmetic is f32 (bf16 inputs are upcast: CPU matmuls are fastest in f32).
 """
@@ -105,10 +109,11 @@ def _online_step(carry: Carry, q: jax.Array, k: jax.Array, v: jax.Array, bias: j
 
 
 def _scan_chunks(
-    carry: Carry, q: jax.Array, q_pos: jax.Array | None, q_seg: jax.Array | None, chunks: _Chunks
+    carry: Carry, q: jax.Array, q_pos: jax.Array | None, q_seg: jax.Array | None, chunks: _Chunks,
+    skip_hidden: bool = False,
 ) -> Carry:
-    """Fold every chunk into the carry; q [B,K,R,D] f32 pre-scaled by scale·log2(e), q_pos [R] if causal,
-    q_seg [B,1,R,1] if segmented."""
+    """Fold every chunk into the carry; q [B,K,R,D] f32 pre-scaled by scale·log2(e), q_pos [R] (or per row
+    [B,1,R]) if causal, q_seg [B,1,R,1] if segmented; skip_hidden: skip a chunk no query sees."""
     chunk = chunks.v.shape[3]
 
     @jax.checkpoint
@@ -116,12 +121,15 @@ def _scan_chunks(
         k, v, bias, start, k_seg = xs
         if q_pos is not None:
             k_pos = start + jnp.arange(chunk)
-            bias = bias + jnp.where(k_pos[None, :] <= q_pos[:, None], 0.0, -jnp.inf)
-        if q_seg is None:
+            bias = bias + jnp.where(k_pos <= q_pos[..., None], 0.0, -jnp.inf)
+        visible = jnp.any(bias > -jnp.inf) if skip_hidden else None
+        if q_seg is not None:
+            bias = bias + jnp.where(q_seg == k_seg, 0.0, -jnp.inf)
+            overlap = (jnp.max(k_seg) >= jnp.min(q_seg)) & (jnp.min(k_seg) <= jnp.max(q_seg))
+            visible = overlap if visible is None else visible & overlap
+        if visible is None:
             return _online_step(carry, q, k, v, bias), None
-        bias = bias + jnp.where(q_seg == k_seg, 0.0, -jnp.inf)
-        overlap = (jnp.max(k_seg) >= jnp.min(q_seg)) & (jnp.min(k_seg) <= jnp.max(q_seg))
-        return jax.lax.cond(overlap, lambda c: _online_step(c, q, k, v, bias), lambda c: c, carry), None
+        return jax.lax.cond(visible, lambda c: _online_step(c, q, k, v, bias), lambda c: c, carry), None
 
     segments = chunks.segments if q_seg is not None else jnp.zeros((chunks.k.shape[0],), jnp.int32)
     carry, _ = jax.lax.scan(step, carry, (chunks.k, chunks.v, chunks.bias, chunks.starts, segments))
@@ -203,6 +211,41 @@ def reasoner_attention(
         tiles.append(_ungroup_rows(_finish(carry), stop - start, heads))
     out = jnp.concatenate(tiles, axis=1) if len(tiles) > 1 else tiles[0]
     return _zero_padded_queries(out, und_len).astype(q_und.dtype)
+
+
+def cached_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    query_start: jax.Array,
+    key_start: jax.Array,
+    scale: float | None = None,
+    *,
+    block_q: int | None = None,
+    block_k: int | None = None,
+) -> jax.Array:
+    """T new queries [B,T,H,D] over a K/V cache k/v [B,S,K,D] -> [B,T,H,D]: query i of row b sits at cache slot
+    query_start[b] + i and sees the slots s with key_start[b] <= s <= query_start[b] + i (query_start, key_start
+    [B] non-negative int); a query that sees no slot gives zeros."""
+    blk.validate_cached(q, k, v, query_start, key_start)
+    scale_log2 = blk.resolve_scale(scale, q.shape[-1]) * _LOG2_E
+    block_q = _choose(block_q, _DEFAULT_REASONER_BLOCK, "block_q")
+    block_k = _choose(block_k, _DEFAULT_REASONER_BLOCK, "block_k")
+    length, heads = q.shape[1], q.shape[2]
+    slots, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    query_start = jnp.clip(query_start.astype(jnp.int32), 0, slots)
+    key_start = jnp.clip(key_start.astype(jnp.int32), 0, slots)
+    chunks = _lay_out_keys(k, v, jnp.arange(slots)[None, :] >= key_start[:, None], None, _even_chunk(slots, block_k))
+    tiles = []
+    for start in range(0, length, block_q):
+        stop = min(start + block_q, length)
+        q_tile = _group_rows(q[:, start:stop].astype(jnp.float32) * scale_log2, kv_heads)
+        q_pos = query_start[:, None, None] + jnp.tile(jnp.arange(start, stop), group)[None, None, :]
+        carry = _scan_chunks(_init_carry(q_tile), q_tile, q_pos, None, chunks, skip_hidden=True)
+        tiles.append(_ungroup_rows(_finish(carry), stop - start, heads))
+    out = jnp.concatenate(tiles, axis=1) if len(tiles) > 1 else tiles[0]
+    return out.astype(q.dtype)
 
 
 def generator_attention(
