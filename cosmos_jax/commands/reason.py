@@ -64,6 +64,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                              "presence_penalty, else 0; at temperature 0 only when given here)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="weight and compute dtype")
+    parser.add_argument("--attention", default="auto", choices=("auto", "xla", "blocked", "pallas"),
+                        help="attention over the K/V cache (auto: Pallas on GPU/TPU, blocked on CPU)")
     parser.add_argument("--output-ids", metavar="FILE.json", help="write prompt and generated token ids here")
     parser.epilog = EPILOG
 
@@ -75,18 +77,20 @@ def _tokenizer(model_dir: str) -> ChatTokenizer:
     raise ValueError(f"no tokenizer.json at the root of {model_dir} or in its text_tokenizer/ folder")
 
 
-def load_model(model_dir: str, dtype: Any) -> tuple[reason.Reasoner, Params]:
-    """The reasoner and its params from a pipeline folder (Hub or converted) or a bare reasoner folder."""
+def load_model(model_dir: str, dtype: Any, attention: str = "xla") -> tuple[reason.Reasoner, Params]:
+    """The reasoner and its params from a pipeline folder (Hub or converted) or a bare reasoner folder;
+    `attention` picks the language tower's implementation (see cosmos_jax.modeling.attention)."""
     root = Path(model_dir)
     if not (orbax_io.is_converted(root) or (root / "transformer").is_dir()):
-        return load_reasoner(root, dtype)
+        model, params = load_reasoner(root, dtype)
+        return dataclasses.replace(model, attention=attention), params
     loaded = load(root, dtype=dtype, components=("reasoner",)).reasoner
     if loaded is None:
         print(f"note: {root} has no root reasoner files (config.json + model*.safetensors); using the "
               "transformer's reasoner tower, text only", file=sys.stderr)
         config, params = reasoner_tower(root, dtype)
-        return Reasoner(config, dtype=dtype), params
-    return loaded.model(), loaded.params
+        return Reasoner(config, dtype=dtype, attention=attention), params
+    return dataclasses.replace(loaded.model(), attention=attention), loaded.params
 
 
 def _check_special_tokens(tokenizer: ChatTokenizer, config: ReasonerConfig) -> None:
@@ -192,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         settings = sampling_settings(args, tokenizer)
         sampling = reason.SamplingParams(settings.temperature, settings.top_k, settings.top_p,
                                          settings.presence_penalty)
-        model, params = load_model(args.model, DTYPES[args.dtype])
+        model, params = load_model(args.model, DTYPES[args.dtype], args.attention)
         _check_special_tokens(tokenizer, model.config)
         prompt = build_prompt(args, tokenizer, model.config, media_items)
         pad = tokenizer.special_tokens.get("pad_token")
