@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from cosmos_jax.convert import orbax_io
 from cosmos_jax.convert.load import load, load_reasoner, reasoner_tower
 from cosmos_jax.modeling.reasoner import Params, Reasoner, ReasonerConfig
 from cosmos_jax.sampling import generation_config, media, media_input, reason
+from cosmos_jax.sampling import reasoner_folder as folder
 from cosmos_jax.sampling.prompts import ChatTokenizer
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -70,13 +70,6 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
 
 
-def _tokenizer(model_dir: str) -> ChatTokenizer:
-    for folder in (model_dir, os.path.join(model_dir, "text_tokenizer")):
-        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            return ChatTokenizer.from_dir(folder)
-    raise ValueError(f"no tokenizer.json at the root of {model_dir} or in its text_tokenizer/ folder")
-
-
 def load_model(model_dir: str, dtype: Any, attention: str = "xla") -> tuple[reason.Reasoner, Params]:
     """The reasoner and its params from a pipeline folder (Hub or converted) or a bare reasoner folder;
     `attention` picks the language tower's implementation (see cosmos_jax.modeling.attention)."""
@@ -91,32 +84,6 @@ def load_model(model_dir: str, dtype: Any, attention: str = "xla") -> tuple[reas
         config, params = reasoner_tower(root, dtype)
         return Reasoner(config, dtype=dtype, attention=attention), params
     return dataclasses.replace(loaded.model(), attention=attention), loaded.params
-
-
-def _check_special_tokens(tokenizer: ChatTokenizer, config: ReasonerConfig) -> None:
-    if config.vision is None:
-        return
-    for token, expected in (("<|image_pad|>", config.image_token_id), ("<|video_pad|>", config.video_token_id),
-                            ("<|vision_start|>", config.vision_start_token_id),
-                            ("<|vision_end|>", config.vision_end_token_id)):
-        if tokenizer.tokenizer.token_to_id(token) not in (None, expected):
-            raise ValueError(f"tokenizer id of {token} differs from the model config ({expected})")
-
-
-def _settings(model_dir: str, name: str, default: ri.ProcessorSettings, config: ReasonerConfig
-              ) -> ri.ProcessorSettings:
-    """Processor settings from `name` in the model folder, patch geometry taken from the model's vision config."""
-    path = os.path.join(model_dir, name)
-    vision = config.vision
-    geometry = {"patch_size": vision.patch_size, "temporal_patch_size": vision.temporal_patch_size,
-                "merge_size": vision.spatial_merge_size}
-    if os.path.isfile(path):
-        settings = ri.ProcessorSettings.from_file(path, default)
-        for key, value in geometry.items():
-            if getattr(settings, key) != value:
-                raise ValueError(f"{path}: {key} {getattr(settings, key)} differs from the model's {value}")
-        return settings
-    return dataclasses.replace(default, **geometry)
 
 
 def read_media(args: argparse.Namespace) -> tuple[list[Any], ri.VideoClip | None]:
@@ -141,9 +108,9 @@ def build_prompt(args: argparse.Namespace, tokenizer: ChatTokenizer, config: Rea
     images, clip = read_media(args) if media is None else media
     items, content = [], []
     if args.image:
-        image_settings = _settings(args.model, "preprocessor_config.json", ri.IMAGE_SETTINGS, config)
+        image_settings = folder.processor_settings(args.model, folder.IMAGE_PROCESSOR, ri.IMAGE_SETTINGS, config)
     if args.video:
-        video_settings = _settings(args.model, "video_preprocessor_config.json", ri.VIDEO_SETTINGS, config)
+        video_settings = folder.processor_settings(args.model, folder.VIDEO_PROCESSOR, ri.VIDEO_SETTINGS, config)
     for image in images:
         items.append(ri.preprocess_image(image, image_settings))
         content.append({"type": "image"})
@@ -192,15 +159,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         _check_args(args)
         media_items = read_media(args)
-        tokenizer = _tokenizer(args.model)
+        tokenizer = folder.chat_tokenizer(args.model)
         settings = sampling_settings(args, tokenizer)
         sampling = reason.SamplingParams(settings.temperature, settings.top_k, settings.top_p,
                                          settings.presence_penalty)
         model, params = load_model(args.model, DTYPES[args.dtype], args.attention)
-        _check_special_tokens(tokenizer, model.config)
+        folder.check_special_tokens(tokenizer, model.config)
         prompt = build_prompt(args, tokenizer, model.config, media_items)
-        pad = tokenizer.special_tokens.get("pad_token")
-        pad_id = tokenizer.token_id(pad) if pad else 0
+        pad_id = folder.pad_id(tokenizer)
         batch = ri.batch_prompts([prompt], model.config, pad_id)
         steps = reason.stream(model, params, batch, max_new_tokens=settings.max_new_tokens,
                               eos_ids=settings.eos_token_ids, sampling=sampling,

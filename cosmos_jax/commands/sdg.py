@@ -25,6 +25,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--best-of", type=int, default=1, help="candidates per episode; the best score is kept")
     parser.add_argument("--min-consistency", type=float, default=None,
                         help="drop episodes whose consistency score (0..1, exp(-error)) is below this")
+    parser.add_argument("--critic", action="store_true",
+                        help="the model's reasoner rates each candidate clip's physical plausibility 1-5 "
+                             "(critic_score, null when its answer has no clear 1-5; critic_answer verbatim)")
     parser.add_argument("--distributed", action="store_true",
                         help="join a jax.distributed job first (SLURM, Open MPI, Cloud TPU and Kubernetes are "
                              "detected; elsewhere give --coordinator, --num-processes and --process-id)")
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or --merge DATASET)")
     settings = Settings(best_of=args.best_of, min_consistency=args.min_consistency, dtype=args.dtype,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, critic=args.critic)
     if args.distributed:
         import jax
 

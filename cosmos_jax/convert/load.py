@@ -702,11 +702,8 @@ def load(
     reasoner_config = _read_json(reasoner_path) if layout.transformer_dir != layout.root and reasoner_path.is_file() \
         else None
     reasoner = None
-    if "reasoner" in components and has_root_reasoner(layout):
-        if layout.converted:
-            reasoner = _load_converted_reasoner(layout, config, dtype, params.get("reasoner"), lazy)
-        else:
-            reasoner = _load_hub_reasoner(layout, config, dtype, params.get("reasoner"))
+    if "reasoner" in components:
+        reasoner = _root_reasoner(layout, config, dtype, params.get("reasoner"), lazy)
     return LoadedModel(
         transformer_config=config, params=params, vae_config=vae_config, vae_params=vae_params,
         sound_config=sound_config, sound_params=sound_params, scheduler_config=scheduler_config,
@@ -714,6 +711,26 @@ def load(
         source="converted" if layout.converted else "hub", reasoner=reasoner, fp8_revision=fp8_revision,
         fp8_policy=fp8_policy,
     )
+
+
+def _root_reasoner(layout: Layout, config: Cosmos3Config, dtype: Any, tower: dict[str, Any] | None,
+                   lazy: bool) -> ReasonerWeights | None:
+    if not has_root_reasoner(layout):
+        return None
+    if layout.converted:
+        return _load_converted_reasoner(layout, config, dtype, tower, lazy)
+    return _load_hub_reasoner(layout, config, dtype, tower)
+
+
+def load_root_reasoner(path: str | os.PathLike[str], *, dtype: Any = jnp.bfloat16,
+                       tower: dict[str, Any] | None = None) -> ReasonerWeights | None:
+    """The root reasoner of a pipeline folder (Hub or converted; None without root reasoner files), as
+    `load(components=("reasoner",))` reads it. tower: the transformer's reasoner tower already in memory
+    (params["reasoner"] of a loaded pipeline, in `dtype`): when the reasoner's LM is the transformer's, these very
+    arrays are used instead of a second copy read from disk."""
+    layout = locate(path)
+    config = Cosmos3Config.from_json(layout.transformer_dir / "config.json")
+    return _root_reasoner(layout, config, dtype, tower, False)
 
 
 def load_reasoner(model_dir: str | os.PathLike, dtype: Any = jnp.bfloat16) -> tuple[Reasoner, dict[str, Any]]:

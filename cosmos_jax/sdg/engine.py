@@ -15,7 +15,10 @@ For each batch, every sample goes through:
 2. labels: text/image/video→video jobs with a domain read their actions from the clip by inverse dynamics;
 3. consistency (`cosmos_jax.sdg.consistency`): policy and forward-dynamics episodes are read back by inverse
    dynamics (chunk by chunk); inverse-dynamics-labelled episodes are re-rendered by forward dynamics from
-   their first frame.
+   their first frame;
+4. the critic (`--critic`, `cosmos_jax.sdg.critic`): the reasoner answers a fixed plausibility question about
+   each candidate's frames, greedily, one clip at a time. It only reads the frames, so the episodes, their
+   scores and the selection (by consistency alone) are the same with and without it.
 The labelling pass draws its noise from the job's seed (so `generate --action-mode inverse_dynamics` on the
 episode's video with that seed reproduces the labels). The consistency passes must not reuse the noise that
 made the episode (a read-back with the same noise repeats it): they use `helper_seed(seed, pass, chunk)`.
@@ -43,6 +46,7 @@ from cosmos_jax.sampling.generate import Cosmos3Pipeline, GenerationResult
 from cosmos_jax.sampling.media import to_uint8
 from cosmos_jax.sampling.request import GenerationRequest
 from cosmos_jax.sdg import consistency
+from cosmos_jax.sdg.critic import Answerer, critique
 from cosmos_jax.sdg.fingerprint import cosmos_jax_version
 from cosmos_jax.sdg.jobs import Job, JobError, load_actions, request_for
 from cosmos_jax.sdg.journal import META_DIR, RUN_FILE, Candidate, Journal
@@ -51,13 +55,14 @@ from cosmos_jax.sdg.selection import choose, slot_samples
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What a run is asked beyond the jobs. `best_of`, `min_consistency` and `dtype` change the
+    """What a run is asked beyond the jobs. `best_of`, `min_consistency`, `dtype` and `critic` change the
     dataset (so they enter the run's fingerprint); `batch_size` and the mesh only change the speed."""
 
     best_of: int = 1
     min_consistency: float | None = None
     dtype: str = "float32"
     batch_size: int | None = None
+    critic: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.best_of, int) or self.best_of < 1:
@@ -67,7 +72,8 @@ class Settings:
                              f"{self.min_consistency!r}")
 
     def fingerprinted(self) -> dict[str, Any]:
-        return {"best_of": self.best_of, "min_consistency": self.min_consistency, "dtype": self.dtype}
+        return {"best_of": self.best_of, "min_consistency": self.min_consistency, "dtype": self.dtype,
+                "critic": self.critic}
 
 
 @dataclasses.dataclass
@@ -154,13 +160,17 @@ class Engine:
     """Runs the batches of one process (see the module docstring) and journals every candidate."""
 
     def __init__(self, pipeline: Cosmos3Pipeline, jobs: Sequence[Job], requests: Sequence[GenerationRequest],
-                 settings: Settings, normalizer: ActionNormalizer | None, model_fingerprint: str) -> None:
+                 settings: Settings, normalizer: ActionNormalizer | None, model_fingerprint: str,
+                 critic: Answerer | None = None) -> None:
+        if settings.critic != (critic is not None):
+            raise ValueError("give the critic's answer function exactly when settings.critic is on")
         self.pipeline = pipeline
         self.jobs = list(jobs)
         self.requests = list(requests)
         self.settings = settings
         self.normalizer = normalizer
         self.model_fingerprint = model_fingerprint
+        self.critic = critic
         self.version = cosmos_jax_version()
         self._job_of = {id(r): j for j, r in enumerate(self.requests)}
 
@@ -191,7 +201,7 @@ class Engine:
             for episode, key in zip(episodes, self.keys(batch)):
                 if key in done:
                     continue
-                candidate = self.candidate(episode, seconds, checking / len(episodes))
+                candidate = self.candidate(episode, seconds, checking / len(episodes), self._critique(episode))
                 journal.write(candidate)
                 records.append(candidate.record)
             made += len(records)
@@ -295,11 +305,23 @@ class Engine:
             e.scores = {"kind": "latent_re_render", "action_nmse": None, "action_nmse_per_channel": None,
                         "latent_mse": mse, "consistency": consistency.score(mse)}
 
+    def _critique(self, episode: _Episode) -> dict[str, Any]:
+        """critic_score, critic_answer and critic_seconds of one episode ({} without --critic)."""
+        if self.critic is None:
+            return {}
+        start = time.perf_counter()
+        result = critique(self.critic, episode.frames, episode.job.fps)
+        return {"critic_score": result.score, "critic_answer": result.answer,
+                "critic_seconds": time.perf_counter() - start}
+
     # ------------------------------------------------------------------------------------------ records
 
-    def candidate(self, episode: _Episode, seconds: float, consistency_seconds: float) -> Candidate:
+    def candidate(self, episode: _Episode, seconds: float, consistency_seconds: float,
+                  critic: dict[str, Any] | None = None) -> Candidate:
         """The journal entry of one episode; `seconds` its share of its batch's time, of which
-        `consistency_seconds` went to the consistency passes."""
+        `consistency_seconds` went to the consistency passes, plus its critic time; `critic` the `_critique`
+        fields."""
+        critic = critic or {}
         job = episode.job
         record = {
             "job_index": episode.job_index, "job_id": job.id, "sample_index": episode.sample_index,
@@ -309,7 +331,8 @@ class Engine:
             "action_nmse": episode.scores.get("action_nmse"),
             "action_nmse_per_channel": episode.scores.get("action_nmse_per_channel"),
             "latent_mse": episode.scores.get("latent_mse"),
-            "seconds": seconds, "consistency_seconds": consistency_seconds,
+            "seconds": seconds + critic.get("critic_seconds", 0.0), "consistency_seconds": consistency_seconds,
+            **critic,
         }
         return Candidate(episode.job_index, episode.sample_index, episode.frames, episode.actions, record)
 

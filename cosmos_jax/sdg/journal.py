@@ -63,10 +63,18 @@ def check_same_run(found: dict[str, Any], wanted: dict[str, Any], where: Path) -
     if found.get("format") != RUN_FORMAT:
         raise ValueError(f"{where} is not a cosmos-jax sdg run file")
     for key, what in (("jobs_fingerprint", "jobs (or the files they read, or --best-of/--min-consistency/"
-                                           "--dtype)"), ("model_fingerprint", "model")):
+                                           "--dtype/--critic)"), ("model_fingerprint", "model")):
         if found.get(key) != wanted.get(key):
-            raise ValueError(f"{where} was made from other {what} ({key} {found.get(key)} != {wanted.get(key)}); "
+            detail = [f"{key} {found.get(key)} != {wanted.get(key)}"] + _settings_differences(found, wanted)
+            raise ValueError(f"{where} was made from other {what} ({'; '.join(detail)}); "
                              "refusing to mix them: use another --out, or delete it to start over")
+
+
+def _settings_differences(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """'--flag found != wanted' for each run setting that differs (none when `wanted` has no settings)."""
+    theirs, ours = found.get("settings") or {}, wanted.get("settings") or {}
+    return [f"--{key.replace('_', '-')} {theirs.get(key)} != {value}" for key, value in sorted(ours.items())
+            if theirs.get(key) != value]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,8 @@ prompt, `action` in raw units when the run had the domain's normalisation stats 
 in the feature's `info`). An episode of F frames has F − 1 actions (action t takes frame t to t + 1); its
 last row is zeros for delta actions and repeats the last action otherwise, as `info.last_row` says. Each
 episodes row gets `cosmos_sdg/...` columns (job id, sample index, seed, mode, chunks, model fingerprint,
-cosmos-jax version, scores). `meta/cosmos_sdg/` holds run.json, episodes.jsonl (one line per
+cosmos-jax version, scores; with `--critic` also critic_score, null when the answer was unparsable, and
+critic_answer, the raw answer). `meta/cosmos_sdg/` holds run.json, episodes.jsonl (one line per
 episode), report.json and report.png.
 
 The dataset is assembled in the work folder and renamed to its place, so the output folder never holds a
@@ -33,7 +34,13 @@ from cosmos_jax.sdg.selection import choose, slot_samples
 
 EPISODE_FIELDS = ("job_id", "sample_index", "seed", "mode", "chunks", "model_fingerprint", "cosmos_jax_version",
                   "consistency", "consistency_kind", "action_nmse", "action_nmse_per_channel", "latent_mse")
+CRITIC_FIELDS = ("critic_score", "critic_answer")
 COLUMN_PREFIX = "cosmos_sdg/"
+
+
+def episode_fields(run: dict[str, Any]) -> tuple[str, ...]:
+    """The record fields each episode row and episodes.jsonl line carries (the critic's with --critic)."""
+    return EPISODE_FIELDS + (CRITIC_FIELDS if run["settings"].get("critic") else ())
 
 
 def normalizer_of_run(run: dict[str, Any]) -> ActionNormalizer | None:
@@ -92,6 +99,7 @@ def merge(out: str | os.PathLike, journal: Journal, *, wall_seconds: float | Non
         raise ValueError(f"every candidate was rejected (--min-consistency {run['settings']['min_consistency']}); "
                          f"the candidates' scores are in {journal.root}")
     staging = journal.root / "merged"
+    fields = episode_fields(run)
     episodes_meta, contact = [], []
     writer = None
     try:
@@ -107,8 +115,8 @@ def merge(out: str | os.PathLike, journal: Journal, *, wall_seconds: float | Non
                 columns["action"] = dataset_actions(candidate.actions, job.domain, normalizer)
             record = candidate.record
             writer.add_episode(task=job.prompt, columns=columns, frames={job.camera_key: candidate.frames},
-                               episode_columns={COLUMN_PREFIX + k: record.get(k) for k in EPISODE_FIELDS})
-            episodes_meta.append({"episode_index": number, **{k: record.get(k) for k in EPISODE_FIELDS},
+                               episode_columns={COLUMN_PREFIX + k: record.get(k) for k in fields})
+            episodes_meta.append({"episode_index": number, **{k: record.get(k) for k in fields},
                                   "prompt": job.prompt})
             if len(contact) < 6:
                 contact.append((candidate.frames[0], candidate.frames[-1], f"ep {number} {job.id}"))
@@ -122,7 +130,7 @@ def merge(out: str | os.PathLike, journal: Journal, *, wall_seconds: float | Non
     atomic_write_json(meta / RUN_FILE, run)
     atomic_write_bytes(meta / "episodes.jsonl",
                        "".join(json.dumps(e, sort_keys=True) + "\n" for e in episodes_meta).encode())
-    report = build_report(records, wall_seconds)
+    report = build_report(records, wall_seconds, critic=bool(run["settings"].get("critic")))
     atomic_write_json(meta / "report.json", report)
     write_report_png(meta / "report.png", records, contact)
     if out.exists():

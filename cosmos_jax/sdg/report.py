@@ -1,4 +1,5 @@
-"""The report of an sdg run: `report.json` (counts, time, throughput, score distributions) and
+"""The report of an sdg run: `report.json` (counts, time, throughput, score distributions, with `--critic` the
+critic's question and its score counts) and
 `report.png` (the consistency histogram of kept and rejected candidates beside a contact sheet of a few
 episodes' first and last frames), drawn with PIL."""
 
@@ -12,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cosmos_jax.sampling.media import atomic_path
+from cosmos_jax.sdg.critic import report_section
 
 BINS = 10
 
@@ -27,12 +29,15 @@ def distribution(values: Sequence[float]) -> dict[str, Any]:
             "histogram": {"edges": [round(float(e), 3) for e in edges], "counts": counts.tolist()}}
 
 
-def build_report(records: Sequence[dict[str, Any]], wall_seconds: float | None) -> dict[str, Any]:
-    """The report of every candidate's record (each with its "outcome")."""
+def build_report(records: Sequence[dict[str, Any]], wall_seconds: float | None, critic: bool = False
+                 ) -> dict[str, Any]:
+    """The report of every candidate's record (each with its "outcome"); `critic`: the run had --critic."""
     kept = [r for r in records if r["outcome"] == "kept"]
     rejected = [r for r in records if r["outcome"] != "kept"]
     seconds = float(sum(r.get("seconds") or 0.0 for r in records))
     checking = float(sum(r.get("consistency_seconds") or 0.0 for r in records))
+    judging = float(sum(r.get("critic_seconds") or 0.0 for r in records))
+    generating = seconds - checking - judging
     scores = lambda rs: [r["consistency"] for r in rs if r.get("consistency") is not None]  # noqa: E731
     return {
         "candidates": len(records), "episodes": len(kept),
@@ -40,14 +45,16 @@ def build_report(records: Sequence[dict[str, Any]], wall_seconds: float | None) 
                      "min_consistency": sum(r["outcome"] == "min_consistency" for r in records)},
         "seconds": round(seconds, 3),
         "consistency_seconds": round(checking, 3),
-        "consistency_fraction_of_generation": round(checking / (seconds - checking), 4) if seconds > checking
-        else None,
+        "consistency_fraction_of_generation": round(checking / generating, 4) if generating > 0 else None,
+        "critic_seconds": round(judging, 3),
         "wall_seconds_last_session": None if wall_seconds is None else round(wall_seconds, 3),
         "candidates_per_second": round(len(records) / seconds, 4) if seconds else None,
         "episodes_per_second": round(len(kept) / seconds, 4) if seconds else None,
         "consistency": {"kept": distribution(scores(kept)), "rejected": distribution(scores(rejected))},
         "rejected_candidates": [{"job_id": r["job_id"], "sample_index": r["sample_index"], "reason": r["outcome"],
                                  "consistency": r.get("consistency")} for r in rejected],
+        "critic": report_section([r.get("critic_score") for r in kept], [r.get("critic_score") for r in records])
+        if critic else None,
         "by_mode": {mode: sum(r["mode"] == mode for r in kept) for mode in sorted({r["mode"] for r in records})},
     }
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cosmos_jax.datasets.normalization import STATS_FILE, normalizer_for_domain
+from cosmos_jax.sdg.critic import Answerer, check_critic_model, pipeline_critic
 from cosmos_jax.sdg.engine import (Engine, Settings, Tally, job_requests, process_info, wait_for_merge,
                                    wait_for_shards)
 from cosmos_jax.sdg.fingerprint import cosmos_jax_version, jobs_fingerprint, model_fingerprint
@@ -40,11 +41,14 @@ def _normalizer(model: Path, jobs: list, jobs_path: Path, errors: list[JobError]
 
 def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | os.PathLike, settings: Settings,
             *, pipeline: Any = None, mesh: str | None = None, mesh_rules: str = "tiny", attention: str = "auto",
-            skip_bad: bool = False, progress: bool = True, say: Callable[[str], None] = _say) -> dict[str, Any]:
+            skip_bad: bool = False, progress: bool = True, say: Callable[[str], None] = _say,
+            critic: Answerer | None = None) -> dict[str, Any]:
     """Make (or finish) the dataset `out` from the jobs file; returns the report ({"nothing_to_do": True} when
     `out` is already the finished dataset of these jobs and this model; {"shard_done": p} on a process other
     than 0). Raises JobErrors (every bad line) before any compute, ValueError when `out` or its work folder
-    belongs to another run."""
+    belongs to another run (other jobs, model or settings: a resume that toggles --critic is refused).
+    critic: with settings.critic, the function that answers the critic's question about a clip (None: the model
+    folder's reasoner, `cosmos_jax.sdg.critic`)."""
     model, jobs_path, out = Path(model), Path(jobs_path), Path(out)
     _check_writer_dependencies()
     if not model.is_dir():
@@ -55,8 +59,12 @@ def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | o
         raise JobErrors(errors)
     if settings.min_consistency is not None and not jobs[0].labelled:
         raise ValueError("--min-consistency needs action-labelled jobs (give each job a domain)")
+    if critic is not None and not settings.critic:
+        raise ValueError("a critic was given to a run without settings.critic")
+    if settings.critic and critic is None:
+        check_critic_model(model)
     wanted = {"format": RUN_FORMAT, "jobs_fingerprint": jobs_fingerprint(jobs, settings.fingerprinted()),
-              "model_fingerprint": model_fingerprint(model)}
+              "model_fingerprint": model_fingerprint(model), "settings": settings.fingerprinted()}
     finished = finished_run(out)
     if finished is not None:
         check_same_run(finished, wanted, out / META_DIR / RUN_FILE)
@@ -76,6 +84,10 @@ def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | o
             from cosmos_jax.sharding import load_mesh_preset, make_mesh
 
             pipeline = pipeline.on_mesh(make_mesh(mesh, jax.local_devices()), load_mesh_preset(mesh_rules).rules)
+    if settings.critic and critic is None:
+        import jax.numpy as jnp
+
+        critic = pipeline_critic(pipeline, model, getattr(jnp, settings.dtype))
     jobs, requests, model_errors = job_requests(pipeline, jobs, normalizer, jobs_path)
     errors += model_errors
     if model_errors and not skip_bad:
@@ -85,12 +97,12 @@ def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | o
     for error in errors:
         say(f"skipped: {error}")
     run = {**wanted, "model": os.fspath(model.resolve()), "jobs": [j.to_json() for j in jobs],
-           "settings": settings.fingerprinted(), "cosmos_jax_version": cosmos_jax_version(),
+           "cosmos_jax_version": cosmos_jax_version(),
            "action_stats": normalizer.to_json() if normalizer is not None else None,
            "skipped_lines": [e.line for e in errors]}
     journal = Journal(work_dir(out), process)
     journal.start(run)
-    engine = Engine(pipeline, jobs, requests, settings, normalizer, wanted["model_fingerprint"])
+    engine = Engine(pipeline, jobs, requests, settings, normalizer, wanted["model_fingerprint"], critic)
     done = journal.done()
     batches = engine.todo(done, process, count)
     tally = Tally(jobs, settings)
