@@ -5,13 +5,14 @@ episodes' first and last frames), drawn with PIL."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from cosmos_jax.sampling.media import atomic_path
+from cosmos_jax.sdg.fingerprint import NO_MODEL_OPTIONS
 
 BINS = 10
 
@@ -27,8 +28,9 @@ def distribution(values: Sequence[float]) -> dict[str, Any]:
             "histogram": {"edges": [round(float(e), 3) for e in edges], "counts": counts.tolist()}}
 
 
-def build_report(records: Sequence[dict[str, Any]], wall_seconds: float | None) -> dict[str, Any]:
-    """The report of every candidate's record (each with its "outcome")."""
+def build_report(records: Sequence[dict[str, Any]], wall_seconds: float | None,
+                 model_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The report of every candidate's record (each with its "outcome") and the run's model options."""
     kept = [r for r in records if r["outcome"] == "kept"]
     rejected = [r for r in records if r["outcome"] != "kept"]
     seconds = float(sum(r.get("seconds") or 0.0 for r in records))
@@ -49,6 +51,7 @@ def build_report(records: Sequence[dict[str, Any]], wall_seconds: float | None) 
         "rejected_candidates": [{"job_id": r["job_id"], "sample_index": r["sample_index"], "reason": r["outcome"],
                                  "consistency": r.get("consistency")} for r in rejected],
         "by_mode": {mode: sum(r["mode"] == mode for r in kept) for mode in sorted({r["mode"] for r in records})},
+        "model_options": dict(model_options or NO_MODEL_OPTIONS),
     }
 
 
