@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from cosmos_jax.commands import errors
+from cosmos_jax.commands.model_options import add_model_arguments, check_model_arguments, load_pipeline
 from cosmos_jax.sampling.prompts import ACTION_MODES, EMBODIMENT_DOMAINS, VIEWPOINT_SENTENCES
 
 _DTYPES = ("bfloat16", "float32")
@@ -89,18 +90,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="output path: .mp4 (video), .png (one frame) or .npy (latents); side files "
                              "(.wav, .actions.npy/.json/.png) are named after it")
     parser.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="weight and compute dtype")
-    parser.add_argument("--quantize", default=None, metavar="MODE",
-                        help="weight-only quantization of the transformer's layer linears: int8 or fp8 "
-                             "(per output channel; norms, embeddings, time embedder and heads stay full precision)")
-    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                        help="a LoRA folder from `cosmos-jax train --lora-rank` (repeat for several; SCALE "
-                             "multiplies its update, default 1)")
-    parser.add_argument("--merge-lora", action="store_true",
-                        help="fold the --lora updates into the weights once (default: applied per layer each step)")
-    parser.add_argument("--offload-reasoner", action="store_true",
-                        help="keep the towers in host memory between uses: the reasoner comes to the device for the "
-                             "prompt's K/V, then the generator for the denoising loop (less device memory, same "
-                             "outputs)")
+    add_model_arguments(parser)
     parser.add_argument("--attention", default="auto", choices=("auto", "xla", "blocked", "pallas"),
                         help="attention implementation (auto: Pallas on GPU/TPU, blocked on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -122,17 +112,6 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Every flag and path that needs no model, and the output location (before loading anything)."""
-    from cosmos_jax.convert.quantize import check_mode
-
-    check_mode(args.quantize)
-    if args.merge_lora and not args.lora:
-        raise ValueError("--merge-lora needs at least one --lora")
-    if args.lora and args.quantize:
-        raise ValueError("--lora cannot be combined with --quantize (adapters are checked against full-precision "
-                         "base weights)")
-    if args.lora and args.offload_reasoner:
-        raise ValueError("--lora cannot be combined with --offload-reasoner yet (use --merge-lora on a converted "
-                         "copy instead)")
     errors.input_path(args.model, "--model", folder=True)
     errors.input_path(args.image, "--image")
     errors.input_path(args.video, "--video", folder=None)
@@ -167,11 +146,6 @@ def _check_counts(args: argparse.Namespace) -> None:
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be a positive integer, got {args.num_samples}")
-    if args.offload_reasoner and args.mesh is not None:
-        raise ValueError("--offload-reasoner runs on one device; it cannot be combined with --mesh (drop one)")
-    if args.quantize is not None and args.mesh is not None:
-        raise ValueError("--quantize weights are not sharded on a mesh yet; it cannot be combined with --mesh "
-                         "(drop one)")
     data = parse_mesh_spec(args.mesh)["data"] if args.mesh is not None else 1
     if args.batch_size is not None:
         try:
@@ -384,32 +358,19 @@ def generate_and_write(pipeline: Any, args: argparse.Namespace, inputs: dict[str
     return written
 
 
-def _read_loras(args: argparse.Namespace) -> list[Any]:
-    """(adapter, scale, flag value) for every --lora, read and checked before the model loads."""
-    from cosmos_jax.training.lora import load_adapters, parse_lora_arg
-
-    specs = []
-    for value in args.lora:
-        path, scale = parse_lora_arg(value)
-        specs.append((load_adapters(path), scale, value))
-    return specs
-
-
 def run(args: argparse.Namespace) -> int:
     try:
+        options = check_model_arguments(args)
         _check_args(args)
         _check_counts(args)
         inputs = read_inputs(args)
-        loras = _read_loras(args)
     except ValueError as e:
         return errors.report(e)
     from cosmos_jax.compile_cache import enable as enable_compile_cache
 
     enable_compile_cache()
     import jax
-    import jax.numpy as jnp
 
-    from cosmos_jax.sampling.generate import Cosmos3Pipeline
     from cosmos_jax.sharding import load_mesh_preset, make_mesh
 
     try:
@@ -418,13 +379,7 @@ def run(args: argparse.Namespace) -> int:
         mesh = rules = None
         if args.mesh is not None:
             mesh, rules = make_mesh(args.mesh), load_mesh_preset(args.mesh_rules).rules
-        pipeline = Cosmos3Pipeline.from_pretrained(args.model, dtype=getattr(jnp, args.dtype),
-                                                   attention=args.attention, mesh=mesh, rules=rules,
-                                                   quantize=args.quantize, offload_reasoner=args.offload_reasoner)
-        if loras:
-            from cosmos_jax.training.lora import apply_adapters
-
-            pipeline.params = apply_adapters(pipeline.params, loras, args.merge_lora)
+        pipeline = load_pipeline(args, options, mesh=mesh, rules=rules)
         check_work(pipeline, args, build_request(args, inputs))
         written = generate_and_write(pipeline, args, inputs)
     except (ValueError, FileNotFoundError) as e:

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from cosmos_jax.commands.model_options import ModelOptions, add_model_arguments, check_model_arguments, load_pipeline
 
 _DTYPES = ("float32", "bfloat16")
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Resumable: re-run the same command after a kill and it continues; a re-run over the finished "
-                     "dataset does nothing. Under jax.distributed every process runs its share and process 0 merges.")
+                     "dataset does nothing. Under jax.distributed every process runs its share and process 0 merges. "
+                     "An episode is reproduced by `cosmos-jax generate` with its job's fields, --seed SEED, "
+                     "--num-samples INDEX+1 (sample INDEX is the last) and the run's model options (the episode's "
+                     "quantize, lora and merge_lora: --quantize, --lora, --merge-lora).")
     parser.add_argument("--model", default=None, help="model folder (Hub layout as published, or converted)")
     parser.add_argument("--jobs", default=None, help="JOBS.jsonl: one job per line, fields named as generate's "
                                                      "flags in snake_case plus samples, chunks, camera, id")
@@ -22,6 +28,8 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=_DTYPES, default="bfloat16",
                         help="weights and activations dtype (float32 for exact reproduction checks)")
     parser.add_argument("--attention", default="auto", help="attention implementation: auto, xla, blocked, pallas")
+    add_model_arguments(parser.add_argument_group(
+        "model options (as generate's; --quantize and --lora enter the model fingerprint and every episode)"))
     parser.add_argument("--best-of", type=int, default=1, help="candidates per episode; the best score is kept")
     parser.add_argument("--min-consistency", type=float, default=None,
                         help="drop episodes whose consistency score (0..1, exp(-error)) is below this")
@@ -51,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [f"--{n}" for n in ("model", "jobs", "out") if getattr(args, n) is None]
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or --merge DATASET)")
+    options = check_model_arguments(args)
     settings = Settings(best_of=args.best_of, min_consistency=args.min_consistency, dtype=args.dtype,
                         batch_size=args.batch_size, critic=args.critic)
     if args.distributed:
@@ -58,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
-        run_sdg(args.model, args.jobs, args.out, settings, mesh=args.mesh, mesh_rules=args.mesh_rules,
-                attention=args.attention, skip_bad=args.skip_bad, progress=not args.no_progress)
+        run_sdg(args.model, args.jobs, args.out, settings, load=lambda: _load(args, options),
+                model_options=options.record(), skip_bad=args.skip_bad, progress=not args.no_progress)
     except JobErrors as e:
         for error in e.errors:
             report(error)
@@ -67,3 +76,15 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         return report(e)
     return 0
+
+
+def _load(args: argparse.Namespace, options: ModelOptions) -> Any:
+    """The model with its options, on a mesh over this process's own devices when --mesh is given."""
+    mesh = rules = None
+    if args.mesh is not None:
+        import jax
+
+        from cosmos_jax.sharding import load_mesh_preset, make_mesh
+
+        mesh, rules = make_mesh(args.mesh, jax.local_devices()), load_mesh_preset(args.mesh_rules).rules
+    return load_pipeline(args, options, mesh=mesh, rules=rules, load_sharded=False)

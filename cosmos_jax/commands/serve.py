@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from cosmos_jax.commands.errors import input_path
+from cosmos_jax.commands.model_options import ModelOptions, add_model_arguments, check_model_arguments, load_pipeline
 from cosmos_jax.sampling.prompts import EMBODIMENT_DOMAINS
 
 _DTYPES = ("bfloat16", "float32")
@@ -25,6 +27,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh-rules", default="tiny", help="mesh preset whose rules shard the parameters")
     parser.add_argument("--dtype", choices=_DTYPES, default="bfloat16", help="weights and activations")
     parser.add_argument("--attention", default="auto", help="attention implementation: auto, xla, blocked, pallas")
+    add_model_arguments(parser.add_argument_group("model options (as generate's; /healthz reports them)"))
     parser.add_argument("--max-batch", type=int, default=4, help="most requests in one batched call")
     parser.add_argument("--max-wait-ms", type=float, default=20.0,
                         help="how long the first request of a batch waits for same-shape company")
@@ -48,7 +51,7 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-chunk", type=int, default=64, help="actions per chunk")
 
 
-def _check(args: argparse.Namespace) -> None:
+def _check(args: argparse.Namespace) -> ModelOptions:
     input_path(args.model, "--model", folder=True)
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
@@ -62,19 +65,18 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--domain {args.domain!r} is not one of {sorted(EMBODIMENT_DOMAINS)}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
+    return check_model_arguments(args)
 
 
-def run(args: argparse.Namespace) -> int:
+def build_state(args: argparse.Namespace) -> tuple[Any, ModelOptions]:
+    """Check the arguments, load the model with its options and make the server's state (nothing is served yet);
+    (the state, the checked model options)."""
     if args.api_key is None:
         args.api_key = os.environ.get("COSMOS_JAX_API_KEY")
-    _check(args)
-    import jax.numpy as jnp
-
-    from cosmos_jax.sampling.generate import Cosmos3Pipeline
+    options = _check(args)
     from cosmos_jax.serve.engine import Engine
     from cosmos_jax.serve.fields import PolicyDefaults
     from cosmos_jax.serve.limits import Limits
-    from cosmos_jax.serve.server import serve
     from cosmos_jax.serve.state import create_state
 
     mesh = rules = None
@@ -83,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
         mesh = sharding.make_mesh(args.mesh)
         rules = sharding.load_mesh_preset(args.mesh_rules).rules
-    pipeline = Cosmos3Pipeline.from_pretrained(args.model, dtype=getattr(jnp, args.dtype),
-                                               attention=args.attention, mesh=mesh, rules=rules)
+    pipeline = load_pipeline(args, options, mesh=mesh, rules=rules)
     if args.max_batch % pipeline.data_size:
         raise ValueError(f"--max-batch {args.max_batch} must be a multiple of the mesh's data axis "
                          f"({pipeline.data_size})")
@@ -93,13 +94,22 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(max_body_bytes=int(args.max_request_mb * 1024**2),
                     max_upload_bytes=int(args.max_upload_mb * 1024**2), max_image_side=args.max_image_side,
                     max_frames=args.max_frames, max_steps=args.max_steps, max_chunk=args.max_chunk)
-    engine = Engine(pipeline, os.path.basename(os.path.normpath(args.model)), defaults)
+    engine = Engine(pipeline, os.path.basename(os.path.normpath(args.model)), defaults,
+                    model_options=options.report())
     state = create_state(engine, results=args.results, limits=limits, max_batch=args.max_batch,
                          max_wait_ms=args.max_wait_ms, queue=args.queue, api_key=args.api_key)
     if state.store.recovered_failed:
         print(f"{state.store.recovered_failed} job(s) left queued or running by a stopped server are marked failed",
               file=sys.stderr)
-    print(f"serving {engine.model_name} on http://{args.host}:{args.port} (openpi: ws://{args.host}:{args.port}/); "
-          f"results in {args.results}", file=sys.stderr, flush=True)
+    return state, options
+
+
+def run(args: argparse.Namespace) -> int:
+    from cosmos_jax.serve.server import serve
+
+    state, options = build_state(args)
+    flags = " ".join(options.flags()) or "none"
+    print(f"serving {state.engine.model_name} on http://{args.host}:{args.port} (openpi: ws://{args.host}:{args.port}/"
+          f"); model options: {flags}; results in {args.results}", file=sys.stderr, flush=True)
     serve(state, args.host, args.port)
     return 0

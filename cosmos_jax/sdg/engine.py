@@ -33,7 +33,7 @@ import hashlib
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from cosmos_jax.sampling.media import to_uint8
 from cosmos_jax.sampling.request import GenerationRequest
 from cosmos_jax.sdg import consistency
 from cosmos_jax.sdg.critic import Answerer, critique
-from cosmos_jax.sdg.fingerprint import cosmos_jax_version
+from cosmos_jax.sdg.fingerprint import NO_MODEL_OPTIONS, cosmos_jax_version
 from cosmos_jax.sdg.jobs import Job, JobError, load_actions, request_for
 from cosmos_jax.sdg.journal import META_DIR, RUN_FILE, Candidate, Journal
 from cosmos_jax.sdg.selection import choose, slot_samples
@@ -143,6 +143,13 @@ def job_requests(pipeline: Cosmos3Pipeline, jobs: Sequence[Job], normalizer: Act
     return kept, requests, errors
 
 
+def episode_model_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The model options as an episode records them: quantize (None or the mode), lora (the `--lora` values,
+    PATH:SCALE, that load the same adapters), merge_lora."""
+    return {"quantize": options.get("quantize"), "merge_lora": bool(options.get("merge_lora")),
+            "lora": [f"{a['path']}:{float(a['scale'])!r}" for a in options.get("lora", [])]}
+
+
 def helper_seed(seed: int, name: str, chunk: int = 0) -> int:
     """The seed of a consistency pass (`name`, `chunk`) of a job with `seed`: 32 bits of sha256, so it shares
     no noise with the episode's own samples."""
@@ -161,7 +168,7 @@ class Engine:
 
     def __init__(self, pipeline: Cosmos3Pipeline, jobs: Sequence[Job], requests: Sequence[GenerationRequest],
                  settings: Settings, normalizer: ActionNormalizer | None, model_fingerprint: str,
-                 critic: Answerer | None = None) -> None:
+                 model_options: Mapping[str, Any] | None = None, critic: Answerer | None = None) -> None:
         if settings.critic != (critic is not None):
             raise ValueError("give the critic's answer function exactly when settings.critic is on")
         self.pipeline = pipeline
@@ -170,6 +177,7 @@ class Engine:
         self.settings = settings
         self.normalizer = normalizer
         self.model_fingerprint = model_fingerprint
+        self.model_options = dict(model_options or NO_MODEL_OPTIONS)
         self.critic = critic
         self.version = cosmos_jax_version()
         self._job_of = {id(r): j for j, r in enumerate(self.requests)}
@@ -327,6 +335,7 @@ class Engine:
             "job_index": episode.job_index, "job_id": job.id, "sample_index": episode.sample_index,
             "slot": episode.sample_index // self.settings.best_of, "seed": job.seed, "mode": job.mode,
             "chunks": job.chunks, "model_fingerprint": self.model_fingerprint, "cosmos_jax_version": self.version,
+            **episode_model_options(self.model_options),
             "consistency": episode.scores.get("consistency"), "consistency_kind": episode.scores.get("kind"),
             "action_nmse": episode.scores.get("action_nmse"),
             "action_nmse_per_channel": episode.scores.get("action_nmse_per_channel"),

@@ -2,8 +2,9 @@
 
 The model's fingerprint hashes every JSON file of its folder (configs, weight indexes, the stats file) and
 the name and size of every weight file, so it changes when a config, a shard or the stats change and is
-cheap to compute for a multi-GB checkpoint. The jobs' fingerprint hashes the validated jobs (with their
-resolved paths) and the content of every file they read.
+cheap to compute for a multi-GB checkpoint; a run that loads the model quantized or with LoRA adapters
+hashes those options too (each adapter by its path, scale and the sha256 of its files). The jobs'
+fingerprint hashes the validated jobs (with their resolved paths) and the content of every file they read.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from cosmos_jax.sdg.jobs import Job
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".ocdbt", ".zarray")
+NO_MODEL_OPTIONS: dict[str, Any] = {"quantize": None, "merge_lora": False, "lora": []}
 
 
 def cosmos_jax_version() -> str:
@@ -29,10 +31,13 @@ def cosmos_jax_version() -> str:
         return "unknown"
 
 
-def model_fingerprint(folder: str | os.PathLike) -> str:
-    """sha256 (first 16 hex digits) of the folder's JSON files and its weight files' names and sizes."""
+def model_fingerprint(folder: str | os.PathLike, options: Mapping[str, Any] | None = None) -> str:
+    """sha256 (first 16 hex digits) of the folder's JSON files, its weight files' names and sizes and, when they
+    change the weights (a quantize mode or adapters), the model options (`NO_MODEL_OPTIONS`' keys)."""
     folder = Path(folder)
     digest = hashlib.sha256()
+    if options and (options.get("quantize") or options.get("lora")):
+        digest.update(f"options {json.dumps(dict(options), sort_keys=True)}\n".encode())
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
         if path.suffix == ".json":

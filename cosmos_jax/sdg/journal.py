@@ -9,7 +9,7 @@
         merged/                           the dataset being assembled by the merge (renamed to DATASET)
 
 A candidate is done when its file exists in any shard; a re-run skips it. A re-run whose run.json differs
-(other jobs, model or settings) is refused. The finished dataset keeps run.json as meta/cosmos_sdg/run.json,
+(other jobs, model, model options or settings) is refused. The finished dataset keeps run.json as meta/cosmos_sdg/run.json,
 so a re-run over it recognises it and does nothing.
 """
 
@@ -63,7 +63,8 @@ def check_same_run(found: dict[str, Any], wanted: dict[str, Any], where: Path) -
     if found.get("format") != RUN_FORMAT:
         raise ValueError(f"{where} is not a cosmos-jax sdg run file")
     for key, what in (("jobs_fingerprint", "jobs (or the files they read, or --best-of/--min-consistency/"
-                                           "--dtype/--critic)"), ("model_fingerprint", "model")):
+                                           "--dtype/--critic)"),
+                      ("model_fingerprint", "model (or --quantize/--lora/--merge-lora)")):
         if found.get(key) != wanted.get(key):
             detail = [f"{key} {found.get(key)} != {wanted.get(key)}"] + _settings_differences(found, wanted)
             raise ValueError(f"{where} was made from other {what} ({'; '.join(detail)}); "
@@ -104,13 +105,19 @@ class Journal:
     def shard(self) -> Path:
         return self.root / f"shard-{self.process:05d}"
 
+    def check(self, run: dict[str, Any]) -> bool:
+        """True when the folder holds a run.json describing the same run, False when it holds none;
+        ValueError when it describes another (`check_same_run`)."""
+        path = self.root / RUN_FILE
+        if not path.is_file():
+            return False
+        check_same_run(read_json(path), run, path)
+        return True
+
     def start(self, run: dict[str, Any]) -> None:
         """Create the folder and run.json, or check an existing run.json describes the same run."""
-        path = self.root / RUN_FILE
-        if path.is_file():
-            check_same_run(read_json(path), run, path)
-        else:
-            atomic_write_json(path, run)
+        if not self.check(run):
+            atomic_write_json(self.root / RUN_FILE, run)
         self.shard.mkdir(parents=True, exist_ok=True)
         for stale in self.shard.glob(".*.tmp-*"):
             stale.unlink(missing_ok=True)

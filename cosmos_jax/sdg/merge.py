@@ -6,8 +6,9 @@ prompt, `action` in raw units when the run had the domain's normalisation stats 
 in the feature's `info`). An episode of F frames has F − 1 actions (action t takes frame t to t + 1); its
 last row is zeros for delta actions and repeats the last action otherwise, as `info.last_row` says. Each
 episodes row gets `cosmos_sdg/...` columns (job id, sample index, seed, mode, chunks, model fingerprint,
-cosmos-jax version, scores; with `--critic` also critic_score, null when the answer was unparsable, and
-critic_answer, the raw answer). `meta/cosmos_sdg/` holds run.json, episodes.jsonl (one line per
+cosmos-jax version, the model options quantize / lora / merge_lora, scores; with `--critic` also critic_score,
+null when the answer was unparsable, and critic_answer, the raw answer). `meta/cosmos_sdg/` holds run.json,
+episodes.jsonl (one line per
 episode), report.json and report.png.
 
 The dataset is assembled in the work folder and renamed to its place, so the output folder never holds a
@@ -33,7 +34,8 @@ from cosmos_jax.sdg.report import build_report, write_report_png
 from cosmos_jax.sdg.selection import choose, slot_samples
 
 EPISODE_FIELDS = ("job_id", "sample_index", "seed", "mode", "chunks", "model_fingerprint", "cosmos_jax_version",
-                  "consistency", "consistency_kind", "action_nmse", "action_nmse_per_channel", "latent_mse")
+                  "quantize", "lora", "merge_lora", "consistency", "consistency_kind", "action_nmse",
+                  "action_nmse_per_channel", "latent_mse")
 CRITIC_FIELDS = ("critic_score", "critic_answer")
 COLUMN_PREFIX = "cosmos_sdg/"
 
@@ -130,7 +132,8 @@ def merge(out: str | os.PathLike, journal: Journal, *, wall_seconds: float | Non
     atomic_write_json(meta / RUN_FILE, run)
     atomic_write_bytes(meta / "episodes.jsonl",
                        "".join(json.dumps(e, sort_keys=True) + "\n" for e in episodes_meta).encode())
-    report = build_report(records, wall_seconds, critic=bool(run["settings"].get("critic")))
+    report = build_report(records, wall_seconds, run.get("model_options"),
+                          critic=bool(run["settings"].get("critic")))
     atomic_write_json(meta / "report.json", report)
     write_report_png(meta / "report.png", records, contact)
     if out.exists():

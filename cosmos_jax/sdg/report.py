@@ -6,7 +6,7 @@ episodes' first and last frames), drawn with PIL."""
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 from cosmos_jax.sampling.media import atomic_path
 from cosmos_jax.sdg.critic import report_section
+from cosmos_jax.sdg.fingerprint import NO_MODEL_OPTIONS
 
 BINS = 10
 
@@ -29,9 +30,10 @@ def distribution(values: Sequence[float]) -> dict[str, Any]:
             "histogram": {"edges": [round(float(e), 3) for e in edges], "counts": counts.tolist()}}
 
 
-def build_report(records: Sequence[dict[str, Any]], wall_seconds: float | None, critic: bool = False
-                 ) -> dict[str, Any]:
-    """The report of every candidate's record (each with its "outcome"); `critic`: the run had --critic."""
+def build_report(records: Sequence[dict[str, Any]], wall_seconds: float | None,
+                 model_options: Mapping[str, Any] | None = None, critic: bool = False) -> dict[str, Any]:
+    """The report of every candidate's record (each with its "outcome") and the run's model options;
+    `critic`: the run had --critic."""
     kept = [r for r in records if r["outcome"] == "kept"]
     rejected = [r for r in records if r["outcome"] != "kept"]
     seconds = float(sum(r.get("seconds") or 0.0 for r in records))
@@ -56,6 +58,7 @@ def build_report(records: Sequence[dict[str, Any]], wall_seconds: float | None, 
         "critic": report_section([r.get("critic_score") for r in kept], [r.get("critic_score") for r in records])
         if critic else None,
         "by_mode": {mode: sum(r["mode"] == mode for r in kept) for mode in sorted({r["mode"] for r in records})},
+        "model_options": dict(model_options or NO_MODEL_OPTIONS),
     }
 
 

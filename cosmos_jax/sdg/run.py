@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from cosmos_jax.datasets.normalization import STATS_FILE, normalizer_for_domain
 from cosmos_jax.sdg.critic import Answerer, check_critic_model, pipeline_critic
 from cosmos_jax.sdg.engine import (Engine, Settings, Tally, job_requests, process_info, wait_for_merge,
                                    wait_for_shards)
-from cosmos_jax.sdg.fingerprint import cosmos_jax_version, jobs_fingerprint, model_fingerprint
+from cosmos_jax.sdg.fingerprint import NO_MODEL_OPTIONS, cosmos_jax_version, jobs_fingerprint, model_fingerprint
 from cosmos_jax.sdg.jobs import JobError, JobErrors, read_jobs
 from cosmos_jax.sdg.journal import META_DIR, RUN_FILE, RUN_FORMAT, Journal, check_same_run, finished_run, work_dir
 from cosmos_jax.sdg.merge import merge
@@ -40,16 +40,21 @@ def _normalizer(model: Path, jobs: list, jobs_path: Path, errors: list[JobError]
 
 
 def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | os.PathLike, settings: Settings,
-            *, pipeline: Any = None, mesh: str | None = None, mesh_rules: str = "tiny", attention: str = "auto",
-            skip_bad: bool = False, progress: bool = True, say: Callable[[str], None] = _say,
-            critic: Answerer | None = None) -> dict[str, Any]:
+            *, pipeline: Any = None, load: Callable[[], Any] | None = None,
+            model_options: Mapping[str, Any] | None = None, skip_bad: bool = False, progress: bool = True,
+            say: Callable[[str], None] = _say, critic: Answerer | None = None) -> dict[str, Any]:
     """Make (or finish) the dataset `out` from the jobs file; returns the report ({"nothing_to_do": True} when
     `out` is already the finished dataset of these jobs and this model; {"shard_done": p} on a process other
-    than 0). Raises JobErrors (every bad line) before any compute, ValueError when `out` or its work folder
-    belongs to another run (other jobs, model or settings: a resume that toggles --critic is refused).
+    than 0). The model: `pipeline`, or `load()` called once the run is known to need it, or else the folder
+    loaded plainly in `settings.dtype`; `model_options` ({"quantize", "merge_lora", "lora": [{"path", "scale",
+    "sha256"}]}, as `cosmos_jax.commands.model_options.ModelOptions.record` gives) say how it was loaded: they
+    enter the model fingerprint and every episode's record. Raises JobErrors (every bad line) before any
+    compute, ValueError when `out` or its work folder belongs to another run (other jobs, model, model options
+    or settings: a resume that toggles --critic is refused).
     critic: with settings.critic, the function that answers the critic's question about a clip (None: the model
     folder's reasoner, `cosmos_jax.sdg.critic`)."""
     model, jobs_path, out = Path(model), Path(jobs_path), Path(out)
+    model_options = dict(model_options or NO_MODEL_OPTIONS)
     _check_writer_dependencies()
     if not model.is_dir():
         raise FileNotFoundError(f"--model folder not found: {model}")
@@ -64,26 +69,18 @@ def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | o
     if settings.critic and critic is None:
         check_critic_model(model)
     wanted = {"format": RUN_FORMAT, "jobs_fingerprint": jobs_fingerprint(jobs, settings.fingerprinted()),
-              "model_fingerprint": model_fingerprint(model), "settings": settings.fingerprinted()}
+              "model_fingerprint": model_fingerprint(model, model_options), "settings": settings.fingerprinted()}
     finished = finished_run(out)
     if finished is not None:
         check_same_run(finished, wanted, out / META_DIR / RUN_FILE)
         say(f"nothing to do: {out} is the finished dataset of these jobs and this model")
         Journal(work_dir(out)).remove()
         return {"nothing_to_do": True}
+    Journal(work_dir(out)).check(wanted)
     process, count = process_info()
     start = time.perf_counter()
     if pipeline is None:
-        import jax
-        import jax.numpy as jnp
-
-        from cosmos_jax.sampling.generate import Cosmos3Pipeline
-
-        pipeline = Cosmos3Pipeline.from_pretrained(model, dtype=getattr(jnp, settings.dtype), attention=attention)
-        if mesh is not None:
-            from cosmos_jax.sharding import load_mesh_preset, make_mesh
-
-            pipeline = pipeline.on_mesh(make_mesh(mesh, jax.local_devices()), load_mesh_preset(mesh_rules).rules)
+        pipeline = load() if load is not None else _plain_pipeline(model, settings.dtype)
     if settings.critic and critic is None:
         import jax.numpy as jnp
 
@@ -97,12 +94,14 @@ def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | o
     for error in errors:
         say(f"skipped: {error}")
     run = {**wanted, "model": os.fspath(model.resolve()), "jobs": [j.to_json() for j in jobs],
+           "model_options": model_options,
            "cosmos_jax_version": cosmos_jax_version(),
            "action_stats": normalizer.to_json() if normalizer is not None else None,
            "skipped_lines": [e.line for e in errors]}
     journal = Journal(work_dir(out), process)
     journal.start(run)
-    engine = Engine(pipeline, jobs, requests, settings, normalizer, wanted["model_fingerprint"], critic)
+    engine = Engine(pipeline, jobs, requests, settings, normalizer, wanted["model_fingerprint"], model_options,
+                    critic)
     done = journal.done()
     batches = engine.todo(done, process, count)
     tally = Tally(jobs, settings)
@@ -148,6 +147,14 @@ def merge_only(out: str | os.PathLike, say: Callable[[str], None] = _say) -> dic
     report = merge(out, journal)
     say(f"{out}: merged {report['episodes']} episodes")
     return report
+
+
+def _plain_pipeline(model: Path, dtype: str) -> Any:
+    import jax.numpy as jnp
+
+    from cosmos_jax.sampling.generate import Cosmos3Pipeline
+
+    return Cosmos3Pipeline.from_pretrained(model, dtype=getattr(jnp, dtype))
 
 
 def _check_writer_dependencies() -> None:

@@ -21,6 +21,7 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({
         "status": "ok" if state.batcher.accepting else "draining",
         "model": state.engine.model_name,
+        "model_options": state.engine.model_options,
         "queue_depth": state.batcher.queue_depth,
         "queue_capacity": state.batcher.capacity,
         "max_batch": state.batcher.max_batch,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cosmos_jax.sampling.batch import BatchShape, PreparedBatch, Sample, padded_size
@@ -37,8 +37,11 @@ class Prepared:
 class Engine:
     """`Cosmos3Pipeline` as the server uses it; `run` is called from one worker thread at a time."""
 
-    def __init__(self, pipeline: Cosmos3Pipeline, model_name: str, defaults: PolicyDefaults) -> None:
+    def __init__(self, pipeline: Cosmos3Pipeline, model_name: str, defaults: PolicyDefaults,
+                 model_options: Mapping[str, Any] | None = None) -> None:
+        """model_options: how the model was loaded (quantize, lora, merge_lora, offload_reasoner), as reported."""
         self.pipeline, self.model_name, self.defaults = pipeline, model_name, defaults
+        self.model_options = dict(model_options or {})
         self._compiled: set[Any] = set()
         self._lock = threading.Lock()
 
@@ -84,6 +87,7 @@ class Engine:
         d = self.defaults
         return {
             "model": self.model_name,
+            "model_options": self.model_options,
             "protocol": "openpi",
             "modes": list(ACTION_MODES) if config.action_gen else [],
             "domains": domains,
