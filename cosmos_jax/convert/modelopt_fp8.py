@@ -6,17 +6,22 @@ float8_e4m3fn plus `X.weight_quantizer._scale` (one float32 value), with `X.weig
 `quantization_config` (quant_method "modelopt", quant_type/quant_algo FP8) whose optional
 `runtime.diffusion_step_policy` turns on the per-step W8A16/W8A8 schedule.
 
-Layer linears stay quantized (`qwix.QArray`, values [L, in, out] in E4M3, scales [L, 1, 1]) and are dequantized in
-the layer loop as `w.astype(x.dtype) * scale`, the W8A16 formula. Other quantized linears (the modality
-projections, the time embedder) are dequantized once at load with the same formula, in their target dtype.
+Layer linears stay quantized as `Fp8Kernel`s (cosmos_jax/modeling/weights.py: E4M3 values [L, in, out], the
+W8A16 scale `_scale` [L, 1, 1] in the activation dtype, and the float32 W8A8 scales weight amax / 448 and input
+amax / 448, as ModelOpt's FP8 GEMM computes them). A W8A16 step dequantizes them in the layer loop as
+`w.astype(x.dtype) * scale`; a W8A8 step quantizes the activations to E4M3 and multiplies the two float8 operands
+(cosmos_jax/modeling/linear.py). Other quantized linears (the modality projections, the time embedder) are
+dequantized once at load with the W8A16 formula, in their target dtype, and run W8A16 at every step (the
+reference runs them through ModelOpt's native forward).
 
 The schedule: the first and last N denoising steps run W8A16, the rest W8A8. Linears fall into two groups by the
 reference's rule, which pairs them across the towers: "generation" = the reasoner tower's attention projections
 (`self_attn.to_q/to_k/to_v/to_out`) plus the generator's MLP (`mlp_moe_gen`); "reasoner" = the generator's
 attention projections (`add_*_proj`, `to_add_out`) plus the reasoner's MLP. The "generation" group follows the
-schedule; the "reasoner" group is W8A16 at every step under the reasoner policy "a16", else follows it too.
-Running W8A8 needs fp8 matmuls; where the backend has none (CPU), every step runs W8A16 and `fallback_note`
-says so.
+schedule; the "reasoner" group is W8A16 at every step under the reasoner policy "a16", else W8A8 at every step
+(`StepPolicy.w8a8_groups`). Running W8A8 needs fp8 matmuls (`has_fp8_matmul`: CUDA compute capability >= 8.9, or
+TPU); where the backend has none (CPU), every step runs W8A16 and `fallback_note` says so, unless W8A8 is asked
+for explicitly (`fp8_matmul=True`), which XLA:CPU computes by upcasting the float8 operands.
 """
 
 from __future__ import annotations
@@ -39,9 +44,13 @@ from cosmos_jax.convert.quantize import is_quantized_path
 from cosmos_jax.convert.safetensors_io import CheckpointIndex
 from cosmos_jax.convert.tree_paths import get_path, set_path
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
+from cosmos_jax.modeling.weights import Fp8Kernel
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 WEIGHT_SCALE = "weight_quantizer._scale"
+WEIGHT_AMAX = "weight_quantizer._amax"
+INPUT_AMAX = "input_quantizer._amax"
+GROUPS = ("generation", "reasoner")
 QUANTIZER_SUFFIXES = ("weight_quantizer._scale", "weight_quantizer._amax", "input_quantizer._amax",
                       "input_quantizer._scale")
 W8A16, W8A8 = "W8A16", "W8A8"
@@ -73,6 +82,12 @@ class StepPolicy:
 
     def schedule(self, num_steps: int) -> list[str]:
         return [self.generation_precision(i, num_steps) for i in range(num_steps)]
+
+    def w8a8_groups(self, step: int, num_steps: int) -> frozenset[str]:
+        """The linear groups that run W8A8 at `step`: "generation" on the schedule's W8A8 steps, "reasoner" at
+        every step unless the reasoner policy is "a16"."""
+        groups = {"generation"} if self.generation_precision(step, num_steps) == W8A8 else set()
+        return frozenset(groups if self.reasoner_a16 else groups | {"reasoner"})
 
 
 def _mode(value: Any, field: str) -> str:
@@ -150,19 +165,47 @@ def linear_group(torch_key: str) -> str | None:
     return None
 
 
-def has_fp8_matmul() -> bool:
-    """True when the default backend runs fp8 matmuls natively (GPU/TPU); False on CPU."""
-    return jax.default_backend() != "cpu"
+def has_fp8_matmul(device: Any = None) -> bool:
+    """Whether `device` (default: the first device) runs float8 x float8 matmuls natively: a CUDA GPU of compute
+    capability >= 8.9 (Ada, Hopper and later) or a TPU; not a CPU, nor a GPU that reports no CUDA capability."""
+    device = jax.devices()[0] if device is None else device
+    if device.platform == "tpu":
+        return True
+    if device.platform not in ("gpu", "cuda"):
+        return False
+    try:
+        major, minor = (int(part) for part in str(getattr(device, "compute_capability", "")).split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (8, 9)
 
 
-def fallback_note(policy: StepPolicy | None, num_steps: int) -> str | None:
-    """What the run does instead of the W8A8 steps (None when every step already is W8A16)."""
+def step_w8a8_groups(policy: StepPolicy | None, num_steps: int, fp8_matmul: bool) -> tuple[frozenset[str], ...]:
+    """Per denoising step, the linear groups that run W8A8: the policy's (no policy: both groups, native W8A8 at
+    every step), or none at all without fp8 matmuls."""
+    if not fp8_matmul:
+        return (frozenset(),) * num_steps
+    if policy is None:
+        return (frozenset(GROUPS),) * num_steps
+    return tuple(policy.w8a8_groups(i, num_steps) for i in range(num_steps))
+
+
+def fallback_note(policy: StepPolicy | None, num_steps: int, fp8_matmul: bool | None = None) -> str | None:
+    """What the run does instead of the W8A8 steps (None when it runs them, or every step already is W8A16).
+
+    fp8_matmul: None = the backend decides (`has_fp8_matmul`); False = W8A8 turned off."""
     planned = policy.schedule(num_steps) if policy is not None else [W8A8] * num_steps
     if W8A8 not in planned:
         return None
+    backend = has_fp8_matmul()
+    if fp8_matmul or (fp8_matmul is None and backend):
+        return None
+    device = jax.devices()[0]
+    reason = ("W8A8 is turned off (fp8_matmul=False)" if backend
+              else "the CPU backend has no fp8 matmuls" if device.platform == "cpu"
+              else f"{device.device_kind} has no fp8 matmuls")
     return (f"FP8 revision: {planned.count(W8A8)} of {num_steps} steps are W8A8 in the checkpoint's schedule; "
-            f"this build runs every step W8A16 (weights dequantized to the activation dtype)"
-            + ("" if has_fp8_matmul() else ": the CPU backend has no fp8 matmuls"))
+            f"this run does every step W8A16 (weights dequantized to the activation dtype): {reason}")
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -196,6 +239,39 @@ def _weight_scale(index: CheckpointIndex, weight_key: str) -> np.ndarray:
     return np.asarray(scale, np.float32).reshape(())
 
 
+def _optional_scale(index: CheckpointIndex, key: str) -> np.ndarray | None:
+    """A per-tensor amax buffer as its FP8 scale amax / 448 (float32, as ModelOpt computes it); None if absent."""
+    if key not in index:
+        return None
+    amax = np.asarray(index.read(key), np.float32)
+    if amax.size != 1:
+        raise KeyMapError(f"{index.source}: {key} must be one per-tensor amax, got shape {tuple(amax.shape)}")
+    if not np.isfinite(amax).all() or float(amax.reshape(())) <= 0:
+        raise KeyMapError(f"{index.source}: {key} must be a positive finite amax, got {float(amax.reshape(()))}")
+    return amax.reshape(()) / np.float32(448.0)
+
+
+def _fp8_kernel(index: CheckpointIndex, entry: Any, keys: list[str], values: np.ndarray, scales: np.ndarray,
+                target: np.dtype) -> Fp8Kernel:
+    """A stacked layer linear [L, in, out] with its W8A16 scale and its W8A8 weight/input scales [L, 1, 1]."""
+    group = linear_group(entry.torch_key.removesuffix(".weight"))
+    if group is None:
+        raise KeyMapError(f"{index.source}: {entry.torch_key} is float8 but belongs to no W8A8 linear group")
+    prefixes = [k.removesuffix("weight") for k in keys]
+    weight_amax = [_optional_scale(index, p + WEIGHT_AMAX) for p in prefixes]
+    weight_scale = np.stack([s if a is None else a for s, a in zip(scales.reshape(-1), weight_amax)])
+    inputs = [_optional_scale(index, p + INPUT_AMAX) for p in prefixes]
+    if any(x is None for x in inputs) and not all(x is None for x in inputs):
+        missing = [p + INPUT_AMAX for p, x in zip(prefixes, inputs) if x is None]
+        raise KeyMapError(f"{index.source}: {entry.torch_key}: some layers have a calibrated input amax, "
+                          f"others not ({', '.join(missing)} missing)")
+    input_scale = None if inputs[0] is None else jax.numpy.asarray(np.stack(inputs).reshape(scales.shape))
+    return Fp8Kernel(
+        weight=qwix.QArray(qvalue=jax.numpy.asarray(values), scale=jax.numpy.asarray(scales, target),
+                           qtype=jax.numpy.float8_e4m3fn),
+        weight_scale=jax.numpy.asarray(weight_scale.reshape(scales.shape)), input_scale=input_scale, group=group)
+
+
 def _check_keys(index: CheckpointIndex, config: Cosmos3Config, abstract: Any) -> None:
     """Every tensor besides the quantizer buffers matches the key table; quantizer buffers belong to a weight."""
     plain = {k: index.shape(k) for k in index.keys() if not k.endswith(QUANTIZER_SUFFIXES)}
@@ -211,8 +287,8 @@ def _check_keys(index: CheckpointIndex, config: Cosmos3Config, abstract: Any) ->
 
 
 def load_transformer(folder: Path, config: Cosmos3Config, dtype: Any) -> dict[str, Any]:
-    """Both trees from an FP8 revision folder: layer linears as E4M3 `qwix.QArray`s with per-layer per-tensor
-    scales (in `dtype`), every other leaf in its target dtype (time embedder f32)."""
+    """Both trees from an FP8 revision folder: layer linears as `Fp8Kernel`s (E4M3 values, per-layer per-tensor
+    scales), every other leaf in its target dtype (time embedder f32)."""
     if dtype is None:
         raise ValueError("an FP8 revision needs a compute dtype (dtype=None would keep float8 weights)")
     abstract = Cosmos3Transformer(config, dtype=jax.numpy.float32).abstract_params()
@@ -235,12 +311,14 @@ def load_transformer(folder: Path, config: Cosmos3Config, dtype: Any) -> dict[st
             else:
                 values = np.stack([read_fp8(k).T for k in keys])
                 scales = np.stack([_weight_scale(index, k) for k in keys]).reshape(len(keys), 1, 1)
-                if not entry.per_layer:
-                    values, scales = values[0], scales[0]
-                value = qwix.QArray(qvalue=jax.numpy.asarray(values), scale=jax.numpy.asarray(scales, target),
-                                    qtype=jax.numpy.float8_e4m3fn)
-                if not is_quantized_path(entry.path):
-                    value = qwix.dequantize(value)
+                if is_quantized_path(entry.path):
+                    value = _fp8_kernel(index, entry, keys, values, scales, target)
+                else:
+                    if not entry.per_layer:
+                        values, scales = values[0], scales[0]
+                    value = qwix.dequantize(qwix.QArray(qvalue=jax.numpy.asarray(values),
+                                                        scale=jax.numpy.asarray(scales, target),
+                                                        qtype=jax.numpy.float8_e4m3fn))
             set_path(params, entry.path, value)
             index.close()
     return params

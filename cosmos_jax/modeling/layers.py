@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from cosmos_jax.config import Cosmos3Config
+from cosmos_jax.modeling.linear import Linear
 from cosmos_jax.modeling.mlp import MLP
 from cosmos_jax.modeling.norms import RMSNorm
 from cosmos_jax.modeling.rope import apply_rope
@@ -32,9 +33,7 @@ class TowerLayer(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        dense = lambda features, name: nn.Dense(  # noqa: E731
-            features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name
-        )
+        dense = lambda features, name: Linear(features, self.dtype, self.param_dtype, name=name)  # noqa: E731
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.norm_variant, self.param_dtype, name=name)  # noqa: E731
         self.q_proj = dense(cfg.num_attention_heads * cfg.head_dim, "q_proj")
         self.k_proj = dense(cfg.num_key_value_heads * cfg.head_dim, "k_proj")

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cosmos_jax.modeling.linear import Linear
+
 
 class MLP(nn.Module):
     """silu: down(silu(gate(x)) * up(x)); relu2: down(relu(up(x))**2). No biases. x [..., D] -> [..., D]."""
@@ -18,9 +20,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        dense = lambda features, name: nn.Dense(  # noqa: E731
-            features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, name=name
-        )
+        dense = lambda features, name: Linear(features, self.dtype, self.param_dtype, name=name)  # noqa: E731
         up = dense(self.intermediate_size, "up_proj")(x)
         if self.hidden_act == "silu":
             hidden = nn.silu(dense(self.intermediate_size, "gate_proj")(x)) * up

@@ -53,6 +53,8 @@ class Cosmos3Transformer:
     remat: rematerialise each scanned layer in the backward pass (training).
     sharding: None (no constraints) or a `cosmos_jax.sharding.ActivationSharding`: the hidden states are
     constrained by logical axis names, and the generator attention runs context-parallel on a `context` axis.
+    w8a8: the linear groups ("generation", "reasoner") whose FP8 kernels (`Fp8Kernel`, ModelOpt's FP8 revision)
+    run W8A8 (`cosmos_jax.modeling.linear`); the others, and every FP8 kernel when empty, run W8A16.
     """
 
     config: Cosmos3Config
@@ -61,6 +63,7 @@ class Cosmos3Transformer:
     attention: str = "auto"
     remat: bool = False
     sharding: Any = None
+    w8a8: frozenset[str] = frozenset()
 
     @property
     def _param_dtype(self) -> Any:
@@ -134,7 +137,7 @@ class Cosmos3Transformer:
         r_layer, g_layer = self.reasoner_layer, self.generator_layer
 
         def body(und, layer_params):
-            r_params, g_params = materialize_tree(layer_params)
+            r_params, g_params = materialize_tree(layer_params, self.w8a8)
             und = self._constrain(und, _UND)
             und, kv = reasoner_step(r_layer, g_layer, r_params, g_params, und, rope, text.und_len, reasoner_attention)
             return und, kv
@@ -159,7 +162,7 @@ class Cosmos3Transformer:
 
         def body(hidden, layer_inputs):
             g_params, k, v = layer_inputs
-            g_params = materialize_tree(g_params)
+            g_params = materialize_tree(g_params, self.w8a8)
             kv = ReasonerKV(k, v)
             hidden = self._constrain(hidden, _GEN)
             return generator_step(g_layer, g_params, hidden, rope, kv, cache.und_len, gen_len, generator_attention), None
@@ -183,7 +186,7 @@ class Cosmos3Transformer:
 
         def body(carry, layer_params):
             und, hidden = carry
-            r_params, g_params = materialize_tree(layer_params)
+            r_params, g_params = materialize_tree(layer_params, self.w8a8)
             und, hidden = self._constrain(und, _UND), self._constrain(hidden, _GEN)
             und, kv = reasoner_step(r_layer, g_layer, r_params, g_params, und, und_rope, text.und_len, reasoner_attention)
             hidden = generator_step(g_layer, g_params, hidden, gen_rope, kv, text.und_len, gen_len, generator_attention)

@@ -215,20 +215,43 @@ def batch_rows(
 # -------------------------------------------------------------------------------------------------- loop
 
 
+def step_models(
+    model: Cosmos3Transformer, step_w8a8: Sequence[frozenset[str]] | None
+) -> tuple[tuple[Cosmos3Transformer, ...], np.ndarray | None]:
+    """The model variants a loop runs and which one each step runs.
+
+    step_w8a8: per step, the FP8 linear groups that run W8A8 (`modelopt_fp8.step_w8a8_groups`), or None (no FP8
+    revision). Returns one `model` with `w8a8` set per distinct group set, in order of first use, and the variant
+    index of every step [steps] int32 (None when there is only one variant)."""
+    if step_w8a8 is None:
+        return (model,), None
+    distinct = list(dict.fromkeys(frozenset(g) for g in step_w8a8))
+    models = tuple(dataclasses.replace(model, w8a8=g) for g in distinct)
+    if len(models) == 1:
+        return models, None
+    return models, np.asarray([distinct.index(frozenset(g)) for g in step_w8a8], np.int32)
+
+
 def batch_denoiser(
     model: Cosmos3Transformer, shape: BatchShape, cache_reasoner: bool, tick: Callable[[Any], None],
-    given_cache: bool = False,
+    given_cache: bool = False, step_w8a8: Sequence[frozenset[str]] | None = None,
 ) -> Callable:
     """The sampling loop of one batch as a pure function
         (params, text [U], static, latents {"vision" [N, C, T, h, w], "sound" [N, S, Ts], "action" [N, chunk, A]},
          coefficients, timesteps [steps][, distinct]) -> final latents (same tree):
     the reasoner K/V of the distinct prompts once, gathered to the rows, then a scan of generator steps (with
-    `cache_reasoner=False`, the joint forward of both towers at every step). With `given_cache`, the distinct
-    prompts' `ReasonerCache` [layers, U, Lu, ...] is a last argument computed beforehand, and `params` need only
-    the generator tree (the reasoner tower stays off the device during the loop)."""
+    `cache_reasoner=False`, the joint forward of both towers at every step). With `given_cache`, `distinct` is a
+    last argument computed beforehand: the distinct prompts' `ReasonerCache` [layers, U, Lu, ...] under each model
+    variant of `step_models` (a tuple), and `params` need only the generator tree (the reasoner tower stays off the
+    device during the loop).
+
+    step_w8a8 (FP8 revision): per step, the linear groups that run W8A8. When the steps differ (the step policy's
+    W8A16 first/last steps around W8A8 ones), each step picks its variant with `jax.lax.switch`, and the reasoner
+    K/V is computed once per variant (the reasoner tower's linears belong to both groups, so its K/V differ)."""
     if given_cache and not cache_reasoner:
         raise ValueError("given_cache needs cache_reasoner (the loop reads a precomputed K/V cache)")
     branches, use_cfg = shape.branches, shape.use_cfg
+    models, step_variant = step_models(model, step_w8a8)
 
     def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
         return x if model.sharding is None else model.sharding.constrain(x, names)
@@ -239,14 +262,21 @@ def batch_denoiser(
         samples = rows // branches
         if cache_reasoner:
             if not given_cache:
-                distinct = model.encode_reasoner(params, text)[0]
-            cache = ReasonerCache(
-                k=constrain(jnp.take(distinct.k, row_prompt, axis=1), _CACHE_AXES),
-                v=constrain(jnp.take(distinct.v, row_prompt, axis=1), _CACHE_AXES),
-                und_len=jnp.take(distinct.und_len, row_prompt),
-            )
+                distinct = tuple(m.encode_reasoner(params, text)[0] for m in models)
+            caches = tuple(ReasonerCache(
+                k=constrain(jnp.take(d.k, row_prompt, axis=1), _CACHE_AXES),
+                v=constrain(jnp.take(d.v, row_prompt, axis=1), _CACHE_AXES),
+                und_len=jnp.take(d.und_len, row_prompt),
+            ) for d in distinct)
+            steps = [lambda gen, m=m, c=c: m.denoise_step(params, c, gen) for m, c in zip(models, caches)]
         else:
             row_text = jax.tree.map(lambda x: jnp.take(x, row_prompt, axis=0), text)
+            steps = [lambda gen, m=m: m(params, row_text, gen) for m in models]
+
+        def denoise(i: jax.Array, gen: GeneratorInputs):
+            if step_variant is None:
+                return steps[0](gen)
+            return jax.lax.switch(jnp.asarray(step_variant)[i], steps, gen)
 
         def per_row(x: jax.Array) -> jax.Array:
             return jnp.repeat(x, branches, axis=0).astype(model.dtype)
@@ -270,7 +300,7 @@ def batch_denoiser(
                 action_noisy=static.get("action_noisy"), action_t=t if "action" in x else None,
                 action_domain=static.get("action_domain"),
             )
-            out = model.denoise_step(params, cache, gen) if cache_reasoner else model(params, row_text, gen)
+            out = denoise(i, gen)
             new_x, new_states = dict(x), dict(states)
             new_x["vision"], new_states["vision"] = scheduler.step(
                 coefficients, states["vision"], combine(out.vision), x["vision"])

@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cosmos_jax.config import Cosmos3Config
-from cosmos_jax.convert.modelopt_fp8 import fallback_note
+from cosmos_jax.convert.modelopt_fp8 import fallback_note, has_fp8_matmul, step_w8a8_groups
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
 from cosmos_jax.modeling.transformer import Cosmos3Transformer, Params
 from cosmos_jax.modeling.wan_vae import WanVAE
@@ -54,6 +54,7 @@ from cosmos_jax.sampling.batch import (
     group_batches,
     sample_key,
     sample_noise,
+    step_models,
 )
 from cosmos_jax.sampling.prepared import PreparedRequest
 from cosmos_jax.sampling.prompts import EMBODIMENT_DOMAINS, ChatTokenizer, build_prompt_pair, raw_action_dim
@@ -163,13 +164,14 @@ class Cosmos3Pipeline:
         self.native_flow_schedule = native_flow_schedule
         self.cache_reasoner = cache_reasoner
         self.offload_reasoner = offload_reasoner
-        self._encode_reasoner = jax.jit(lambda p, t: model.encode_reasoner(p, t)[0])
+        self._encode_reasoner = jax.jit(_reasoner_cache, static_argnums=0)
         if offload_reasoner:
             self.params = offload.to_memory(params, offload.HOST)
         self._progress = _ProgressSink()
         self._executables: dict[Any, Any] = {}
         self.fp8_revision = False  # set by from_pretrained for ModelOpt's FP8 revision
         self.fp8_policy: Any = None
+        self.fp8_matmul: bool | None = None  # W8A8 steps: None = where the backend has fp8 matmuls; True/False
 
     @property
     def config(self) -> Cosmos3Config:
@@ -188,12 +190,15 @@ class Cosmos3Pipeline:
     def from_pretrained(
         cls, path: str | os.PathLike, *, dtype: Any = jnp.bfloat16, attention: str = "auto",
         mesh: Mesh | None = None, rules: Rules | None = None, quantize: str | None = None,
-        offload_reasoner: bool = False,
+        offload_reasoner: bool = False, fp8_matmul: bool | None = None,
     ) -> Cosmos3Pipeline:
         """Load a Hub-layout (or converted) folder through `cosmos_jax.convert.load.load`; with a mesh, every
         process reads only its devices' slices of the transformer. quantize: None, "int8" or "fp8" weight-only
         (see `cosmos_jax.convert.quantize`); offload_reasoner: the towers rest in host memory between calls (see
-        `cosmos_jax.sampling.offload`)."""
+        `cosmos_jax.sampling.offload`). fp8_matmul (ModelOpt's FP8 revision): whether the step policy's W8A8
+        steps run W8A8 (`cosmos_jax.modeling.linear`); None = where the backend has fp8 matmuls (CUDA compute
+        capability >= 8.9, TPU), else they run W8A16 with a warning; True also on CPU (XLA upcasts the float8
+        operands: the W8A8 numbers, not its speed)."""
         from cosmos_jax.convert.load import abstract_transformer, load, locate
 
         if mesh is not None and offload_reasoner:
@@ -230,6 +235,7 @@ class Cosmos3Pipeline:
             mesh=mesh, rules=rules,
         )
         pipeline.fp8_revision, pipeline.fp8_policy = loaded.fp8_revision, loaded.fp8_policy
+        pipeline.fp8_matmul = fp8_matmul
         return pipeline
 
     # ------------------------------------------------------------------ validation and preparation
@@ -430,12 +436,19 @@ class Cosmos3Pipeline:
         if request.output_type == "video" and self.vae is None:
             raise ValueError("output_type='video' needs a VAE; this pipeline has none (use output_type='latent')")
         if self.fp8_revision:
-            note = fallback_note(self.fp8_policy, request.steps)
+            note = fallback_note(self.fp8_policy, request.steps, self.fp8_matmul)
             if note is not None:
                 warnings.warn(note, stacklevel=2)
         prep = self.prepare(request)
         self.given_latents(prep, request.init_noise, request.init_sound_noise, request.init_action_noise)
         return prep
+
+    def step_w8a8(self, steps: int) -> tuple[frozenset[str], ...] | None:
+        """Per denoising step, the FP8 linear groups that run W8A8 (None: not an FP8 revision)."""
+        if not self.fp8_revision:
+            return None
+        enabled = has_fp8_matmul() if self.fp8_matmul is None else self.fp8_matmul
+        return step_w8a8_groups(self.fp8_policy, steps, enabled)
 
     @property
     def data_size(self) -> int:
@@ -498,7 +511,10 @@ class Cosmos3Pipeline:
         params: Any = self.params
         cache: tuple = ()
         if self.offload_reasoner:
-            cache = (self._encode_reasoner(offload.reasoner_pass_params(self.params), text),)
+            models, _ = step_models(self.model, self.step_w8a8(shape.steps))
+            reasoner_params = offload.reasoner_pass_params(self.params)
+            cache = (tuple(self._encode_reasoner(m, reasoner_params, text) for m in models),)
+            del reasoner_params
             params = offload.generator_params(self.params)
         args = (params, text, self._per_row(rows.static), self._per_row(latents),
                 self._replicated(schedule.coefficients),
@@ -585,11 +601,13 @@ class Cosmos3Pipeline:
         """The compiled loop for this shape signature (compiled once, then reused) and the compile seconds."""
         leaves, treedef = jax.tree_util.tree_flatten(args)
         signature = tuple((x.shape, jnp.result_type(x)) for x in leaves)
-        key = (shape.use_cfg, shape.steps_action, self.cache_reasoner, self.offload_reasoner, treedef, signature)
+        step_w8a8 = self.step_w8a8(shape.steps)
+        key = (shape.use_cfg, shape.steps_action, self.cache_reasoner, self.offload_reasoner, step_w8a8, treedef,
+               signature)
         if key in self._executables:
             return self._executables[key], 0.0
         fn = batch_denoiser(self.model, shape, self.cache_reasoner, self._progress.tick,
-                            given_cache=self.offload_reasoner)
+                            given_cache=self.offload_reasoner, step_w8a8=step_w8a8)
         out_shardings = None
         if self.mesh is not None:
             out_shardings = jax.tree.map(lambda x: self._batch_sharding(x.shape), args[3])
@@ -610,6 +628,11 @@ class Cosmos3Pipeline:
         pixels = self.vae.decode(self.vae_params, z).astype(jnp.float32)  # [1, 3, F, H, W] in [-1, 1]
         frames = jnp.clip(pixels[0] / 2 + 0.5, 0.0, 1.0)
         return np.asarray(jnp.transpose(frames, (1, 2, 3, 0)))
+
+
+def _reasoner_cache(model: Cosmos3Transformer, params: Params, text: Any) -> Any:
+    """The distinct prompts' reasoner K/V under `model` (jitted with the model static)."""
+    return model.encode_reasoner(params, text)[0]
 
 
 def batch_steps(batch: PreparedBatch | Sequence[Sample]) -> int:
