@@ -1,10 +1,13 @@
-"""The published FP8 revision (cosmos_jax/convert/modelopt_fp8.py) against the reference's own W8A16 code.
+"""The published FP8 revision (cosmos_jax/convert/modelopt_fp8.py) against the reference's own W8A16 and W8A8 code.
 
 A tiny diffusers transformer is quantized to E4M3 with one scale per tensor and saved in ModelOpt's serialized
-layout (`weight` float8_e4m3fn, `weight_quantizer._scale`, `_amax` buffers) with the official step policy in its
-config.json. The torch side runs every quantized linear through diffusers' own `_w8a16_linear` (the formula
-`w.to(x.dtype) * scale`, then F.linear): nvidia-modelopt's restore path is not needed for that. fp32 vs fp32,
-max abs error <= 2e-5 of the output scale. The policy, step schedule and linear grouping are checked against
+layout (`weight` float8_e4m3fn, `weight_quantizer._scale`, `_amax` buffers, `input_quantizer._amax`) with the
+official step policy in its config.json. W8A16: the torch side runs every quantized linear through diffusers' own
+`_w8a16_linear` (the formula `w.to(x.dtype) * scale`, then F.linear). W8A8: diffusers' own mixed-precision runtime
+routes each linear per step and group to `_w8a16_linear` or the native forward, ModelOpt's `fp8_per_tensor_gemm`,
+reproduced in `modelopt_fp8_gemm` with `torch._scaled_mm` (CUDA-only) emulated by its definition. nvidia-modelopt's
+restore path is not needed for either. fp32 vs fp32, max abs error <= 2e-5 of the output scale; the float8
+activations of the W8A8 linear are bitwise equal. The policy, step schedule and linear grouping are checked against
 diffusers' `parse_diffusion_step_policy`, `Cosmos3MixedPrecisionConfig` and `_classify_cosmos3_linear`.
 """
 
@@ -362,7 +365,7 @@ def test_w8a8_lowers_to_fp8_dots_for_cuda(revision):
     when compiling on a GPU, which this machine cannot do."""
     model, folder, *_ = revision
     cfg = jax_config(model)
-    params = jax.eval_shape(lambda: load(folder, dtype=jnp.bfloat16, components=("transformer",)).params)
+    params = load(folder, dtype=jnp.bfloat16, components=("transformer",)).params
     _, text, gen = _case_inputs(model, "t2v")
     gen = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, gen)
 
