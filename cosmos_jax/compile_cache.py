@@ -5,8 +5,10 @@
 The folder is `$COSMOS_JAX_COMPILE_CACHE` if that names a folder, else `$XDG_CACHE_HOME/cosmos-jax/jax-cache`
 (`~/.cache/cosmos-jax/jax-cache`). `COSMOS_JAX_COMPILE_CACHE=off` (or 0, false, no) switches it off. Every
 compile is cached, however short, because the tiny configs compile in well under JAX's default one-second floor.
-Entries are keyed by JAX on the program, the jax/jaxlib versions, the backend and the compile options, so a
-stale entry is never used.
+Entries are keyed by JAX on the program, the jax/jaxlib versions, the backend, the devices and the compile
+options, so a stale entry is never used. The compile options hold the folder's own path (JAX points XLA's
+autotune cache into it), so a folder copied or moved elsewhere is not hit. Programs with host callbacks (the
+step progress bar of the sampling loop) are never written. `cosmos_jax.aot` fills the cache ahead of time.
 """
 
 from __future__ import annotations

@@ -94,6 +94,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention", default="auto", choices=("auto", "xla", "blocked", "pallas"),
                         help="attention implementation (auto: Pallas on GPU/TPU, blocked on CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="compile every program this command line would run into the compile cache "
+                             "(COSMOS_JAX_COMPILE_CACHE) and stop: nothing runs, nothing is written. Needs "
+                             "--no-progress, here and in the run it warms (JAX never caches the loop that drives "
+                             "the step bar: it has a host callback)")
     batch = parser.add_argument_group("batches and devices")
     batch.add_argument("--num-samples", type=int, default=1,
                        help="samples of the request (sample k uses the noise key fold_in(key(seed), k)); above 1 "
@@ -137,6 +142,13 @@ def _check_args(args: argparse.Namespace) -> None:
         if single != (suffix == ".png"):
             raise ValueError(f"--output {args.output!r}: one frame is written as .png, a video as .mp4")
     errors.output_path(args.output, "--output")
+    if args.warm_only and not args.no_progress:
+        raise ValueError("--warm-only needs --no-progress (and so does the run it warms): the step progress bar "
+                         "is a host callback in the denoising loop, and JAX never writes such a program to the "
+                         "compile cache")
+    if args.warm_only and args.distributed:
+        raise ValueError("--warm-only runs in one process (JAX writes the compile cache from process 0 only): "
+                         "drop --distributed")
 
 
 def _check_counts(args: argparse.Namespace) -> None:
@@ -358,6 +370,25 @@ def generate_and_write(pipeline: Any, args: argparse.Namespace, inputs: dict[str
     return written
 
 
+def warm(pipeline: Any, args: argparse.Namespace, inputs: dict[str, Any]) -> None:
+    """--warm-only: every program `generate_and_write` would run, compiled into the compile cache and not run
+    (`cosmos_jax.aot`); one line per program and a total on stderr, nothing written."""
+    import time
+
+    from cosmos_jax import aot
+
+    request = build_request(args, inputs)
+    start = time.perf_counter()
+    with aot.compile_only(on_compiled=lambda c: print(c.line(), file=sys.stderr)) as warming:
+        if args.num_samples == 1 and args.mesh is None:
+            pipeline(request, progress=False)
+        else:
+            for _ in pipeline.generate_samples([request], num_samples=args.num_samples, batch_size=args.batch_size,
+                                               progress=False):
+                pass
+    print(f"warmed: {warming.summary()}, {time.perf_counter() - start:.1f}s in all", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         options = check_model_arguments(args)
@@ -381,6 +412,9 @@ def run(args: argparse.Namespace) -> int:
             mesh, rules = make_mesh(args.mesh), load_mesh_preset(args.mesh_rules).rules
         pipeline = load_pipeline(args, options, mesh=mesh, rules=rules)
         check_work(pipeline, args, build_request(args, inputs))
+        if args.warm_only:
+            warm(pipeline, args, inputs)
+            return 0
         written = generate_and_write(pipeline, args, inputs)
     except (ValueError, FileNotFoundError) as e:
         return errors.report(flag_names(errors.one_line(e)))

@@ -26,7 +26,11 @@ examples:
   cosmos-jax plan --config tiny --mesh fsdp=2
   cosmos-jax plan --config nano --mesh fsdp=8 --device h100-80g --task train
 
-Exit status: 0 when the plan FITS the device, 1 when it DOES NOT FIT, 2 on bad input."""
+Exit status: 0 when the plan FITS the device, 1 when it DOES NOT FIT, 2 on bad input.
+
+plan does not warm the compile cache: it compiles for fake CPU devices in a child process with its own XLA
+flags, and JAX keys cached programs by device and flags, so no real run would ever load them. Warm the cache
+on the machine that runs, with `generate --warm-only` or `sdg --warm-only` and the run's own flags."""
 
 
 def add_parser(parser: argparse.ArgumentParser) -> None:

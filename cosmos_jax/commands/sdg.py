@@ -15,7 +15,9 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                      "dataset does nothing. Under jax.distributed every process runs its share and process 0 merges. "
                      "An episode is reproduced by `cosmos-jax generate` with its job's fields, --seed SEED, "
                      "--num-samples INDEX+1 (sample INDEX is the last) and the run's model options (the episode's "
-                     "quantize, lora and merge_lora: --quantize, --lora, --merge-lora).")
+                     "quantize, lora and merge_lora: --quantize, --lora, --merge-lora). Compiled programs are kept in "
+                     "the persistent compile cache (COSMOS_JAX_COMPILE_CACHE); --warm-only fills it ahead of time "
+                     "for the same command line.")
     parser.add_argument("--model", default=None, help="model folder (Hub layout as published, or converted)")
     parser.add_argument("--jobs", default=None, help="JOBS.jsonl: one job per line, fields named as generate's "
                                                      "flags in snake_case plus samples, chunks, camera, id")
@@ -44,6 +46,11 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--process-id", type=int, default=None, help="this process's jax.distributed index")
     parser.add_argument("--skip-bad", action="store_true", help="report bad job lines and skip them")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="compile every program this run would use into the compile cache and stop: check the "
+                             "jobs, build every batch and compile each pass (nothing runs; --out is not touched "
+                             "and not needed). Give the run's other flags (batch size, best-of, dtype, mesh, "
+                             "attention, model options, critic); one process (not with --distributed)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,22 +58,35 @@ def run(args: argparse.Namespace) -> int:
     from cosmos_jax.commands.errors import EXIT_USAGE, report
     from cosmos_jax.sdg.engine import Settings
     from cosmos_jax.sdg.jobs import JobErrors
-    from cosmos_jax.sdg.run import merge_only, run_sdg
+    from cosmos_jax.sdg.run import merge_only, run_sdg, warm_sdg
 
     if args.merge is not None:
+        if args.warm_only:
+            raise ValueError("--warm-only compiles a run; it cannot be combined with --merge")
         merge_only(args.merge)
         return 0
-    missing = [f"--{n}" for n in ("model", "jobs", "out") if getattr(args, n) is None]
+    if args.warm_only and args.distributed:
+        raise ValueError("--warm-only runs in one process: JAX writes the compile cache from process 0 only and "
+                         "keys it by device; warm each host with a single-process --warm-only instead of "
+                         "--distributed")
+    needed = ("model", "jobs") if args.warm_only else ("model", "jobs", "out")
+    missing = [f"--{n}" for n in needed if getattr(args, n) is None]
     if missing:
         raise ValueError(f"{', '.join(missing)} required (or --merge DATASET)")
     options = check_model_arguments(args)
     settings = Settings(best_of=args.best_of, min_consistency=args.min_consistency, dtype=args.dtype,
                         batch_size=args.batch_size, critic=args.critic)
+    from cosmos_jax.compile_cache import enable as enable_compile_cache
+
+    enable_compile_cache()
     if args.distributed:
         import jax
 
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     try:
+        if args.warm_only:
+            warm_sdg(args.model, args.jobs, settings, load=lambda: _load(args, options), skip_bad=args.skip_bad)
+            return 0
         run_sdg(args.model, args.jobs, args.out, settings, load=lambda: _load(args, options),
                 model_options=options.record(), skip_bad=args.skip_bad, progress=not args.no_progress)
     except JobErrors as e:

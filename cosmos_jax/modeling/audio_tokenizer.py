@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cosmos_jax import aot
+
 Array = jax.Array
 Params = dict[str, Any]
 PrecisionLike = jax.lax.Precision | None
@@ -613,7 +615,8 @@ class AudioTokenizer:
         _check_finite("latents", batched)
         if "decoder" not in params:
             raise ValueError("params has no 'decoder' tree.")
-        waveform = _decode_jit(params["decoder"], batched, self.config, self.dtype, self.param_dtype, self.precision)
+        waveform = aot.call(f"sound decode {list(batched.shape)}", _decode_jit, params["decoder"], batched,
+                            self.config, self.dtype, self.param_dtype, self.precision)
         return waveform[0] if squeeze else waveform
 
     def encode_posterior(self, params: Params, waveform: Array) -> tuple[Array, Array]:

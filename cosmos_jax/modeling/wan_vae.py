@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cosmos_jax import aot
 from cosmos_jax.modeling.wan_vae_blocks import Decoder, Encoder, PointwiseConv, round_to
 from cosmos_jax.modeling.wan_vae_tiling import VAETiling, check_tiling, tiled_decode, tiled_encode, tiling_applies
 
@@ -316,14 +317,21 @@ def _decode_rest(params: Any, cache: Any, video: jax.Array, z: jax.Array, config
 
 def _decode_stream(params: Any, z: jax.Array, config: WanVAEConfig, dtype: Any, pixels: bool) -> jax.Array:
     """Latents `[B,z,T,h,w]` -> every frame, decoded one latent frame at a time (layout as `_frames_out`)."""
-    first, cache = _decode_first(params, z[:, :, :1], config, dtype, pixels)
+    first, cache = aot.call(f"VAE decode, first latent frame {_shape(z[:, :, :1])}", _decode_first, params,
+                            z[:, :, :1], config, dtype, pixels)
     chunks = z.shape[2] - 1
     if chunks == 0:
         return first
     time_axis = 2 if pixels else 1
     pad = [(0, 0)] * first.ndim
     pad[time_axis] = (0, FRAMES_PER_LATENT * chunks)
-    return _decode_rest(params, cache, jnp.pad(first, pad), z[:, :, 1:], config, dtype, pixels)[0]
+    return aot.call(f"VAE decode, latent frames 1.. {_shape(z[:, :, 1:])}", _decode_rest, params, cache,
+                    jnp.pad(first, pad), z[:, :, 1:], config, dtype, pixels)[0]
+
+
+def _shape(x: jax.Array) -> str:
+    """`[1, 3, 5, 64, 64] float32`: an array's shape and dtype, for the compile record (cosmos_jax.aot)."""
+    return f"{list(x.shape)} {x.dtype}"
 
 
 def _check_finite(x: Any, what: str) -> None:
@@ -363,10 +371,12 @@ def validate_latents(z: Any, config: WanVAEConfig) -> None:
 
 def _encode_stream(params: Any, video: jax.Array, config: WanVAEConfig, dtype: Any) -> jax.Array:
     """Video `[B,3,1+4k,H,W]` -> posterior mean `[B,z,1+k,h,w]`, frame 0 alone, then chunks of 4 frames."""
-    mean, cache = _encode_first(params, video[:, :, :1], config, dtype)
+    mean, cache = aot.call(f"VAE encode, first frame {_shape(video[:, :, :1])}", _encode_first, params,
+                           video[:, :, :1], config, dtype)
     if video.shape[2] == 1:
         return mean
-    return jnp.concatenate([mean, _encode_rest(params, cache, video, config, dtype)[0]], axis=2)
+    rest = aot.call(f"VAE encode, frames 1.. of {_shape(video)}", _encode_rest, params, cache, video, config, dtype)
+    return jnp.concatenate([mean, rest[0]], axis=2)
 
 
 def encode(params: Any, video: Any, config: WanVAEConfig, dtype: Any = jnp.float32,
@@ -407,7 +417,7 @@ def decode(params: Any, z: Any, config: WanVAEConfig, dtype: Any = jnp.float32,
         return _decode_stream(params, z, config, dtype, pixels=True)
     frames = tiled_decode(lambda tile: _decode_stream(params, tile, config, dtype, pixels=False), z, tiling,
                           compression, config.patch)
-    return _pixels_from_patches(frames, config)
+    return aot.call(f"VAE tiles to pixels {_shape(frames)}", _pixels_from_patches, frames, config)
 
 
 def init_params(config: WanVAEConfig, rng: jax.Array, param_dtype: Any = jnp.float32) -> Any:

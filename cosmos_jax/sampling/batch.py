@@ -233,7 +233,7 @@ def step_models(
 
 
 def batch_denoiser(
-    model: Cosmos3Transformer, shape: BatchShape, cache_reasoner: bool, tick: Callable[[Any], None],
+    model: Cosmos3Transformer, shape: BatchShape, cache_reasoner: bool, tick: Callable[[Any], None] | None,
     given_cache: bool = False, step_w8a8: Sequence[frozenset[str]] | None = None,
 ) -> Callable:
     """The sampling loop of one batch as a pure function
@@ -247,7 +247,10 @@ def batch_denoiser(
 
     step_w8a8 (FP8 revision): per step, the linear groups that run W8A8. When the steps differ (the step policy's
     W8A16 first/last steps around W8A8 ones), each step picks its variant with `jax.lax.switch`, and the reasoner
-    K/V is computed once per variant (the reasoner tower's linears belong to both groups, so its K/V differ)."""
+    K/V is computed once per variant (the reasoner tower's linears belong to both groups, so its K/V differ).
+
+    `tick(step)` is called on the host after every step through `jax.debug.callback`; with `tick=None` the loop
+    has no host callback (JAX writes only such programs to the persistent compile cache)."""
     if given_cache and not cache_reasoner:
         raise ValueError("given_cache needs cache_reasoner (the loop reads a precomputed K/V cache)")
     branches, use_cfg = shape.branches, shape.use_cfg
@@ -312,7 +315,8 @@ def batch_denoiser(
                 velocity = jnp.where(channels, combine(out.action), 0.0)
                 stepped, new_states["action"] = scheduler.step(coefficients, states["action"], velocity, x["action"])
                 new_x["action"] = jnp.where(channels, stepped, 0.0)
-            jax.debug.callback(tick, i)
+            if tick is not None:
+                jax.debug.callback(tick, i)
             return (new_x, new_states), None
 
         states = {name: scheduler.init_state(x.shape) for name, x in latents.items()}

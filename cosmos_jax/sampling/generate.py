@@ -14,8 +14,11 @@ How it runs (differs from the reference, same numbers):
   not at every step nor once per sample;
 - sample k of a request with seed s draws its noise from `jax.random.fold_in(jax.random.key(s), k)`, so its
   outputs do not depend on the batch (`cosmos_jax.sampling.batch`);
-- the whole loop is one jitted `jax.lax.scan` compiled ahead of time once per shape signature; progress is
-  reported by `jax.debug.callback` with the step index only (no latents leave the device until the end);
+- the whole loop is one jitted `jax.lax.scan` compiled ahead of time once per shape signature; with a progress
+  bar, progress is reported by `jax.debug.callback` with the step index only (no latents leave the device until
+  the end). JAX never writes a program with a host callback to the persistent compile cache, so only the loop
+  without a bar (`progress=False`: sdg, `generate --no-progress`) is loaded from it by a later process;
+- under `cosmos_jax.aot.compile_only()` every program is compiled and none runs (`generate`/`sdg --warm-only`);
 - on a mesh (`on_mesh`, or `from_pretrained(mesh=...)`) the batch is sharded over the `data` axis (and the
   weights as the rules say); under jax.distributed every process gets the samples its devices hold.
 """
@@ -34,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cosmos_jax import aot
 from cosmos_jax.config import Cosmos3Config
 from cosmos_jax.convert.modelopt_fp8 import fallback_note, has_fp8_matmul, step_w8a8_groups
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
@@ -470,7 +474,7 @@ class Cosmos3Pipeline:
             return self._run_batch(batch, _StepFraction(batch_steps(batch), on_step), 1.0)
         bar = _progress_bar(batch_steps(batch)) if progress else None
         try:
-            return self._run_batch(batch, bar, 1.0)
+            return self._run_batch(batch, bar, 1.0, ticking=progress)
         finally:
             if bar is not None:
                 bar.close()
@@ -491,13 +495,17 @@ class Cosmos3Pipeline:
         bar = _progress_bar(len(samples), unit="sample", desc="generating") if show else None
         try:
             for batch in batches:
-                yield from self._run_batch(batch, bar, len(batch.samples) / batch.shape.steps)
+                yield from self._run_batch(batch, bar, len(batch.samples) / batch.shape.steps, ticking=progress)
         finally:
             if bar is not None:
                 bar.close()
 
-    def _run_batch(self, batch: PreparedBatch | Sequence[Sample], bar: Any, per_step: float) -> list[GenerationResult]:
+    def _run_batch(self, batch: PreparedBatch | Sequence[Sample], bar: Any, per_step: float,
+                   ticking: bool | None = None) -> list[GenerationResult]:
+        """`ticking`: whether the loop reports its steps (to `bar`); default: when there is a bar. Give it
+        explicitly under jax.distributed, where only one process has the bar but all run the same program."""
         start = time.perf_counter()
+        ticking = bar is not None if ticking is None else ticking
         if not isinstance(batch, PreparedBatch):
             batch = self.prepare_batch(batch)
         shape = batch.shape
@@ -513,7 +521,8 @@ class Cosmos3Pipeline:
         if self.offload_reasoner:
             models, _ = step_models(self.model, self.step_w8a8(shape.steps))
             reasoner_params = offload.reasoner_pass_params(self.params)
-            cache = (tuple(self._encode_reasoner(m, reasoner_params, text) for m in models),)
+            cache = (tuple(aot.call(f"reasoner encode, {rows.distinct_prompts} prompts", self._encode_reasoner, m,
+                                    reasoner_params, text) for m in models),)
             del reasoner_params
             params = offload.generator_params(self.params)
         args = (params, text, self._per_row(rows.static), self._per_row(latents),
@@ -521,11 +530,12 @@ class Cosmos3Pipeline:
                 self._replicated(np.asarray(schedule.timesteps, np.float32))) + cache
         del cache
         timings = {"prepare": time.perf_counter() - start}
-        compiled, timings["compile"] = self._executable(shape, args)
+        compiled, timings["compile"], cached = self._executable(shape, args, ticking)
         start = time.perf_counter()
         self._progress.bar, self._progress.per_step = bar, per_step
         try:
-            final = jax.block_until_ready(compiled(*args))
+            label = f"denoising loop ({shape.describe()}), {count} samples, {rows.distinct_prompts} prompts"
+            final = jax.block_until_ready(aot.execute(label, compiled, timings["compile"], cached, *args))
             jax.effects_barrier()
             del args, params  # with offload, the generator's device copy goes here
         finally:
@@ -597,24 +607,25 @@ class Cosmos3Pipeline:
         names = (BATCH,) + (None,) * (len(shape) - 1)
         return NamedSharding(self.mesh, spec_for(shape, names, self.rules, self.mesh))
 
-    def _executable(self, shape: BatchShape, args: tuple) -> tuple[Any, float]:
-        """The compiled loop for this shape signature (compiled once, then reused) and the compile seconds."""
+    def _executable(self, shape: BatchShape, args: tuple, ticking: bool) -> tuple[Any, float, bool]:
+        """The compiled loop for this shape signature (compiled once, then reused), the compile seconds (0 when
+        reused) and whether the persistent compile cache had it. `ticking`: the loop reports its steps."""
         leaves, treedef = jax.tree_util.tree_flatten(args)
         signature = tuple((x.shape, jnp.result_type(x)) for x in leaves)
         step_w8a8 = self.step_w8a8(shape.steps)
-        key = (shape.use_cfg, shape.steps_action, self.cache_reasoner, self.offload_reasoner, step_w8a8, treedef,
-               signature)
+        key = (shape.use_cfg, shape.steps_action, self.cache_reasoner, self.offload_reasoner, step_w8a8, ticking,
+               treedef, signature)
         if key in self._executables:
-            return self._executables[key], 0.0
-        fn = batch_denoiser(self.model, shape, self.cache_reasoner, self._progress.tick,
+            return self._executables[key], 0.0, True
+        fn = batch_denoiser(self.model, shape, self.cache_reasoner, self._progress.tick if ticking else None,
                             given_cache=self.offload_reasoner, step_w8a8=step_w8a8)
         out_shardings = None
         if self.mesh is not None:
             out_shardings = jax.tree.map(lambda x: self._batch_sharding(x.shape), args[3])
-        start = time.perf_counter()
-        compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args).compile()
+        compiled, seconds, cached = aot.lower_and_compile(
+            lambda: jax.jit(fn, out_shardings=out_shardings).lower(*args).compile())
         self._executables[key] = compiled
-        return compiled, time.perf_counter() - start
+        return compiled, seconds, cached
 
     def __call__(self, request: GenerationRequest, *, progress: bool = True) -> GenerationResult | None:
         """Generate sample 0 of `request` (a batch of one; see the module docstring); `progress` shows a step

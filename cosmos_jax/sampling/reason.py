@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cosmos_jax import aot
 from cosmos_jax.modeling.reasoner import KVCache, Params, PromptBatch, Reasoner
 
 
@@ -121,7 +122,9 @@ def generate(
     `pad_id` after a row's end, lengths [B]: tokens up to and including the first eos)."""
     _check_lengths(model, prompt, max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
-    tokens, done_at = _generate_jit(model, params, prompt, rng, max_new_tokens, tuple(eos_ids), sampling, pad_id)
+    tokens, done_at = aot.call(f"reasoner answer, prompt {list(prompt.input_ids.shape)}, {max_new_tokens} new tokens",
+                               _generate_jit, model, params, prompt, rng, max_new_tokens, tuple(eos_ids), sampling,
+                               pad_id)
     return np.asarray(tokens), np.asarray(done_at)
 
 

@@ -216,6 +216,13 @@ class Engine:
             progress(records)
         return made
 
+    def warm(self, batch: PreparedBatch) -> None:
+        """Every pass of one batch and the critic of its episodes, as `run` makes them, journaling nothing (under
+        `cosmos_jax.aot.compile_only()`: compiling every program and running none, for `sdg --warm-only`)."""
+        episodes, _ = self.generate(batch)
+        for episode in episodes:
+            self._critique(episode)
+
     # ------------------------------------------------------------------------------------------ passes
 
     def generate(self, batch: PreparedBatch) -> tuple[list[_Episode], float]:

@@ -1,4 +1,5 @@
-"""`run_sdg`: one call from a jobs file to a finished dataset (validate, resume or refuse, generate, merge)."""
+"""`run_sdg`: one call from a jobs file to a finished dataset (validate, resume or refuse, generate, merge);
+`warm_sdg`: the same run's programs compiled into the persistent compile cache, nothing generated or written."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from cosmos_jax import aot
 from cosmos_jax.datasets.normalization import STATS_FILE, normalizer_for_domain
 from cosmos_jax.sdg.critic import Answerer, check_critic_model, pipeline_critic
 from cosmos_jax.sdg.engine import (Engine, Settings, Tally, job_requests, process_info, wait_for_merge,
@@ -56,18 +58,7 @@ def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | o
     model, jobs_path, out = Path(model), Path(jobs_path), Path(out)
     model_options = dict(model_options or NO_MODEL_OPTIONS)
     _check_writer_dependencies()
-    if not model.is_dir():
-        raise FileNotFoundError(f"--model folder not found: {model}")
-    jobs, errors = read_jobs(jobs_path, skip_bad=skip_bad)
-    normalizer, jobs = _normalizer(model, jobs, jobs_path, errors)
-    if errors and not skip_bad:
-        raise JobErrors(errors)
-    if settings.min_consistency is not None and not jobs[0].labelled:
-        raise ValueError("--min-consistency needs action-labelled jobs (give each job a domain)")
-    if critic is not None and not settings.critic:
-        raise ValueError("a critic was given to a run without settings.critic")
-    if settings.critic and critic is None:
-        check_critic_model(model)
+    jobs, errors, normalizer = _checked_jobs(model, jobs_path, settings, skip_bad, critic)
     wanted = {"format": RUN_FORMAT, "jobs_fingerprint": jobs_fingerprint(jobs, settings.fingerprinted()),
               "model_fingerprint": model_fingerprint(model, model_options), "settings": settings.fingerprinted()}
     finished = finished_run(out)
@@ -79,20 +70,8 @@ def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | o
     Journal(work_dir(out)).check(wanted)
     process, count = process_info()
     start = time.perf_counter()
-    if pipeline is None:
-        pipeline = load() if load is not None else _plain_pipeline(model, settings.dtype)
-    if settings.critic and critic is None:
-        import jax.numpy as jnp
-
-        critic = pipeline_critic(pipeline, model, getattr(jnp, settings.dtype))
-    jobs, requests, model_errors = job_requests(pipeline, jobs, normalizer, jobs_path)
-    errors += model_errors
-    if model_errors and not skip_bad:
-        raise JobErrors(model_errors)
-    if not jobs:
-        raise JobErrors(errors)
-    for error in errors:
-        say(f"skipped: {error}")
+    pipeline, critic = _loaded(model, settings, pipeline, load, critic)
+    jobs, requests = _model_checked(pipeline, jobs, errors, normalizer, jobs_path, skip_bad, say)
     run = {**wanted, "model": os.fspath(model.resolve()), "jobs": [j.to_json() for j in jobs],
            "model_options": model_options,
            "cosmos_jax_version": cosmos_jax_version(),
@@ -134,6 +113,75 @@ def run_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, out: str | o
         f"{report['rejected']['best_of']} by --best-of and {report['rejected']['min_consistency']} by "
         f"--min-consistency); report in {out / META_DIR / 'report.json'}")
     return report
+
+
+def warm_sdg(model: str | os.PathLike, jobs_path: str | os.PathLike, settings: Settings, *, pipeline: Any = None,
+             load: Callable[[], Any] | None = None, skip_bad: bool = False, say: Callable[[str], None] = _say,
+             critic: Answerer | None = None) -> aot.Warming:
+    """Compile every program `run_sdg` with these arguments would run, writing them into the persistent compile
+    cache (`cosmos_jax.compile_cache`, enabled by the caller), and run none: the jobs are checked and the model
+    loaded as by `run_sdg`, every candidate is put in the same batches (`Engine.batches`), and each batch goes
+    through every pass and the critic under `cosmos_jax.aot.compile_only()` (on zeros). Says one line per
+    compiled program and the total; no dataset folder is read or written. Returns the record."""
+    model, jobs_path = Path(model), Path(jobs_path)
+    jobs, errors, normalizer = _checked_jobs(model, jobs_path, settings, skip_bad, critic)
+    pipeline, critic = _loaded(model, settings, pipeline, load, critic)
+    jobs, requests = _model_checked(pipeline, jobs, errors, normalizer, jobs_path, skip_bad, say)
+    engine = Engine(pipeline, jobs, requests, settings, normalizer, model_fingerprint(model), critic=critic)
+    start = time.perf_counter()
+    with aot.compile_only(on_compiled=lambda c: say(c.line())) as warming:
+        batches = engine.batches()
+        for batch in batches:
+            engine.warm(batch)
+    say(f"warmed {len(batches)} batches: {warming.summary()}, {time.perf_counter() - start:.1f}s in all")
+    return warming
+
+
+def _checked_jobs(model: Path, jobs_path: Path, settings: Settings, skip_bad: bool,
+                  critic: Answerer | None) -> tuple[list, list, Any]:
+    """(jobs, errors, action normalizer) of the jobs file, checked without loading the model; raises JobErrors
+    unless `skip_bad`."""
+    if not model.is_dir():
+        raise FileNotFoundError(f"--model folder not found: {model}")
+    jobs, errors = read_jobs(jobs_path, skip_bad=skip_bad)
+    normalizer, jobs = _normalizer(model, jobs, jobs_path, errors)
+    if errors and not skip_bad:
+        raise JobErrors(errors)
+    if settings.min_consistency is not None and not jobs[0].labelled:
+        raise ValueError("--min-consistency needs action-labelled jobs (give each job a domain)")
+    if critic is not None and not settings.critic:
+        raise ValueError("a critic was given to a run without settings.critic")
+    if settings.critic and critic is None:
+        check_critic_model(model)
+    return jobs, errors, normalizer
+
+
+def _loaded(model: Path, settings: Settings, pipeline: Any, load: Callable[[], Any] | None,
+            critic: Answerer | None) -> tuple[Any, Answerer | None]:
+    """(the pipeline: given, `load()`, or the folder loaded plainly; the critic: given, or with settings.critic
+    the folder's reasoner sharing the pipeline's tower)."""
+    if pipeline is None:
+        pipeline = load() if load is not None else _plain_pipeline(model, settings.dtype)
+    if settings.critic and critic is None:
+        import jax.numpy as jnp
+
+        critic = pipeline_critic(pipeline, model, getattr(jnp, settings.dtype))
+    return pipeline, critic
+
+
+def _model_checked(pipeline: Any, jobs: list, errors: list, normalizer: Any, jobs_path: Path, skip_bad: bool,
+                   say: Callable[[str], None]) -> tuple[list, list]:
+    """(jobs, first-chunk requests) the model accepts; `errors` gains the refused ones (raised unless
+    `skip_bad`, then said as skipped)."""
+    jobs, requests, model_errors = job_requests(pipeline, jobs, normalizer, jobs_path)
+    errors += model_errors
+    if model_errors and not skip_bad:
+        raise JobErrors(model_errors)
+    if not jobs:
+        raise JobErrors(errors)
+    for error in errors:
+        say(f"skipped: {error}")
+    return jobs, requests
 
 
 def merge_only(out: str | os.PathLike, say: Callable[[str], None] = _say) -> dict[str, Any]:
