@@ -5,13 +5,16 @@
     warming.compiled                      # [Compiled(label, seconds, cached)] in compile order
 
     call(label, fn, *args, **kwargs)      # fn(*args, **kwargs); under compile_only, fn.lower(...).compile()
-    execute(label, compiled, seconds, *args)  # compiled(*args); under compile_only, nothing runs
+    lower_and_compile(lambda: ...)        # (compiled, seconds, cached) of an explicit lower().compile()
+    execute(label, compiled, seconds, cached, *args)  # compiled(*args); under compile_only, nothing runs
 
 `fn` is a `jax.jit` function and `compiled` a `jax.stages.Compiled`. Under `compile_only()` both return zeros
 with the shapes, dtypes and shardings of the program's outputs, so the host code after them (and the small
 eager ops it runs, which JAX also compiles and caches) goes on exactly as in a real run, on zeros. The programs
 are lowered from the very arguments the real run would pass, so they are the programs (and persistent-cache
-keys) the real run asks for. Each distinct program is compiled once per `compile_only()` block.
+keys) the real run asks for. Each distinct program is compiled once per `compile_only()` block. Host code
+that branched on the values (rather than the shapes) would follow the zeros; the sampling and sdg passes do
+not (every shape there comes from the requests).
 """
 
 from __future__ import annotations

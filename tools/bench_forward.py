@@ -2,19 +2,26 @@
 
     python tools/bench_forward.py [--layers 4] [--hidden 512] [--text 256] [--frames 12] [--repeats 3]
     python tools/bench_forward.py --breakdown     # where one layer's time goes, piece by piece (no torch)
+    python tools/bench_forward.py --matmul-dtypes # f32 vs bf16 matmuls and the bf16 vs f32 joint forward
 
 Reports seconds per forward, GFLOP/s (dense matmul + unmasked attention FLOPs), the fraction of this machine's
 fp32 matmul ceiling (measured in the same run), the JAX/torch speed ratio, and the cached generator-only step
 (`denoise_step` against a reasoner K/V cache) against the full joint step. `--breakdown` times the pieces of one
 joint layer at the same shapes instead (attention passes, projections, MLP, norms, rope, and the attention's
-own matmuls and softmax alone), interleaved with the ceiling.
+own matmuls and softmax alone), interleaved with the ceiling. `--matmul-dtypes` times an [M,K]x[K,N] matmul at
+the forward's shapes (M = all tokens, K = hidden, N = the MLP width; and the 2048^3 ceiling shape) in f32, bf16
+inputs accumulated in f32 (`preferred_element_type=float32`) and bf16 -> bf16, reads from the optimized HLO
+whether XLA keeps the bf16 operands or converts them to f32 first, and times the bf16 joint forward against the
+f32 one (same weights rounded to bf16, same process, the f32 ceiling measured alongside).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
+import re
 import sys
 import tempfile
 import time
@@ -137,6 +144,92 @@ def breakdown(cfg, und_len: int, gen_len: int, repeats: int) -> None:
         print(f"| {name} | {seconds * 1e3:.1f} | {share} | {rate} |")
 
 
+MATMUL_DTYPES = {  # name: (input dtype, the dot's preferred element type)
+    "f32": (jnp.float32, None),
+    "bf16 in, f32 accumulate": (jnp.bfloat16, jnp.float32),
+    "bf16 -> bf16": (jnp.bfloat16, None),
+}
+
+
+def hlo_dot_operands(compiled_text: str) -> str:
+    """What the optimized HLO of a bf16 matmul multiplies: "converted to f32" when it holds a convert to f32
+    (XLA upcasts the inputs, multiplies in f32), else "bf16 operands" (the dot reads bf16 itself)."""
+    upcast = re.search(r"= f32\[[^\]]*\]\{[^}]*\} convert\(", compiled_text)
+    return "converted to f32" if upcast else "bf16 operands"
+
+
+def matmul_dtypes(shapes: list[tuple[int, int, int]], repeats: int) -> None:
+    """Print GFLOP/s of x[M,K] @ w[K,N] per dtype setting (MATMUL_DTYPES), interleaved, best of `repeats`."""
+    cases = {}
+    for m, k, n in shapes:
+        for name, (dtype, accumulate) in MATMUL_DTYPES.items():
+            x = jax.random.normal(jax.random.key(0), (m, k), jnp.float32).astype(dtype)
+            w = jax.random.normal(jax.random.key(1), (k, n), jnp.float32).astype(dtype)
+            fn = jax.jit(functools.partial(jnp.matmul, preferred_element_type=accumulate))
+            compiled = fn.lower(x, w).compile()
+            jax.block_until_ready(compiled(x, w))
+            operands = "f32" if dtype == jnp.float32 else hlo_dot_operands(compiled.as_text())
+            cases[(m, k, n, name)] = (functools.partial(compiled, x, w), operands)
+    times = {key: [] for key in cases}
+    for _ in range(repeats):
+        for key, (fn, _) in cases.items():
+            times[key].append(_timed(lambda: jax.block_until_ready(fn())))
+    print("| [M,K]x[K,N] | dtypes | ms | GFLOP/s | vs f32 | what the optimized HLO multiplies |")
+    print("|---|---|---:|---:|---:|---|")
+    for (m, k, n, name), (_, operands) in cases.items():
+        seconds, f32 = min(times[(m, k, n, name)]), min(times[(m, k, n, "f32")])
+        print(f"| {m}x{k} x {k}x{n} | {name} | {seconds * 1e3:.2f} | {2 * m * k * n / seconds / 1e9:.0f} | "
+              f"{f32 / seconds:.2f}x | {operands} |")
+
+
+@contextlib.contextmanager
+def linears_accumulating_in_f32():
+    """Inside, every `jax.lax.dot_general` of two bf16 operands without a preferred type (the Flax Dense layer
+    linears) asks for an f32 result and rounds it to bf16: the same math, through XLA:CPU's bf16 kernel.
+    A measurement only: the model itself is unchanged."""
+    original = jax.lax.dot_general
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+        if preferred_element_type is None and lhs.dtype == rhs.dtype == jnp.bfloat16:
+            out = original(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32,
+                           **kwargs)
+            return out.astype(jnp.bfloat16)
+        return original(lhs, rhs, dimension_numbers, precision=precision,
+                        preferred_element_type=preferred_element_type, **kwargs)
+
+    jax.lax.dot_general = dot_general
+    try:
+        yield
+    finally:
+        jax.lax.dot_general = original
+
+
+def forward_dtypes(cfg, params, text, gen, flops: float, repeats: int) -> None:
+    """The joint forward in f32, in bf16 (weights rounded to bf16) and in bf16 with the layer linears accumulating
+    in f32 (`linears_accumulating_in_f32`), alternated; seconds, GFLOP/s and the distance to the f32 output."""
+    bf16_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                               params)
+    runs = {}
+    for name, dtype, p, patched in (("f32", jnp.float32, params, False), ("bf16", jnp.bfloat16, bf16_params, False),
+                                    ("bf16, linears bf16 x bf16 -> f32", jnp.bfloat16, bf16_params, True)):
+        with linears_accumulating_in_f32() if patched else contextlib.nullcontext():
+            compiled = jax.jit(Cosmos3Transformer(cfg, dtype=dtype).__call__).lower(p, text, gen).compile()
+        out = compiled(p, text, gen).vision.block_until_ready()
+        runs[name] = (functools.partial(compiled, p, text, gen), np.asarray(out, np.float32))
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (fn, _) in runs.items():
+            times[name].append(_timed(lambda: fn().vision.block_until_ready()))
+    reference = runs["f32"][1]
+    print("\n| joint forward | seconds | GFLOP/s | vs f32 | max abs diff to f32 / scale |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (_, out) in runs.items():
+        seconds = min(times[name])
+        diff = float(np.abs(out - reference).max() / np.abs(reference).max())
+        print(f"| {name} | {seconds:.3f} | {flops / seconds / 1e9:.0f} | {min(times['f32']) / seconds:.2f}x | "
+              f"{diff:.1e} |")
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -154,6 +247,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attention", default="auto", help="JAX attention implementation")
     parser.add_argument("--breakdown", action="store_true", help="time one layer's pieces instead (no torch)")
+    parser.add_argument("--matmul-dtypes", action="store_true",
+                        help="time f32 / bf16 matmuls and the bf16 joint forward against the f32 one instead")
     args = parser.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -184,6 +279,15 @@ def main() -> None:
         position_ids=jnp.asarray(batch_generator_positions([layout])), vision=jnp.asarray(latents),
         vision_noisy=jnp.asarray(layout.vision_noisy)[None], vision_t=jnp.full((1,), 973.0),
     )
+    if args.matmul_dtypes:
+        tokens = args.text + layout.num_gen
+        print(f"machine: {os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}); "
+              f"{args.text} text + {layout.num_gen} generator tokens, hidden {args.hidden}")
+        print(f"fp32 matmul ceiling (XLA 2048^3): {matmul_ceiling():.0f} GFLOP/s\n")
+        matmul_dtypes([(tokens, args.hidden, 3 * args.hidden), (2048, 2048, 2048)], max(args.repeats, 5))
+        forward_dtypes(cfg, params, text, gen, model_flops(cfg, args.text, layout.num_gen)[0], args.repeats)
+        print(f"fp32 matmul ceiling again: {matmul_ceiling():.0f} GFLOP/s")
+        return
     full = jax.jit(jmodel.__call__)
     encode = jax.jit(jmodel.encode_reasoner)
     step = jax.jit(jmodel.denoise_step)
