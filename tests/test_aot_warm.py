@@ -3,7 +3,7 @@
 Pinned: under `compile_only()` a jitted call compiles once per argument signature and returns zeros shaped,
 typed and sharded like its outputs without running; a fresh process calling the same function for real then
 loads it from the persistent cache (0 misses). End to end (slow): `sdg --warm-only` on a jobs file writes the
-same programs a cold `sdg` run writes, and nothing into the dataset folder; the real run after it compiles
+same programs a cold `sdg --critic` run writes, and nothing into the dataset folder; the real run after it compiles
 nothing (every request a cache hit, the folder unchanged) and makes the dataset a run without warming makes.
 """
 
@@ -182,17 +182,18 @@ def _programs(cache: Path) -> collections.Counter:
 @pytest.mark.slow
 def test_sdg_warm_only_then_the_run_compiles_nothing_and_makes_the_same_dataset(tmp_path):
     from test_sdg import assert_same_dataset
+    from test_sdg_critic import add_vision_reasoner
 
     from cosmos_jax.demo import build_demo_checkpoint, demo_image
 
-    checkpoint = build_demo_checkpoint(tmp_path / "checkpoint")
+    checkpoint = add_vision_reasoner(build_demo_checkpoint(tmp_path / "checkpoint"))
     demo_image(32, 32).save(tmp_path / "frame.png")
     job = {"id": "pol", "mode": "policy", "prompt": "pick", "chunk": 4, "seed": 0, "image": "frame.png",
            "domain": "bridge_orig_lerobot", "resolution_tier": 256, "steps": 2, "fps": 8}
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps(job) + "\n")
     common = ["--model", str(checkpoint), "--jobs", str(jobs), "--dtype", "float32", "--attention", "xla",
-              "--no-progress"]
+              "--critic", "--no-progress"]
 
     cold_cache, warm_cache = tmp_path / "cold-cache", tmp_path / "warm-cache"
     # A run without warming and the warm-only run side by side (XLA compiles a program on one thread).
@@ -208,10 +209,13 @@ def test_sdg_warm_only_then_the_run_compiles_nothing_and_makes_the_same_dataset(
     entries = sorted(os.listdir(warm_cache))
     assert warm["misses"] == warm["requests"] == cold["requests"]
     lines = [line for line in said.splitlines() if line.startswith("compiled ")]
-    programs = {"jit_run", "jit__encode_first", "jit__encode_rest", "jit__decode_first", "jit__decode_rest"}
+    programs = {"jit_run", "jit__encode_first", "jit__encode_rest", "jit__decode_first", "jit__decode_rest",
+                "jit__generate_jit"}
     assert programs <= set(cold_programs)
-    assert len(lines) == len(programs)  # one denoising loop (policy and its inverse-dynamics read-back) + VAE
+    # One denoising loop (the policy and its inverse-dynamics read-back share it), the VAE's four, the critic's.
+    assert len(lines) == len(programs)
     assert sum("denoising loop (policy" in line for line in lines) == 1
+    assert sum("reasoner answer" in line for line in lines) == 1
     assert f"warmed 1 batches: {len(programs)} programs ({len(programs)} new, 0 already cached)" in said
 
     run, _ = _finish(_start_sdg(common + ["--out", str(tmp_path / "run")], warm_cache))
