@@ -1,9 +1,11 @@
 """A 2D pushed-disc world to show the training loop learns dynamics, on CPU in minutes.
 
 Scene: a grey disc (brightness in [0.4, 1]) on a 16×16 black canvas; each step a 2D push a ∈ [−1, 1]² moves it
-by PUSH·a pixels (clamped at the walls). A clip is FRAMES frames and FRAMES−1 pushes. "Latents" are the raw
-pixels scaled to [−1, 1] with each 2×2 patch folded into 4 channels (a fixed, invertible stand-in for the VAE):
-[16, 16, 1] -> [4, 8, 8], so the model sees latent_shape (4, FRAMES, 8, 8) and tokens of 2×2 latent patches.
+by PUSH·M·a pixels (clamped at the walls), M the action regime's control matrix: regime "A" the identity (a push
+along x moves the disc along x), regime "B" a quarter turn (the same push moves it along y; one along y moves it
+along −x). A clip is FRAMES frames and FRAMES−1 pushes. "Latents" are the raw pixels scaled to [−1, 1] with each
+2×2 patch folded into 4 channels (a fixed, invertible stand-in for the VAE): [16, 16, 1] -> [4, 8, 8], so the model
+sees latent_shape (4, FRAMES, 8, 8) and tokens of 2×2 latent patches.
 
     python tools/synthetic_world.py experiment --out /tmp/world
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -32,6 +35,7 @@ from cosmos_jax.modeling.inputs import GeneratorInputs, GeneratorOutputs, TextIn
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.training import data as data_lib
 from cosmos_jax.training.loop import RunConfig, train
+from cosmos_jax.training.lora import LoraConfig
 from cosmos_jax.training.losses import TIMESTEP_SCALE, LossConfig, shift_sigma
 from cosmos_jax.training.step import OptimConfig, compute_params
 
@@ -50,6 +54,11 @@ MODEL = {
     "action_gen": True, "action_dim": 8, "num_embodiment_domains": 2, "sound_gen": False,
     "latent_channel": LATENT_CHANNELS, "latent_patch_size": 2, "patch_latent_dim": 4 * LATENT_CHANNELS,
 }
+# The action regimes: displacement = PUSH · CONTROLS[regime] @ a. Both keep each component of M·a in [−1, 1].
+CONTROLS = {
+    "A": np.eye(2),
+    "B": np.array([[0.0, -1.0], [1.0, 0.0]]),
+}
 
 
 def render(position: np.ndarray, color: np.ndarray) -> np.ndarray:
@@ -60,15 +69,23 @@ def render(position: np.ndarray, color: np.ndarray) -> np.ndarray:
     return alpha[..., None] * color[None, None, :]
 
 
-def rollout(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """frames [FRAMES, SIZE, SIZE, CHANNELS] in [0, 1] and pushes [FRAMES − 1, 2] in [−1, 1]."""
+def displacement(push: np.ndarray, regime: str) -> np.ndarray:
+    """[..., 2] pushes -> [..., 2] pixel displacements before the walls, PUSH · CONTROLS[regime] @ push."""
+    if regime not in CONTROLS:
+        raise ValueError(f"unknown action regime {regime!r}; choose one of {sorted(CONTROLS)}")
+    return PUSH * (push @ CONTROLS[regime].T)
+
+
+def rollout(rng: np.random.Generator, regime: str = "A") -> tuple[np.ndarray, np.ndarray]:
+    """frames [FRAMES, SIZE, SIZE, CHANNELS] in [0, 1] and pushes [FRAMES − 1, 2] in [−1, 1]; the disc moves by
+    `displacement(push, regime)`. The random draws do not depend on the regime."""
     lo, hi = RADIUS, SIZE - RADIUS
     position = rng.uniform(lo + PUSH, hi - PUSH, size=2)
     color = rng.uniform(0.4, 1.0, size=CHANNELS)
     pushes = rng.uniform(-1.0, 1.0, size=(FRAMES - 1, 2))
     frames = [render(position, color)]
     for push in pushes:
-        position = np.clip(position + PUSH * push, lo, hi)
+        position = np.clip(position + displacement(push, regime), lo, hi)
         frames.append(render(position, color))
     return np.stack(frames), pushes.astype(np.float32)
 
@@ -89,15 +106,15 @@ def from_latents(latents: np.ndarray) -> np.ndarray:
     return (x + 1.0) / 2.0
 
 
-def write_world(root: str, count: int, seed: int) -> data_lib.DatasetMeta:
-    """`count` clips in the training data format under root."""
+def write_world(root: str, count: int, seed: int, regime: str = "A") -> data_lib.DatasetMeta:
+    """`count` clips of the action regime in the training data format under root."""
     rng = np.random.default_rng(seed)
     grid = SIZE // PATCH
     meta = data_lib.DatasetMeta((LATENT_CHANNELS, FRAMES, grid, grid), fps=8.0, action_chunk=FRAMES - 1,
                                 action_width=2)
     entries = []
     for i in range(count):
-        frames, pushes = rollout(rng)
+        frames, pushes = rollout(rng, regime)
         entries.append(data_lib.write_sample(root, f"clip{i:05d}", to_latents(frames), CAPTION, pushes, domain=1))
     data_lib.write_dataset(root, meta, entries)
     return meta
@@ -126,6 +143,13 @@ def euler_sample(model: Callable[..., GeneratorOutputs], params: dict, text: Tex
     return vision, action
 
 
+@functools.lru_cache(maxsize=8)
+def jitted_sampler(model: Cosmos3Transformer, steps: int, shift: float) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """`euler_sample` for `model`, jitted once per (model, steps, shift) (equal models share it): (params, text,
+    gen, key) -> (vision, action)."""
+    return jax.jit(lambda p, text, gen, key: euler_sample(model, p, text, gen, key, steps, shift))
+
+
 def _mean_and_sem(per_clip: np.ndarray) -> tuple[float, float]:
     """Mean over clips and its standard error (std / √n)."""
     return float(per_clip.mean()), float(per_clip.std(ddof=1) / np.sqrt(per_clip.size))
@@ -138,7 +162,7 @@ def evaluate(model: Cosmos3Transformer, params: dict, root: str, meta: data_lib.
     ('..._sem'). steps=1 is the one-step prediction x̂0 = ε − v(ε, σ=1), the model's posterior-mean estimate."""
     samples = [data_lib.load_sample({"id": e["id"], "path": os.path.join(root, e["file"])}, meta, cfg, TEXT_LEN)
                for e in data_lib.read_index(root)]
-    sample_fn = jax.jit(lambda p, text, gen, key: euler_sample(model, p, text, gen, key, steps, shift))
+    sample_fn = jitted_sampler(model, steps, shift)
     truth_frames = np.stack([from_latents(s["latents"]) for s in samples])
     truth_actions = np.stack([s["actions"] for s in samples])
     per_clip = {}
@@ -185,6 +209,30 @@ def train_mean_action(root: str) -> np.ndarray:
     return np.concatenate(actions, axis=0).mean(axis=0)
 
 
+def run_config(model_path: str, data: str, out: str, steps: int, config: Experiment,
+               lora: LoraConfig | None = None) -> RunConfig:
+    """The world's training run: `steps` steps of config's batch, lr (warmup then cosine), σ schedule and seed on
+    the forward and inverse tasks, fp32 on one device, both towers trained (with `lora`: only its adapters)."""
+    loss = LossConfig(vision_weight=1.0, action_weight=1.0, schedule=config.schedule, shift=config.shift)
+    return RunConfig(model=model_path, data=data, out=out, steps=steps, batch=config.batch, max_text_len=TEXT_LEN,
+                     seed=config.seed, dtype="float32", attention="xla", mesh="fsdp=1", save_every=steps, keep=1,
+                     task_weights={"forward": 1.0, "inverse": 1.0},
+                     optim=OptimConfig(lr=config.lr, warmup_steps=min(100, steps // 5), total_steps=steps,
+                                       weight_decay=0.0, freeze_reasoner=False),
+                     loss=loss, lora=lora)
+
+
+def evaluate_samplers(model: Cosmos3Transformer, params: dict, root: str, meta: data_lib.DatasetMeta,
+                      cfg: Cosmos3Config, train_mean: np.ndarray, config: Experiment) -> dict[str, float]:
+    """`evaluate` with each of config.sampler_steps: metrics named '<metric>@<n>step' (baselines unsuffixed)."""
+    metrics: dict[str, float] = {}
+    for sampler_steps in config.sampler_steps:
+        found = evaluate(model, params, root, meta, cfg, train_mean, steps=sampler_steps, shift=config.shift,
+                         seed=config.seed)
+        metrics.update({k if "baseline" in k else f"{k}@{sampler_steps}step": v for k, v in found.items()})
+    return metrics
+
+
 def experiment(out: str, config: Experiment, progress: bool = True) -> dict[str, float]:
     """Write train/eval worlds under out, train MODEL with the training loop on the forward and inverse tasks,
     and evaluate on the held-out clips with each sampler step count: metrics named '<metric>@<n>step'."""
@@ -195,24 +243,13 @@ def experiment(out: str, config: Experiment, progress: bool = True) -> dict[str,
     cfg = Cosmos3Config(**MODEL)
     config_path = os.path.join(out, "model_config.json")
     cfg.to_json(config_path)
-    loss = LossConfig(vision_weight=1.0, action_weight=1.0, schedule=config.schedule, shift=config.shift)
-    run = RunConfig(model=config_path, data=train_root, out=os.path.join(out, "run"), steps=config.steps,
-                    batch=config.batch, max_text_len=TEXT_LEN, seed=config.seed, dtype="float32", attention="xla",
-                    mesh="fsdp=1", save_every=config.steps, keep=1, task_weights={"forward": 1.0, "inverse": 1.0},
-                    optim=OptimConfig(lr=config.lr, warmup_steps=min(100, config.steps // 5),
-                                      total_steps=config.steps, weight_decay=0.0, freeze_reasoner=False),
-                    loss=loss)
     start = time.perf_counter()
-    result = train(run, progress=progress)
+    result = train(run_config(config_path, train_root, os.path.join(out, "run"), config.steps, config),
+                   progress=progress)
     train_seconds = time.perf_counter() - start
     model = result["model"]
     params = compute_params(result["state"].params, model.dtype)
-    train_mean = train_mean_action(train_root)
-    metrics: dict[str, float] = {}
-    for sampler_steps in config.sampler_steps:
-        found = evaluate(model, params, eval_root, meta, cfg, train_mean, steps=sampler_steps, shift=config.shift,
-                         seed=config.seed)
-        metrics.update({k if "baseline" in k else f"{k}@{sampler_steps}step": v for k, v in found.items()})
+    metrics = evaluate_samplers(model, params, eval_root, meta, cfg, train_mean_action(train_root), config)
     metrics.update(train_seconds=train_seconds, steps_per_second=config.steps / train_seconds,
                    steps=config.steps, batch=config.batch, final_loss=result["metrics"]["loss/total"])
     return metrics
@@ -225,6 +262,7 @@ def main() -> None:
     make.add_argument("--out", required=True)
     make.add_argument("--clips", type=int, default=512)
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--regime", choices=sorted(CONTROLS), default="A", help="the action regime (see above)")
     exp = sub.add_parser("experiment", help="train a small model on CPU and evaluate against the baselines")
     exp.add_argument("--out", required=True)
     defaults = Experiment()
@@ -236,7 +274,7 @@ def main() -> None:
     exp.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args()
     if args.command == "make":
-        write_world(args.out, args.clips, args.seed)
+        write_world(args.out, args.clips, args.seed, args.regime)
     else:
         fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(Experiment)}
         fields["sampler_steps"] = tuple(fields["sampler_steps"])
