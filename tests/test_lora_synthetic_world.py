@@ -99,7 +99,7 @@ print("FACTS", json.dumps({"adapters": leaves(tuned["state"].params), "opt": lea
 """
 
 
-@pytest.mark.slow  # one compile of a tiny train step in a subprocess: ~40 s of CPU (3 min wall at load 10)
+@pytest.mark.slow  # a tiny train step compiled in a subprocess: 20 s at load ~4, 3 min at load 10
 def test_lora_finetune_optimizer_state_holds_only_the_adapters(tmp_path):
     """Two LoRA steps (rank 2 on q/v of a 1-layer, width-32 model) from a random base on 8 regime-B clips, in a
     one-device process (the tool's runs use mesh fsdp=1)."""
