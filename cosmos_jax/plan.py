@@ -32,7 +32,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cosmos_jax.config import Cosmos3Config
 from cosmos_jax.convert.quantize import check_mode, quantize_params
-from cosmos_jax.modeling.weights import is_quantized
 from cosmos_jax.modeling.inputs import GeneratorInputs, TextInputs
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.sharding import (
@@ -154,23 +153,13 @@ def _with_shardings(abstract: Any, specs: Any, mesh, dtype: Any = None) -> Any:
     )
 
 
-def _quantized_structs(abstract: Any, specs: Any, mesh, mode: str) -> Any:
-    """The parameter structs after `quantize_params(mode)`: values take their kernel's spec; a scale drops the mesh
-    axes of its size-1 (reduced) dimensions."""
+def _quantized_structs(abstract: Any, mesh, rules: Rules, mode: str) -> Any:
+    """The parameter structs after `quantize_params(mode)`, placed as `generate --quantize --mesh` places them:
+    values take their kernel's spec, a scale the same with its size-1 (reduced) axes unsharded
+    (`cosmos_jax.sharding.param_logical_axes`)."""
     quantized = jax.eval_shape(lambda p: quantize_params(p, mode), abstract)
-
-    def place(spec: PartitionSpec, node: Any) -> Any:
-        if not is_quantized(node):
-            return jax.ShapeDtypeStruct(node.shape, node.dtype, sharding=NamedSharding(mesh, spec))
-        entries = tuple(spec) + (None,) * (node.scale.ndim - len(spec))
-        scale_spec = PartitionSpec(*(None if d == 1 else e for d, e in zip(node.scale.shape, entries)))
-        return dataclasses.replace(
-            node,
-            qvalue=jax.ShapeDtypeStruct(node.qvalue.shape, node.qvalue.dtype, sharding=NamedSharding(mesh, spec)),
-            scale=jax.ShapeDtypeStruct(node.scale.shape, node.scale.dtype, sharding=NamedSharding(mesh, scale_spec)),
-        )
-
-    return jax.tree.map(place, specs, quantized, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(lambda s, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+                        param_specs(quantized, mesh, rules), quantized, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def _placed_bytes(structs: Any) -> int:
@@ -239,7 +228,7 @@ def plan_memory(
     abstract = model.abstract_params()
     specs = param_specs(abstract, mesh, rules)
     params = _with_shardings(abstract, specs, mesh) if quantize is None else \
-        _quantized_structs(abstract, specs, mesh, quantize)
+        _quantized_structs(abstract, mesh, rules, quantize)
     latent = latent_shape_for(gen_tokens, cfg.latent_patch_size)
     text, gen = _abstract_inputs(cfg, batch, text_tokens, latent, model.dtype, mesh, rules)
     optimizer_bytes = 0

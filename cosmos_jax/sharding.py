@@ -9,7 +9,9 @@ mesh axis already used by an earlier dimension of the same array.
 A parameter's logical names are declared once, in its row of the transformer key table
 (`cosmos_jax.convert.keymap_transformer`, which also holds its checkpoint key and layout transform); this module
 only looks them up by the parameter's path. So the sharding of one weight is that row plus the preset's rules
-table, nothing else (docs/checkpoints.md walks one weight through).
+table, nothing else (docs/checkpoints.md walks one weight through). A quantized kernel (`qwix.QArray`,
+cosmos_jax.convert.quantize) takes its names from the same row: its values (.../kernel/qvalue) the kernel's, its
+per-channel scales (.../kernel/scale) the kernel's with the reduced axis, of size 1, named None (unsharded).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 
 from cosmos_jax.config import PRESETS_DIR
 from cosmos_jax.convert.keymap_transformer import LogicalAxes, entry_for_path
+from cosmos_jax.convert.quantize import QVALUE, SCALE, channel_axes, is_quantized_path
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 MESH_PRESETS_DIR = os.path.join(PRESETS_DIR, "mesh")
@@ -175,10 +178,16 @@ def spec_for(shape: Sequence[int], names: LogicalAxes, rules: Rules, mesh: Mesh 
 
 def param_logical_axes(path: Sequence[str], ndim: int) -> LogicalAxes:
     """Logical names of one parameter, read from its row of the transformer key table (`entry_for_path`), e.g.
-    ('generator', 'layers', 'q_proj', 'kernel') -> ('layers', 'embed', 'q_heads')."""
+    ('generator', 'layers', 'q_proj', 'kernel') -> ('layers', 'embed', 'q_heads'). The leaves of a quantized
+    kernel take the kernel's row: .../kernel/qvalue its names, .../kernel/scale its names with the reduced axis
+    None, e.g. ('layers', None, 'q_heads')."""
     path = tuple(path)
-    entry = entry_for_path(path)
+    part = path[-1] if path and path[-1] in (QVALUE, SCALE) and is_quantized_path(path[:-1]) else None
+    entry = entry_for_path(path[:-1] if part else path)
     names = entry.logical_axes() if entry is not None else ()
+    if part == SCALE and len(names) == ndim:
+        kept = channel_axes(ndim, entry.per_layer)
+        names = tuple(name if axis in kept else None for axis, name in enumerate(names))
     if not names or len(names) != ndim:
         raise ValueError(f"no logical axes known for parameter {'/'.join(path)} of rank {ndim}")
     return names

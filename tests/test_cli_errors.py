@@ -17,6 +17,7 @@ from PIL import Image
 
 from cosmos_jax import cli
 from cosmos_jax.commands import generate as generate_command
+from cosmos_jax.convert.converter import convert
 from cosmos_jax.demo import build_demo_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,12 +37,14 @@ def files(tmp_path_factory):
     np.save(d / "strings.npy", np.array([["a"] * 7] * 8))
     (d / "a_file").write_text("a file, not a folder")
     (d / "exists").mkdir()
-    return {"d": d, "model": str(model)}
+    convert(model, d / "int8", quantize="int8")
+    return {"d": d, "model": str(model), "int8": str(d / "int8")}
 
 
 def _cases(f):
     d, m = f["d"], f["model"]
     g = ["generate", "--model", m, "--prompt", "a cube"]
+    q = ["generate", "--model", f["int8"], "--prompt", "a cube"]
     small = ["--num-frames", "9", "--height", "64", "--width", "64", "--steps", "1"]
     fwd = g + ["--action-mode", "forward_dynamics", "--domain", "bridge_orig_lerobot", "--image", f"{d}/frame.png"]
     return [
@@ -72,10 +75,13 @@ def _cases(f):
          ["--height and --width must be"], f"{d}/o15.mp4"),
         (g + ["--action-mode", "policy", "--image", f"{d}/frame.png", "--output", f"{d}/o16.mp4"],
          ["--action-mode 'policy' needs a --domain"], f"{d}/o16.mp4"),
-        (g + small + ["--offload-reasoner", "--mesh", "data=1", "--output", f"{d}/o17.mp4"],
-         ["--offload-reasoner", "--mesh"], f"{d}/o17.mp4"),
-        (g + small + ["--quantize", "int8", "--mesh", "data=1", "--output", f"{d}/o18.mp4"],
-         ["--quantize", "--mesh"], f"{d}/o18.mp4"),
+        (q + small + ["--output", f"{d}/o17.mp4"], ["quantized as int8", "load it with --quantize int8"],
+         f"{d}/o17.mp4"),
+        (q + small + ["--quantize", "fp8", "--mesh", "tensor=8", "--output", f"{d}/o18.mp4"],
+         ["quantized as int8, not fp8", "use --quantize int8"], f"{d}/o18.mp4"),
+        (["reason", "--model", f["int8"], "--prompt", "hi"], ["quantized as int8", "the reasoner needs"], None),
+        (["export", f["int8"], f"{d}/e3"], ["quantized as int8", "(export) needs full-precision"], f"{d}/e3"),
+        (["convert", m, f"{d}/c3", "--quantize", "int4"], ["--quantize 'int4'", "int8, fp8"], f"{d}/c3"),
         (["reason", "--model", m, "--prompt", "hi", "--temperature", "nan"], ["--temperature", "finite"], None),
         (["reason", "--model", m, "--prompt", "hi", "--top-p", "0"], ["--top-p"], None),
         (["reason", "--model", m, "--prompt", "hi", "--output-ids", f"{d}/a_file/ids.json"],

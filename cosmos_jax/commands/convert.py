@@ -1,5 +1,6 @@
 """`cosmos-jax convert SRC DST`: a Hub-layout (safetensors) folder -> a converted (orbax) folder, through
-`cosmos_jax.convert.converter.convert`, with a progress bar and a summary table."""
+`cosmos_jax.convert.converter.convert`, with a progress bar and a summary table. `--quantize int8|fp8` stores
+the transformer's layer linears quantized (`generate --quantize` with the same mode then reads them as stored)."""
 
 from __future__ import annotations
 
@@ -23,13 +24,19 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace DST (only once the conversion succeeded)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
                         help="transformer weight dtype in DST (time embedder stays fp32); default: keep as stored")
+    parser.add_argument("--quantize", default=None, metavar="MODE",
+                        help="store the transformer's layer linears quantized: int8 or fp8 (per output channel, "
+                             "from the weights in --dtype); the folder then serves `generate --quantize MODE` only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from cosmos_jax.convert.quantize import check_mode
+
     try:
+        check_mode(args.quantize)
         errors.input_path(args.src, "SRC", folder=True)
         errors.no_symlink_loops(args.src, "SRC")
         errors.output_path(args.dst, "DST", overwrite=args.overwrite)
@@ -45,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(nbytes)
 
             summary = convert(args.src, args.dst, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
-                              progress=progress)
+                              progress=progress, quantize=args.quantize)
     except (ValueError, OSError, NotImplementedError) as e:
         return errors.report(e)
     print(format_summary(summary))

@@ -17,7 +17,8 @@ import os
 from typing import Any
 
 _QUANTIZE_HELP = ("weight-only quantization of the transformer's layer linears: int8 or fp8 (per output channel; "
-                  "norms, embeddings, time embedder and heads stay full precision)")
+                  "norms, embeddings, time embedder and heads stay full precision); a folder from `convert "
+                  "--quantize MODE` needs its own MODE and is read as stored")
 _OFFLOAD_HELP = ("keep the towers in host memory between uses: the reasoner comes to the device for the prompt's "
                  "K/V, then the generator for the denoising loop (less device memory, same outputs)")
 
@@ -79,8 +80,9 @@ def add_model_arguments(parser: argparse.ArgumentParser | Any) -> None:
 
 
 def check_model_arguments(args: argparse.Namespace) -> ModelOptions:
-    """The options of parsed arguments, checked (values, combinations, --mesh when the command has one) and
-    every --lora folder read; ValueError or FileNotFoundError naming the flag. Loads no model."""
+    """The options of parsed arguments, checked (values, combinations, --quantize against a folder stored
+    quantized) and every --lora folder read; ValueError or FileNotFoundError naming the flag. Loads no model."""
+    from cosmos_jax.convert.load import check_quantize
     from cosmos_jax.convert.quantize import check_mode
 
     check_mode(args.quantize)
@@ -92,12 +94,7 @@ def check_model_arguments(args: argparse.Namespace) -> ModelOptions:
     if args.lora and args.offload_reasoner:
         raise ValueError("--lora cannot be combined with --offload-reasoner yet (use --merge-lora on a converted "
                          "copy instead)")
-    mesh = getattr(args, "mesh", None)
-    if args.offload_reasoner and mesh is not None:
-        raise ValueError("--offload-reasoner runs on one device; it cannot be combined with --mesh (drop one)")
-    if args.quantize is not None and mesh is not None:
-        raise ValueError("--quantize weights are not sharded on a mesh yet; it cannot be combined with --mesh "
-                         "(drop one)")
+    check_quantize(args.model, args.quantize, "--quantize ")
     return ModelOptions(args.quantize, tuple(_read_adapter(value) for value in args.lora), args.merge_lora,
                         args.offload_reasoner)
 

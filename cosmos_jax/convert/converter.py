@@ -3,7 +3,10 @@
 The transformer and the root reasoner files are streamed one stacked parameter at a time (read, transposed,
 cast, written, released); the VAE and sound tokenizer are small and converted whole. The root reasoner files
 become the `root_reasoner` tree: the ViT, plus the language tower only when it differs from the transformer's
-(see cosmos_jax.convert.load). Nothing appears at DST unless everything succeeded.
+(see cosmos_jax.convert.load). With `quantize`, the transformer's layer linears are stored quantized, each as it
+streams in (values and scales, `cosmos_jax.convert.quantize.stored_leaves`), and the marker records the mode, so
+`load` returns the quantized tree without reading full-precision weights. Nothing appears at DST unless
+everything succeeded.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from cosmos_jax.config import Cosmos3Config
 from cosmos_jax.convert import keymap_reasoner, orbax_io
 from cosmos_jax.convert.keymap_audio import audio_params_from_torch_state
 from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
+from cosmos_jax.convert.quantize import check_mode, stored_leaves
 from cosmos_jax.convert.safetensors_io import CheckpointIndex
 from cosmos_jax.convert.load import (
+    QUANTIZE_MARKER_KEY,
     ROOT_MARKER_KEY,
     ROOT_TREE,
     TRANSFORMER_TREES,
@@ -75,12 +80,17 @@ def _copy_paths(root: Path, transformer_dir: Path) -> list[str]:
 
 
 def _tree_leaves(
-    leaves: Iterator[tuple[str, tuple[str, ...], np.ndarray]],
+    leaves: Iterator[tuple[str, tuple[str, ...], np.ndarray]], quantize: str | None = None,
 ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
-    """(tree, path, array) -> (path, array), holding no leaf once it is handed on."""
-    for _, path, array in leaves:
-        yield path, array
+    """(tree, path, array) -> (path, array) as stored (quantized kernels as their values and scales), holding no
+    leaf once it is handed on."""
+    for tree, path, array in leaves:
+        stored = stored_leaves((tree, *path), array, quantize)
         del array
+        for full_path, value in stored:
+            yield full_path[1:], value
+            del value
+        del stored
 
 
 def _flat(tree: Any) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
@@ -142,13 +152,17 @@ def convert(
     dtype: Any = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    quantize: str | None = None,
 ) -> ConvertSummary:
     """Convert the Hub-layout folder `src` into a converted folder `dst` (see cosmos_jax.convert.orbax_io).
 
     dtype: transformer and root reasoner weight dtype (time embedder always f32); None (default) keeps the stored
     dtypes, so `export` gives back byte-identical tensors.
+    quantize: None, "int8" or "fp8": the transformer's layer linears are stored quantized (from the weights in
+    `dtype`, scales in that dtype); such a folder loads for generation only, with the same `quantize`.
     """
     start = time.perf_counter()
+    check_mode(quantize, "quantize")
     layout = locate(src)
     if layout.converted:
         raise ValueError(f"{src} is already a converted folder")
@@ -166,7 +180,7 @@ def convert(
     with contextlib.ExitStack() as stack:
         index = stack.enter_context(CheckpointIndex.open(layout.transformer_dir))
         trees: dict[str, Any] = {
-            tree: _tree_leaves(iter_transformer_leaves(index, config, dtype, counted, (tree,)))
+            tree: _tree_leaves(iter_transformer_leaves(index, config, dtype, counted, (tree,)), quantize)
             for tree in TRANSFORMER_TREES
         }
         for name, reader, from_state in (("vae", read_vae_config, vae_params_from_torch_state),
@@ -174,7 +188,7 @@ def convert(
             folder = layout.component(name)
             if folder is not None:
                 trees[name] = _component_leaves(folder, reader, from_state, counted)
-        marker_fields = {}
+        marker_fields: dict[str, Any] = {} if quantize is None else {QUANTIZE_MARKER_KEY: quantize}
         if has_root_reasoner(layout):
             leaves, marker_fields[ROOT_MARKER_KEY] = _root_reasoner_tree(layout, index, config, dtype, stack, counted)
             if leaves is not None:

@@ -39,7 +39,19 @@ from cosmos_jax.convert import keymap_reasoner, modelopt_fp8, orbax_io
 from cosmos_jax.convert.keymap_audio import audio_params_from_torch_state
 from cosmos_jax.convert.keymap_transformer import Entry, KeyMapError, check_state, key_table
 from cosmos_jax.convert.keymap_vae import vae_params_from_torch_state
-from cosmos_jax.convert.quantize import check_mode, quantize_leaf
+from cosmos_jax.convert.quantize import (
+    QTYPES,
+    QUANTIZE_MODES,
+    QVALUE,
+    SCALE,
+    check_mode,
+    from_stored,
+    is_quantized_path,
+    place_quantized,
+    quantize_leaf,
+    quantize_params,
+    scale_sharding,
+)
 from cosmos_jax.convert.safetensors_io import CheckpointIndex, make_sharded_array, read_stacked, shard_name
 from cosmos_jax.convert.tree_paths import get_path, set_path
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizerConfig
@@ -52,6 +64,7 @@ COMPONENTS = ("transformer", "vae", "sound_tokenizer", "scheduler", "tokenizer",
 DEFAULT_COMPONENTS = tuple(c for c in COMPONENTS if c != "reasoner")
 ROOT_TREE = "root_reasoner"  # orbax tree of the tensors the root reasoner files add (the ViT, a differing LM)
 ROOT_MARKER_KEY = "root_reasoner"  # marker entry recording RootContents and where the reasoner's LM comes from
+QUANTIZE_MARKER_KEY = "quantize"  # marker entry: the mode the transformer's layer linears are stored in (if any)
 LM_FROM_TRANSFORMER = "transformer"
 LM_FROM_ROOT = "root"
 TRANSFORMER_TREES = ("reasoner", "generator")
@@ -349,14 +362,18 @@ def _load_hub_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, sha
             shape = tuple(get_path(abstract, entry.path).shape)
             sharding = _sharding_for(shardings, entry.path)
             value = _sharded_entry(index, entry, shape, dtype, config.num_hidden_layers, sharding)
-            set_path(params, entry.path, quantize_leaf(entry.path, value, quantize))
+            set_path(params, entry.path, place_quantized(quantize_leaf(entry.path, value, quantize), sharding))
     return params
 
 
 # ------------------------------------------------------------------------------------------- transformer (converted)
 
 
-def _validate_converted_tree(folder: Path, want: Mapping[LeafPath, tuple[int, ...]]) -> dict[LeafPath, np.dtype]:
+def _validate_converted_tree(folder: Path, want: Mapping[LeafPath, tuple[int, ...]],
+                             exact_dtypes: Mapping[LeafPath, np.dtype] | None = None) -> dict[LeafPath, np.dtype]:
+    """Check the saved tree's leaves against `want` (path -> shape): floating dtypes, except the leaves of
+    `exact_dtypes` (quantized values), which must have exactly theirs. Returns path -> stored dtype."""
+    exact = exact_dtypes or {}
     have = orbax_io.tree_shapes(folder)
     problems = [f"missing {'/'.join(p)} (expected shape {s})" for p, s in sorted(want.items()) if p not in have]
     problems += [
@@ -365,7 +382,9 @@ def _validate_converted_tree(folder: Path, want: Mapping[LeafPath, tuple[int, ..
         if p in have and have[p][0] != s
     ]
     problems += [f"unexpected {'/'.join(p)} (shape {have[p][0]})" for p in sorted(set(have) - set(want))]
-    problems += _dtype_problems({"/".join(p): d for p, (_, d) in have.items()}, str(folder))
+    problems += [f"wrong dtype for {'/'.join(p)} in {folder}: {have[p][1]} (quantized values must be {np.dtype(d)})"
+                 for p, d in sorted(exact.items()) if p in have and have[p][1] != np.dtype(d)]
+    problems += _dtype_problems({"/".join(p): d for p, (_, d) in have.items() if p not in exact}, str(folder))
     if problems:
         raise orbax_io.ConvertedCheckpointError(
             f"{folder} does not match the config: {len(problems)} problem(s):\n  " + "\n  ".join(problems)
@@ -373,30 +392,115 @@ def _validate_converted_tree(folder: Path, want: Mapping[LeafPath, tuple[int, ..
     return {p: d for p, (_, d) in have.items()}
 
 
+def _key_name(key: Any) -> str:
+    """A pytree path entry's name: a dict key, or a dataclass field (a QArray's qvalue / scale)."""
+    return str(getattr(key, "key", getattr(key, "name", key)))
+
+
 def _flat_shapes(tree: Any) -> dict[LeafPath, tuple[int, ...]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {tuple(str(k.key) for k in keys): tuple(leaf.shape) for keys, leaf in flat}
+    return {tuple(_key_name(k) for k in keys): tuple(leaf.shape) for keys, leaf in flat}
+
+
+def stored_quantization(path: str | os.PathLike[str] | Layout) -> str | None:
+    """The mode ("int8" / "fp8") a converted folder stores its transformer's layer linears in (`convert
+    --quantize`); None for full-precision and Hub-layout folders."""
+    layout = path if isinstance(path, Layout) else locate(path)
+    if not layout.converted:
+        return None
+    mode = orbax_io.read_marker(layout.root).get(QUANTIZE_MARKER_KEY)
+    if mode is not None and mode not in QUANTIZE_MODES:
+        raise orbax_io.ConvertedCheckpointError(f"{layout.root / orbax_io.MARKER}: unknown {QUANTIZE_MARKER_KEY!r} "
+                                                f"entry {mode!r} (expected one of {', '.join(QUANTIZE_MODES)})")
+    return mode
+
+
+def check_quantize(path: str | os.PathLike[str] | Layout, quantize: str | None, flag: str = "quantize=") -> None:
+    """Refuse (ValueError naming `flag`) a `quantize` request that differs from the quantization a converted
+    folder stores: a stored-quantized folder loads only with its own mode; any other folder with any mode."""
+    layout = path if isinstance(path, Layout) else locate(path)
+    stored = stored_quantization(layout)
+    if stored is None or quantize == stored:
+        return
+    again = "convert the model again without --quantize for full-precision weights"
+    if quantize is None:
+        raise ValueError(f"{layout.root} stores its transformer quantized as {stored} (convert --quantize {stored}); "
+                         f"load it with {flag}{stored}, or {again}")
+    raise ValueError(f"{layout.root} stores its transformer quantized as {stored}, not {quantize}: use "
+                     f"{flag}{stored}, or {again} and quantize that as {quantize}")
+
+
+def _stored_targets(abstract: Any, tree: str, stored: Mapping[LeafPath, np.dtype], dtype: Any, shardings: Shardings,
+                    mode: str | None) -> dict[str, Any]:
+    """The restore target of one saved tree: ShapeDtypeStructs in their load dtype and sharding. Quantized values
+    keep their stored dtype and take their kernel's sharding; scales take the kernel's dtype policy and
+    `scale_sharding`."""
+    target: dict[str, Any] = {}
+    for path, shape in _flat_shapes(abstract).items():
+        part = path[-1] if mode is not None and path[-1] in (QVALUE, SCALE) and is_quantized_path(
+            (tree, *path[:-1])) else None
+        weight = (tree, *path[:-1]) if part else (tree, *path)
+        sharding = _sharding_for(shardings, weight) or _default_sharding()
+        if part == QVALUE:
+            dt = np.dtype(QTYPES[mode])
+        else:
+            dt = target_dtype(weight, stored[path], dtype)
+        if part == SCALE:
+            sharding = scale_sharding(sharding, shape)
+        set_path(target, path, jax.ShapeDtypeStruct(shape, dt, sharding=sharding))
+    return target
+
+
+def _as_quantized(restored: dict[str, Any], tree: str, mode: str) -> dict[str, Any]:
+    """The restored tree with every {qvalue, scale} pair of a quantized kernel made the QArray it was."""
+
+    def rebuild(node: Any, path: LeafPath) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if set(node) == {QVALUE, SCALE} and is_quantized_path((tree, *path)):
+            return from_stored(node[QVALUE], node[SCALE], mode)
+        return {name: rebuild(child, (*path, name)) for name, child in node.items()}
+
+    return rebuild(restored, ())
+
+
+def _refuse_stored_quantized(layout: Layout, what: str) -> None:
+    """ValueError when the folder stores its transformer quantized: `what` needs full-precision weights."""
+    mode = stored_quantization(layout)
+    if mode is not None:
+        raise ValueError(f"{layout.root} stores its transformer quantized as {mode} (for generation only); {what} "
+                         "needs full-precision weights: convert the model again without --quantize")
 
 
 def _load_converted_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, shardings: Shardings,
                                 trees: Sequence[str] = TRANSFORMER_TREES, lazy: bool = False,
                                 quantize: str | None = None) -> dict[str, Any]:
+    """Both trees of a converted folder. A stored-quantized folder (which needs `quantize` = its mode) is read as
+    it is stored: values and scales, never the full-precision kernels; otherwise kernels are quantized (and
+    placed) one leaf at a time after the restore."""
+    check_quantize(layout, quantize)
+    stored_mode = stored_quantization(layout)
     abstract = abstract_transformer(config)
+    if stored_mode is not None:
+        abstract = jax.eval_shape(lambda p: quantize_params(p, stored_mode), abstract)
     params: dict[str, Any] = {}
     for tree in trees:
         folder = layout.root / orbax_io.ORBAX_DIR / tree
-        stored = _validate_converted_tree(folder, _flat_shapes(abstract[tree]))
+        want = _flat_shapes(abstract[tree])
+        exact = {} if stored_mode is None else {
+            p: np.dtype(QTYPES[stored_mode]) for p in want if p[-1] == QVALUE and is_quantized_path((tree, *p[:-1]))}
+        stored = _validate_converted_tree(folder, want, exact)
         if lazy:
             params[tree] = orbax_io.lazy_tree(folder)
             continue
-        target: dict[str, Any] = {}
-        for path, shape in _flat_shapes(abstract[tree]).items():
-            sharding = _sharding_for(shardings, (tree, *path)) or _default_sharding()
-            dt = target_dtype((tree, *path), stored[path], dtype)
-            set_path(target, path, jax.ShapeDtypeStruct(shape, dt, sharding=sharding))
+        target = _stored_targets(abstract[tree], tree, stored, dtype, shardings, stored_mode)
         restored = orbax_io.restore_tree(folder, target)
-        params[tree] = jax.tree_util.tree_map_with_path(
-            lambda keys, x: quantize_leaf((tree, *(str(k.key) for k in keys)), x, quantize), restored)
+        if stored_mode is not None:
+            params[tree] = _as_quantized(restored, tree, stored_mode)
+        else:
+            params[tree] = jax.tree_util.tree_map_with_path(
+                lambda keys, x: place_quantized(quantize_leaf((tree, *map(_key_name, keys)), x, quantize),
+                                                x.sharding), restored)
         del restored
     return params
 
@@ -525,6 +629,7 @@ def reasoner_tower(path: str | os.PathLike[str], dtype: Any = None) -> tuple[Rea
     """The text-only reasoner held in the transformer's reasoner tower (for folders without root reasoner files):
     its config (the transformer's, no vision encoder) and params (embed, layers, norm, lm_head)."""
     layout = locate(path)
+    _refuse_stored_quantized(layout, "the reasoner")
     config = Cosmos3Config.from_json(layout.transformer_dir / "config.json")
     tower = _transformer_tower(layout, config, dtype, None, False)
     return ReasonerConfig(text=config, vision=None, model_type="cosmos3_transformer_tower"), tower
@@ -653,7 +758,10 @@ def load(
     lazy: converted folders only, with dtype and shardings None: the transformer and reasoner leaves are
     `orbax_io.LazyLeaf`s read on access, one leaf held at a time per tree (for streaming exports).
     quantize: None, "int8" or "fp8": the transformer's layer linears are quantized (`cosmos_jax.convert.quantize`)
-    leaf by leaf as they are read, so the full-precision tree is never held whole.
+    leaf by leaf as they are read (Hub layout; a converted folder tree by tree), so the full-precision tree is
+    never held whole. A converted folder stored quantized (`convert --quantize`) needs `quantize` = its mode and
+    is read as stored, values and scales only (`dtype` then sets the scales' dtype); it holds no weights for the
+    reasoner component, `lazy` or any full-precision use.
     Errors name the file and every offending key.
     """
     check_mode(quantize, "quantize")
@@ -667,6 +775,10 @@ def load(
     layout = locate(path)
     if lazy and (not layout.converted or dtype is not None or shardings is not None):
         raise ValueError("lazy=True needs a converted folder, dtype=None and shardings=None")
+    if "reasoner" in components or lazy:
+        _refuse_stored_quantized(layout, "lazy loading (export)" if lazy else "the reasoner")
+    if "transformer" in components:
+        check_quantize(layout, quantize)
     config = Cosmos3Config.from_json(layout.transformer_dir / "config.json")
     params: dict[str, Any] = {}
     fp8_revision = not layout.converted and modelopt_fp8.quantization_config(config) is not None

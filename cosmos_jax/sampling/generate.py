@@ -43,7 +43,6 @@ from cosmos_jax.convert.modelopt_fp8 import fallback_note, has_fp8_matmul, step_
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
 from cosmos_jax.modeling.transformer import Cosmos3Transformer, Params
 from cosmos_jax.modeling.wan_vae import WanVAE
-from cosmos_jax.modeling.weights import is_quantized
 from cosmos_jax.sampling import conditioning, offload, scheduler
 from cosmos_jax.sampling.batch import (
     BatchShape,
@@ -67,10 +66,6 @@ from cosmos_jax.scheduler_config import SchedulerConfig
 from cosmos_jax.sharding import BATCH, ActivationSharding, Rules, param_shardings, spec_for
 
 DEFAULT_SPATIAL_COMPRESSION = 16
-_QUANTIZE_MESH_ERROR = ("quantized weights (--quantize, or the FP8 revision) are not sharded on a mesh yet; load "
-                        "them without a mesh (--mesh), or the full-precision weights with one")
-_OFFLOAD_MESH_ERROR = ("offload_reasoner (--offload-reasoner) runs on one device; it cannot be combined with a mesh "
-                       "(--mesh): drop one of them")
 
 
 @dataclasses.dataclass
@@ -116,10 +111,11 @@ class Cosmos3Pipeline:
     `vae`/`sound` may be None: then only `output_type="latent"` without clean vision frames (or with
     `init_noise`) works, respectively no sound. `cache_reasoner=False` runs the joint forward (both towers) at
     every step as the reference does: same numbers, slower; kept for measuring what the cache saves.
-    `mesh` and `rules`: shard the parameters (placed here unless they already carry their shardings) and every
-    batch on that mesh; without a mesh everything runs on the default device. `offload_reasoner`: the weights
-    rest in host memory between calls; each batch runs the reasoner pass with only its tower on the device, then
-    the loop with only the generator tower (`cosmos_jax.sampling.offload`; single device, no mesh).
+    `mesh` and `rules`: shard the parameters (placed here unless they already carry their shardings; quantized
+    kernels as `cosmos_jax.sharding.param_logical_axes` names their values and scales) and every batch on that
+    mesh; without a mesh everything runs on the default device. `offload_reasoner`: the weights rest in host
+    memory between calls, each shard on its device's host (`cosmos_jax.sampling.offload`); each batch runs the
+    reasoner pass with only its tower on the devices, then the loop with only the generator tower.
     """
 
     def __init__(
@@ -148,10 +144,6 @@ class Cosmos3Pipeline:
             raise ValueError("give both sound and sound_params, or neither")
         if offload_reasoner and not cache_reasoner:
             raise ValueError("offload_reasoner needs cache_reasoner (the reasoner runs once, before the loop)")
-        if offload_reasoner and mesh is not None:
-            raise ValueError(_OFFLOAD_MESH_ERROR)
-        if mesh is not None and any(map(is_quantized, jax.tree.leaves(params, is_leaf=is_quantized))):
-            raise ValueError(_QUANTIZE_MESH_ERROR)
         self.mesh, self.rules = mesh, rules
         if mesh is not None:
             model = dataclasses.replace(model, sharding=ActivationSharding(mesh, rules))
@@ -205,10 +197,6 @@ class Cosmos3Pipeline:
         operands: the W8A8 numbers, not its speed)."""
         from cosmos_jax.convert.load import abstract_transformer, load, locate
 
-        if mesh is not None and offload_reasoner:
-            raise ValueError(_OFFLOAD_MESH_ERROR)
-        if mesh is not None and quantize is not None:
-            raise ValueError(_QUANTIZE_MESH_ERROR)
         shardings = None
         if mesh is not None:
             config = Cosmos3Config.from_json(locate(path).transformer_dir / "config.json")

@@ -3,7 +3,9 @@
 Both trees rest in host memory (`pinned_host`) between calls. A call moves the reasoner tower to the device,
 computes the prompt's K/V cache, drops it, then moves the generator tower in for the denoising loop: the device
 peak is the larger of (reasoner + its pass) and (generator + cache + the loop) instead of both towers together.
-The generator's `und_k_norm` (Edge), which the reasoner pass reads, travels with the reasoner pass.
+The generator's `und_k_norm` (Edge), which the reasoner pass reads, travels with the reasoner pass. On a mesh
+every shard moves between its own device and that device's host memory (the sharding is kept, only the memory
+kind changes), so the towers take turns per device.
 """
 
 from __future__ import annotations
