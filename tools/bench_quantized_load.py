@@ -78,14 +78,15 @@ def measure_load(folder: Path, quantize: str | None) -> dict[str, Any]:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-def write_folders(work: Path, layers: int, intermediate: int) -> dict[str, Path]:
-    """The synthetic Hub folder and its three conversions: {"hub", "bf16", "int8", "fp8"} -> folder."""
+def write_folders(work: Path, layers: int, intermediate: int,
+                  conversions: tuple[str, ...] = ("bf16", "int8", "fp8")) -> dict[str, Path]:
+    """The synthetic Hub folder and its `conversions` (bf16 as stored, int8, fp8): {"hub", ...} -> folder."""
     config = bench_convert.synthetic_config(layers, intermediate)
     bench_convert.write_hub(work / "hub", config, max_shard_bytes=2**30)
     folders = {"hub": work / "hub"}
-    for name, quantize in (("bf16", None), ("int8", "int8"), ("fp8", "fp8")):
+    for name in conversions:
         folders[name] = work / name
-        convert(work / "hub", folders[name], dtype=None, quantize=quantize)
+        convert(work / "hub", folders[name], dtype=None, quantize=None if name == "bf16" else name)
     return folders
 
 

@@ -402,32 +402,43 @@ def _flat_shapes(tree: Any) -> dict[LeafPath, tuple[int, ...]]:
     return {tuple(_key_name(k) for k in keys): tuple(leaf.shape) for keys, leaf in flat}
 
 
+def _root(path: str | os.PathLike[str] | Layout) -> Path:
+    return path.root if isinstance(path, Layout) else Path(os.path.abspath(path))
+
+
 def stored_quantization(path: str | os.PathLike[str] | Layout) -> str | None:
     """The mode ("int8" / "fp8") a converted folder stores its transformer's layer linears in (`convert
-    --quantize`); None for full-precision and Hub-layout folders."""
-    layout = path if isinstance(path, Layout) else locate(path)
-    if not layout.converted:
+    --quantize`); None for full-precision folders and any other folder."""
+    root = _root(path)
+    if not orbax_io.is_converted(root):
         return None
-    mode = orbax_io.read_marker(layout.root).get(QUANTIZE_MARKER_KEY)
+    mode = orbax_io.read_marker(root).get(QUANTIZE_MARKER_KEY)
     if mode is not None and mode not in QUANTIZE_MODES:
-        raise orbax_io.ConvertedCheckpointError(f"{layout.root / orbax_io.MARKER}: unknown {QUANTIZE_MARKER_KEY!r} "
-                                                f"entry {mode!r} (expected one of {', '.join(QUANTIZE_MODES)})")
+        raise orbax_io.ConvertedCheckpointError(f"{root / orbax_io.MARKER}: unknown {QUANTIZE_MARKER_KEY!r} entry "
+                                                f"{mode!r} (expected one of {', '.join(QUANTIZE_MODES)})")
     return mode
 
 
 def check_quantize(path: str | os.PathLike[str] | Layout, quantize: str | None, flag: str = "quantize=") -> None:
     """Refuse (ValueError naming `flag`) a `quantize` request that differs from the quantization a converted
     folder stores: a stored-quantized folder loads only with its own mode; any other folder with any mode."""
-    layout = path if isinstance(path, Layout) else locate(path)
-    stored = stored_quantization(layout)
+    stored = stored_quantization(path)
     if stored is None or quantize == stored:
         return
     again = "convert the model again without --quantize for full-precision weights"
     if quantize is None:
-        raise ValueError(f"{layout.root} stores its transformer quantized as {stored} (convert --quantize {stored}); "
+        raise ValueError(f"{_root(path)} stores its transformer quantized as {stored} (convert --quantize {stored}); "
                          f"load it with {flag}{stored}, or {again}")
-    raise ValueError(f"{layout.root} stores its transformer quantized as {stored}, not {quantize}: use "
+    raise ValueError(f"{_root(path)} stores its transformer quantized as {stored}, not {quantize}: use "
                      f"{flag}{stored}, or {again} and quantize that as {quantize}")
+
+
+def check_full_precision(path: str | os.PathLike[str] | Layout, what: str) -> None:
+    """ValueError when the folder stores its transformer quantized: `what` needs full-precision weights."""
+    mode = stored_quantization(path)
+    if mode is not None:
+        raise ValueError(f"{_root(path)} stores its transformer quantized as {mode} (for generation only); {what} "
+                         "needs full-precision weights: convert the model again without --quantize")
 
 
 def _stored_targets(abstract: Any, tree: str, stored: Mapping[LeafPath, np.dtype], dtype: Any, shardings: Shardings,
@@ -462,14 +473,6 @@ def _as_quantized(restored: dict[str, Any], tree: str, mode: str) -> dict[str, A
         return {name: rebuild(child, (*path, name)) for name, child in node.items()}
 
     return rebuild(restored, ())
-
-
-def _refuse_stored_quantized(layout: Layout, what: str) -> None:
-    """ValueError when the folder stores its transformer quantized: `what` needs full-precision weights."""
-    mode = stored_quantization(layout)
-    if mode is not None:
-        raise ValueError(f"{layout.root} stores its transformer quantized as {mode} (for generation only); {what} "
-                         "needs full-precision weights: convert the model again without --quantize")
 
 
 def _load_converted_transformer(layout: Layout, config: Cosmos3Config, dtype: Any, shardings: Shardings,
@@ -629,7 +632,7 @@ def reasoner_tower(path: str | os.PathLike[str], dtype: Any = None) -> tuple[Rea
     """The text-only reasoner held in the transformer's reasoner tower (for folders without root reasoner files):
     its config (the transformer's, no vision encoder) and params (embed, layers, norm, lm_head)."""
     layout = locate(path)
-    _refuse_stored_quantized(layout, "the reasoner")
+    check_full_precision(layout, "the reasoner")
     config = Cosmos3Config.from_json(layout.transformer_dir / "config.json")
     tower = _transformer_tower(layout, config, dtype, None, False)
     return ReasonerConfig(text=config, vision=None, model_type="cosmos3_transformer_tower"), tower
@@ -776,7 +779,7 @@ def load(
     if lazy and (not layout.converted or dtype is not None or shardings is not None):
         raise ValueError("lazy=True needs a converted folder, dtype=None and shardings=None")
     if "reasoner" in components or lazy:
-        _refuse_stored_quantized(layout, "lazy loading (export)" if lazy else "the reasoner")
+        check_full_precision(layout, "lazy loading (export)" if lazy else "the reasoner")
     if "transformer" in components:
         check_quantize(layout, quantize)
     config = Cosmos3Config.from_json(layout.transformer_dir / "config.json")
