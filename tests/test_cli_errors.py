@@ -17,7 +17,6 @@ from PIL import Image
 
 from cosmos_jax import cli
 from cosmos_jax.commands import generate as generate_command
-from cosmos_jax.convert.converter import convert
 from cosmos_jax.demo import build_demo_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +36,7 @@ def files(tmp_path_factory):
     np.save(d / "strings.npy", np.array([["a"] * 7] * 8))
     (d / "a_file").write_text("a file, not a folder")
     (d / "exists").mkdir()
-    convert(model, d / "int8", quantize="int8")
+    assert cli.main(["convert", str(model), str(d / "int8"), "--quantize", "int8", "--no-progress"]) == 0
     return {"d": d, "model": str(model), "int8": str(d / "int8")}
 
 
