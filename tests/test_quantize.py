@@ -354,7 +354,8 @@ def test_cli_generates_from_a_quantized_folder_on_a_mesh(folders, one_device, tm
     out = tmp_path / "policy.npy"
     demo_image().save(tmp_path / "frame.png")
     code = cli.main(["generate", "--model", str(folders["int8_fp32"]), "--prompt", "Pick up the dark block.",
-                     "--image", str(tmp_path / "frame.png"), "--action-mode", "policy", "--domain", "bridge_orig_lerobot", "--chunk", "8",
+                     "--image", str(tmp_path / "frame.png"), "--action-mode", "policy", "--domain",
+                     "bridge_orig_lerobot", "--chunk", "8",
                      "--resolution-tier", "256", "--steps", "2", "--guidance", "2", "--seed", "0", "--dtype",
                      "float32", "--attention", "xla", "--output-type", "latent", "--output", str(out),
                      "--quantize", "int8", "--mesh", "data=2,fsdp=2,tensor=2", "--mesh-rules", "tiny",

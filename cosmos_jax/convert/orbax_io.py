@@ -97,17 +97,21 @@ def _nest(leaves: Sequence[Leaf]) -> dict[str, Any]:
     return tree
 
 
+def _nbytes(value: Any) -> int:
+    return int(np.prod(value.shape, dtype=np.int64)) * np.dtype(value.dtype).itemsize
+
+
 def _groups(leaves: Iterable[Leaf], group_bytes: int) -> Iterator[list[Leaf]]:
-    """Consecutive leaves batched up to `group_bytes`; a leaf at least that large goes alone. A group is handed
-    on as soon as it is full, before the next leaf is produced."""
+    """Consecutive leaves (arrays or ShapeDtypeStructs) batched up to `group_bytes`; a leaf at least that large
+    goes alone. A group is handed on as soon as it is full, before the next leaf is produced."""
     group: list[Leaf] = []
     size = 0
     for path, value in leaves:
-        if group and size + value.nbytes > group_bytes:
+        if group and size + _nbytes(value) > group_bytes:
             yield group
             group, size = [], 0
         group.append((path, value))
-        size += value.nbytes
+        size += _nbytes(value)
         del value
         if size >= group_bytes:
             yield group
@@ -208,13 +212,34 @@ def tree_shapes(folder: Path) -> dict[LeafPath, tuple[tuple[int, ...], np.dtype]
     return {tuple(str(k.key) for k in keys): (tuple(m.shape), np.dtype(m.dtype)) for keys, m in flat}
 
 
-def restore_tree(folder: Path, abstract: Any | None = None) -> Any:
-    """The tree saved at `folder`: numpy arrays as stored, or, given a pytree of `jax.ShapeDtypeStruct`
-    (each with a `sharding`), jax.Arrays cast to those dtypes and placed in those shardings."""
+def _restore_in_groups(folder: Path, abstract: Any, group_bytes: int) -> dict[str, Any]:
+    """`abstract` (nested dicts of ShapeDtypeStructs) restored a group of leaves at a time (orbax partial loads),
+    so only one group's read buffers are live besides the arrays already placed."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
+    leaves = [(tuple(str(k.key) for k in keys), leaf) for keys, leaf in flat]
+    restored: list[tuple[LeafPath, Any]] = []
+    context = ocp.Context()
+    context.pytree.loading.partial_load = True
+    for group in _groups(leaves, group_bytes):
+        with context:
+            tree = ocp.load(folder, _nest(group))
+        for path, _ in group:
+            node = tree
+            for name in path:
+                node = node[name]
+            restored.append((path, node))
+        del tree
+    return _nest(restored)
+
+
+def restore_tree(folder: Path, abstract: Any | None = None, *, group_bytes: int = DEFAULT_GROUP_BYTES) -> Any:
+    """The tree saved at `folder`: numpy arrays as stored, or, given nested dicts of `jax.ShapeDtypeStruct`
+    (each with a `sharding`), jax.Arrays cast to those dtypes and placed in those shardings, read in groups of
+    leaves of at most `group_bytes` (a leaf that large alone)."""
     if not folder.is_dir():
         raise ConvertedCheckpointError(f"{folder}: missing orbax checkpoint")
     try:
-        return ocp.load(folder, abstract)
+        return ocp.load(folder, None) if abstract is None else _restore_in_groups(folder, abstract, group_bytes)
     except Exception as e:  # TensorStore raises ValueError / RuntimeError variants for damaged data
         what = re.search(r'in "([^"]+)" in OCDBT', str(e))
         leaf = f"leaf {what.group(1).split('/c/')[0]}" if what else "a leaf"
