@@ -38,7 +38,8 @@ def _bad_options(root):
         (["--lora", f"{root}/missing_adapter"], ["--lora", "missing_adapter: not a LoRA folder"]),
         (["--lora", f"{root}/adapter", "--quantize", "int8"], ["--lora cannot be combined with --quantize"]),
         (["--merge-lora"], ["--merge-lora needs at least one --lora"]),
-        (["--quantize", "int8", "--mesh", "data=1"], ["--quantize", "cannot be combined with --mesh"]),
+        (["--model", f"{root}/int8", "--quantize", "fp8"], ["quantized as int8, not fp8: use --quantize int8"]),
+        (["--model", f"{root}/int8", "--mesh", "data=1"], ["quantized as int8", "load it with --quantize int8"]),
     ]
 
 
@@ -55,6 +56,9 @@ def test_sdg_and_serve_refuse_bad_model_options_before_loading(tmp_path, capsys,
     (root / "checkpoint").mkdir()
     demo_image(32, 32).save(root / "frame.png")
     (root / "jobs.jsonl").write_text(json.dumps(JOB) + "\n")
+    (root / "int8").mkdir()  # the marker of a folder `convert --quantize int8` wrote (checked before loading)
+    (root / "int8" / "cosmos_jax.json").write_text(json.dumps({"format": "cosmos-jax-converted", "version": 1,
+                                                                "quantize": "int8"}))
     model = str(root / "checkpoint")
     commands = {"sdg": ["sdg", "--model", model, "--jobs", str(root / "jobs.jsonl"), "--out", f"{root}/refused"],
                 "serve": ["serve", "--model", model, "--results", f"{root}/refused_results"]}
@@ -65,7 +69,7 @@ def test_sdg_and_serve_refuse_bad_model_options_before_loading(tmp_path, capsys,
             where = shlex.join([name, *options])
             assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), (where, err)
             assert all(word in err for word in words), (where, err)
-    assert sorted(p.name for p in root.iterdir()) == ["checkpoint", "frame.png", "jobs.jsonl"]
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint", "frame.png", "int8", "jobs.jsonl"]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from cosmos_jax import reasoner_inputs as ri
 from cosmos_jax.commands import errors
 from cosmos_jax.convert import orbax_io
-from cosmos_jax.convert.load import check_full_precision, load, load_reasoner, reasoner_tower
+from cosmos_jax.convert.load import check_reasoner_weights, load, load_reasoner, reasoner_tower
 from cosmos_jax.modeling.reasoner import Params, Reasoner, ReasonerConfig
 from cosmos_jax.sampling import generation_config, media, media_input, reason
 from cosmos_jax.sampling import reasoner_folder as folder
@@ -127,7 +127,7 @@ def build_prompt(args: argparse.Namespace, tokenizer: ChatTokenizer, config: Rea
 def _check_args(args: argparse.Namespace) -> None:
     """Every flag that needs no model, before anything is loaded."""
     errors.input_path(args.model, "--model", folder=True)
-    check_full_precision(args.model, "the reasoner")
+    check_reasoner_weights(args.model)
     for path in args.image:
         errors.input_path(path, "--image")
     errors.input_path(args.video, "--video", folder=None)

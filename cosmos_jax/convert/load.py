@@ -441,6 +441,17 @@ def check_full_precision(path: str | os.PathLike[str] | Layout, what: str) -> No
                          "needs full-precision weights: convert the model again without --quantize")
 
 
+def check_reasoner_weights(path: str | os.PathLike[str] | Layout) -> None:
+    """ValueError when the reasoner would read its language model from a transformer stored quantized (a folder
+    whose root reasoner files hold an LM of their own is fine: only the transformer's trees are quantized)."""
+    root = _root(path)
+    if stored_quantization(root) is None:
+        return
+    entry = orbax_io.read_marker(root).get(ROOT_MARKER_KEY)
+    if not (isinstance(entry, Mapping) and entry.get("language_model_from") == LM_FROM_ROOT):
+        check_full_precision(root, "the reasoner, whose language model is the transformer's reasoner tower,")
+
+
 def _stored_targets(abstract: Any, tree: str, stored: Mapping[LeafPath, np.dtype], dtype: Any, shardings: Shardings,
                     mode: str | None) -> dict[str, Any]:
     """The restore target of one saved tree: ShapeDtypeStructs in their load dtype and sharding. Quantized values
@@ -616,6 +627,8 @@ def _check_shared_tower(config: ReasonerConfig, tower: Mapping[str, Any], where:
 def _transformer_tower(layout: Layout, config: Cosmos3Config, dtype: Any, loaded: dict[str, Any] | None,
                        lazy: bool) -> dict[str, Any]:
     """params["reasoner"]: the loaded arrays themselves, else read from the transformer checkpoint."""
+    if loaded is None:
+        check_reasoner_weights(layout)
     if loaded is not None:
         return dict(loaded)
     if layout.converted:
@@ -632,7 +645,6 @@ def reasoner_tower(path: str | os.PathLike[str], dtype: Any = None) -> tuple[Rea
     """The text-only reasoner held in the transformer's reasoner tower (for folders without root reasoner files):
     its config (the transformer's, no vision encoder) and params (embed, layers, norm, lm_head)."""
     layout = locate(path)
-    check_full_precision(layout, "the reasoner")
     config = Cosmos3Config.from_json(layout.transformer_dir / "config.json")
     tower = _transformer_tower(layout, config, dtype, None, False)
     return ReasonerConfig(text=config, vision=None, model_type="cosmos3_transformer_tower"), tower
@@ -763,8 +775,8 @@ def load(
     quantize: None, "int8" or "fp8": the transformer's layer linears are quantized (`cosmos_jax.convert.quantize`)
     leaf by leaf as they are read (Hub layout; a converted folder tree by tree), so the full-precision tree is
     never held whole. A converted folder stored quantized (`convert --quantize`) needs `quantize` = its mode and
-    is read as stored, values and scales only (`dtype` then sets the scales' dtype); it holds no weights for the
-    reasoner component, `lazy` or any full-precision use.
+    is read as stored, values and scales only (`dtype` then sets the scales' dtype); it holds no full-precision
+    transformer for `lazy` or for a reasoner whose language model is the transformer's tower.
     Errors name the file and every offending key.
     """
     check_mode(quantize, "quantize")
@@ -778,8 +790,8 @@ def load(
     layout = locate(path)
     if lazy and (not layout.converted or dtype is not None or shardings is not None):
         raise ValueError("lazy=True needs a converted folder, dtype=None and shardings=None")
-    if "reasoner" in components or lazy:
-        check_full_precision(layout, "lazy loading (export)" if lazy else "the reasoner")
+    if lazy:
+        check_full_precision(layout, "lazy loading (export)")
     if "transformer" in components:
         check_quantize(layout, quantize)
     config = Cosmos3Config.from_json(layout.transformer_dir / "config.json")

@@ -38,7 +38,13 @@ import jax
 import numpy as np
 
 from cosmos_jax import reasoner_inputs as ri
-from cosmos_jax.convert.load import has_root_reasoner, load_root_reasoner, locate, read_reasoner_config
+from cosmos_jax.convert.load import (
+    check_reasoner_weights,
+    has_root_reasoner,
+    load_root_reasoner,
+    locate,
+    read_reasoner_config,
+)
 from cosmos_jax.modeling.reasoner import Params, Reasoner
 from cosmos_jax.modeling.weights import is_quantized
 from cosmos_jax.sampling import generation_config, reason
@@ -124,11 +130,12 @@ def _no_vision(model_dir: str | os.PathLike) -> ValueError:
 
 
 def check_critic_model(model_dir: str | os.PathLike) -> None:
-    """ValueError unless the folder has root reasoner files with a vision encoder (read from its configs only,
-    before any weight is loaded)."""
+    """ValueError unless the folder has root reasoner files with a vision encoder and full-precision language model
+    weights (read from its configs only, before any weight is loaded)."""
     layout = locate(model_dir)
     if not has_root_reasoner(layout) or read_reasoner_config(layout.root).vision is None:
         raise _no_vision(model_dir)
+    check_reasoner_weights(layout)
 
 
 def load_critic(model_dir: str | os.PathLike, dtype: Any, *, tower: Params | None = None,
