@@ -255,6 +255,26 @@ def test_quantized_folder_refuses_other_uses_before_loading(folders, tmp_path):
     assert not (tmp_path / "q4").exists()
 
 
+def test_a_quantized_conversion_that_fails_midway_leaves_nothing(folders, tmp_path, monkeypatch):
+    """The quantized leaves go through the converter's atomic write: an error after some leaves were written
+    leaves neither DST nor a temporary folder."""
+    from cosmos_jax.convert import converter
+
+    calls = {"n": 0}
+    real = converter.stored_leaves
+
+    def failing(path, array, mode):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise OSError("disk full (simulated)")
+        return real(path, array, mode)
+
+    monkeypatch.setattr(converter, "stored_leaves", failing)
+    with pytest.raises(OSError, match="simulated"):
+        convert(folders["hub"], tmp_path / "q", quantize="int8")
+    assert calls["n"] == 12 and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_quantized_folder_peak_host_memory_near_the_quantized_size(tmp_path):
     """A 4-layer synthetic bf16 transformer (62 MiB; int8: 33 MiB) loaded in fresh child processes (CPU: device
