@@ -127,6 +127,7 @@ class FakeEngine:
     """Plans nothing; `run` waits for `release` and answers actions = seed (so replies can be told apart)."""
 
     model_name = "fake"
+    model_options = {"quantize": "int8", "lora": [], "merge_lora": False, "offload_reasoner": False}
     defaults = DEFAULTS
 
     def __init__(self) -> None:
@@ -185,7 +186,8 @@ def test_websocket_and_http_errors_queue_full_and_key(tmp_path):
     assert client.get("/healthz").status_code == 401
     assert client.get("/healthz", headers={"Authorization": "Api-Key wrong"}).status_code == 401
     key = {"Authorization": "Api-Key secret"}
-    assert client.get("/healthz", headers=key).json()["status"] == "ok"
+    health = client.get("/healthz", headers=key).json()
+    assert (health["status"], health["model_options"]["quantize"]) == ("ok", "int8")
     with client.websocket_connect("/", headers=key) as a, client.websocket_connect("/", headers=key) as b, \
             client.websocket_connect("/v1/realtime/robot/openpi", headers=key) as c:
         assert codec.unpackb(a.receive_bytes())["model"] == "fake"
