@@ -78,7 +78,7 @@ def breakdown(cfg, und_len: int, gen_len: int, repeats: int) -> None:
     key = iter(jax.random.split(jax.random.key(0), 32))
     normal = lambda *shape: jax.random.normal(next(key), shape, jnp.float32)  # noqa: E731
     d, hd, h, k, inter = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size
-    tokens, group, rows = und_len + gen_len, h // k, 64 * (h // k)
+    tokens, rows = und_len + gen_len, 64 * (h // k)
     q_gen, q_und = normal(1, gen_len, h, hd), normal(1, und_len, h, hd)
     kv_und, kv_gen = normal(1, und_len, k, hd), normal(1, gen_len, k, hd)
     lens = (jnp.array([und_len]), jnp.array([gen_len]))
