@@ -18,6 +18,7 @@ import pytest
 from cosmos_jax.config import Cosmos3Config
 from cosmos_jax.convert.keymap_transformer import params_from_torch_state
 from cosmos_jax.convert.lora_peft import peft_state
+from cosmos_jax.convert.tree_paths import get_path
 from cosmos_jax.modeling.transformer import Cosmos3Transformer
 from cosmos_jax.modeling.weights import LowRankUpdate
 from cosmos_jax.training import lora
@@ -25,7 +26,8 @@ from test_modelopt_fp8 import CASES
 from test_quantize import _inputs
 from torch_reference import NANO_STYLE, build_torch_transformer, jax_config, reference_forward, reference_segments
 
-TARGETS = lora.parse_targets("q_proj,v_proj,up_proj,reasoner/o_proj")
+TARGETS = lora.parse_targets("q_proj,v_proj,up_proj,reasoner/o_proj,proj_in,proj_out")
+ACTION_TARGETS = lora.parse_targets("k_proj,action_proj_in,action_proj_out")
 
 
 def _random_params(model, seed):
@@ -34,8 +36,8 @@ def _random_params(model, seed):
     return jax.tree.map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype), model.abstract_params())
 
 
-def _random_adapters(params, rank=3, seed=0):
-    adapters = lora.init_adapters(params, lora.LoraConfig(rank, TARGETS), jax.random.key(seed))
+def _random_adapters(params, rank=3, seed=0, targets=TARGETS):
+    adapters = lora.init_adapters(params, lora.LoraConfig(rank, targets), jax.random.key(seed))
     keys = iter(jax.random.split(jax.random.key(seed + 1), 100))
     return jax.tree.map(lambda x: 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), adapters)
 
@@ -43,8 +45,12 @@ def _random_adapters(params, rank=3, seed=0):
 def test_parse_targets_and_refusals():
     assert lora.parse_targets("q_proj,reasoner/down_proj") == (
         ("generator", "layers", "q_proj", "kernel"), ("reasoner", "layers", "mlp", "down_proj", "kernel"))
+    assert lora.parse_targets("action_proj_in,generator/proj_out") == (
+        ("generator", "action_proj_in", "kernel"), ("generator", "proj_out", "kernel"))
     with pytest.raises(ValueError, match=r"--lora-targets 'qkv'"):
         lora.parse_targets("q_proj,qkv")
+    with pytest.raises(ValueError, match=r"--lora-targets 'reasoner/proj_in'.*a generator projection: proj_in"):
+        lora.parse_targets("reasoner/proj_in")
     with pytest.raises(ValueError, match="--lora-rank must be a positive integer, got 0"):
         lora.LoraConfig(0, TARGETS)
     assert lora.parse_lora_arg("a/b:0.5") == ("a/b", 0.5)
@@ -65,19 +71,41 @@ def test_attached_equals_merged_and_the_save_round_trip(tmp_path):
     assert saved.base_fingerprint == lora.fingerprint(params)
     for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(saved.adapters)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    action_config = lora.LoraConfig(2, ACTION_TARGETS)
+    action_adapters = _random_adapters(params, rank=2, seed=7, targets=ACTION_TARGETS)
+    assert action_adapters["generator"]["action_proj_in"]["kernel"]["a"].shape == (cfg.num_embodiment_domains,
+                                                                                 cfg.action_dim, 2)
+    second = lora.load_adapters(lora.save_adapters(tmp_path / "ad2", action_adapters, action_config,
+                                                   lora.fingerprint(params)))
     text, gen = _inputs(cfg)
-    attached = lora.apply_adapters(params, [(saved, 0.5, "x")], merge_now=False)
+    rows, lg = 3, gen.position_ids.shape[-1] + 3
+    gen = dataclasses.replace(
+        gen, position_ids=jnp.broadcast_to(6 + jnp.arange(lg, dtype=jnp.float32), (1, 3, lg)),
+        action=jax.random.normal(jax.random.key(9), (1, rows, cfg.action_dim), jnp.float32),
+        action_noisy=jnp.ones((1, rows), bool), action_t=gen.vision_t, action_domain=jnp.array([1], jnp.int32))
+    specs = [(saved, 0.5, "x"), (second, 1.0, "y")]
+    attached = lora.apply_adapters(params, specs, merge_now=False)
     assert isinstance(attached["generator"]["layers"]["q_proj"]["kernel"], LowRankUpdate)
-    merged = lora.apply_adapters(params, [(saved, 0.5, "x")], merge_now=True)
-    got = jax.jit(model.__call__)(attached, text, gen).vision
-    want = jax.jit(model.__call__)(merged, text, gen).vision
-    scale = float(jnp.abs(want).max())
-    assert float(jnp.abs(got - want).max()) <= 1e-6 * scale
+    assert isinstance(attached["generator"]["action_proj_in"]["kernel"], LowRankUpdate)
+    assert isinstance(attached["generator"]["proj_in"]["kernel"], LowRankUpdate)
+    merged = lora.apply_adapters(params, specs, merge_now=True)
+    got_out = jax.jit(model.__call__)(attached, text, gen)
+    want_out = jax.jit(model.__call__)(merged, text, gen)
+    plain_out = jax.jit(model.__call__)(params, text, gen)
+    for got, want, plain in ((got_out.vision, want_out.vision, plain_out.vision),
+                             (got_out.action, want_out.action, plain_out.action)):
+        scale = float(jnp.abs(want).max())
+        assert float(jnp.abs(got - want).max()) <= 1e-6 * scale
+        assert float(jnp.abs(want - plain).max()) > 1e-3 * scale  # the adapters do move the output
     # merged kernel = W + 0.5 * (6/3) * a @ b
     a, b = (adapters["generator"]["layers"]["q_proj"]["kernel"][k] for k in ("a", "b"))
     np.testing.assert_allclose(np.asarray(merged["generator"]["layers"]["q_proj"]["kernel"]),
                                np.asarray(params["generator"]["layers"]["q_proj"]["kernel"] + a @ b),
                                rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(merged["generator"]["action_proj_out"]["kernel"]),
+                               np.asarray(params["generator"]["action_proj_out"]["kernel"] + jnp.einsum(
+                                   "dir,dro->dio", *(action_adapters["generator"]["action_proj_out"]["kernel"][k]
+                                                     for k in ("a", "b")))), rtol=0, atol=1e-6)
     other = _random_params(model, 1)
     with pytest.raises(ValueError, match=r"--lora x: trained on base weights"):
         lora.apply_adapters(other, [(saved, 1.0, "x")], merge_now=True)
@@ -95,6 +123,10 @@ def test_peft_export_loads_into_diffusers_and_matches(tmp_path):
     assert "transformer.layers.0.self_attn.add_q_proj.lora_A.weight" in peft  # generator q_proj (diffusers name)
     assert peft["transformer.layers.1.mlp_moe_gen.up_proj.lora_B.weight"].shape == (cfg.intermediate_size, 2)
     assert "transformer.layers.0.self_attn.to_out.lora_A.weight" in peft  # reasoner o_proj
+    assert peft["transformer.proj_in.lora_A.weight"].shape == (2, cfg.patch_latent_dim)  # one module, no layers
+    assert peft["transformer.proj_out.lora_B.weight"].shape == (cfg.patch_latent_dim, 2)
+    with pytest.raises(ValueError, match="generator/action_proj_in/kernel: diffusers holds the per-domain"):
+        peft_state(_random_adapters(params, rank=2, targets=ACTION_TARGETS), [ACTION_TARGETS[1]], scale, cfg)
 
     import torch
 
@@ -133,7 +165,7 @@ from cosmos_jax.training import lora
 from cosmos_jax.training.loop import RunConfig, train
 from cosmos_jax.training.step import OptimConfig
 root = sys.argv[1]
-config = lora.LoraConfig(2, lora.parse_targets("q_proj,v_proj"))
+config = lora.LoraConfig(2, lora.parse_targets("q_proj,v_proj,action_proj_in"))
 def run(out, steps, cfg=config):
     optim = OptimConfig(lr=1e-2, warmup_steps=1, total_steps=4, freeze_reasoner=True)
     return train(RunConfig(model=root + "/model.json", data=root + "/data", out=root + "/" + out, steps=steps,
@@ -171,9 +203,10 @@ def test_lora_training_updates_only_adapters_and_resumes_bitwise(tmp_path):
         for name in a.files:
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     saved = lora.load_adapters(tmp_path / "straight" / "lora")
-    assert lora.adapter_paths(saved.adapters) == sorted(lora.parse_targets("q_proj,v_proj"))
-    b = saved.adapters["generator"]["layers"]["q_proj"]["kernel"]["b"]
-    assert float(jnp.abs(b).max()) > 0  # trained from zero
+    assert lora.adapter_paths(saved.adapters) == sorted(lora.parse_targets("q_proj,v_proj,action_proj_in"))
+    for path in (("layers", "q_proj"), ("action_proj_in",)):
+        b = get_path(saved.adapters["generator"], (*path, "kernel", "b"))
+        assert float(jnp.abs(b).max()) > 0  # trained from zero
     n_adapter = sum(x.size for x in jax.tree.leaves(saved.adapters))
     _, trainable, opt_bytes = next(line for line in out.stdout.splitlines() if line.startswith("COUNTS")).split()
     assert int(trainable) == n_adapter
@@ -236,3 +269,10 @@ def test_cli_export_lora_writes_the_peft_file(tmp_path):
     again = subprocess.run([sys.executable, "-m", "cosmos_jax.cli", "export", "--lora", str(tmp_path / "ad"),
                             str(tmp_path / "peft"), "--config", "tiny"], capture_output=True, text=True)
     assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
+    action = lora.LoraConfig(2, lora.parse_targets("q_proj,action_proj_out"))
+    lora.save_adapters(tmp_path / "act", lora.init_adapters(params, action, jax.random.key(1)), action,
+                       lora.fingerprint(params))
+    refused = subprocess.run([sys.executable, "-m", "cosmos_jax.cli", "export", "--lora", str(tmp_path / "act"),
+                              str(tmp_path / "peft2"), "--config", "tiny"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "action_proj_out/kernel: diffusers holds the per-domain" in refused.stderr
+    assert not (tmp_path / "peft2" / "pytorch_lora_weights.safetensors").exists()

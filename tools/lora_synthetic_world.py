@@ -35,6 +35,7 @@ from cosmos_jax.training.loop import train
 from cosmos_jax.training.step import compute_params
 
 WIDE_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+ALL_TARGETS = f"{WIDE_TARGETS},proj_in,proj_out,action_proj_in,action_proj_out"  # + the modality projections
 COMPARED = ("forward_mse", "inverse_mse")  # at the 1-step sampler (x̂0 at σ = 1)
 
 
@@ -52,7 +53,7 @@ class LoraWorldExperiment:
     eval_clips: int = 128
     lr: float = 1e-3
     seed: int = 0
-    lora: tuple[str, ...] = (f"8:{lora_lib.DEFAULT_TARGETS}", f"8:{WIDE_TARGETS}")
+    lora: tuple[str, ...] = (f"8:{lora_lib.DEFAULT_TARGETS}", f"16:{ALL_TARGETS}")
 
 
 def parse_variant(spec: str) -> lora_lib.LoraConfig:

@@ -63,7 +63,10 @@ def add_parser(parser: argparse.ArgumentParser) -> None:
                         help="train only rank-R LoRA adapters on frozen base weights (saved to OUT/lora)")
     parser.add_argument("--lora-targets", default=None, metavar="RULES",
                         help="comma-separated [generator/|reasoner/]NAME, NAME one of q_proj k_proj v_proj o_proj "
-                             "gate_proj up_proj down_proj (default: the generator's q_proj,k_proj,v_proj,o_proj)")
+                             "gate_proj up_proj down_proj, or a generator projection: proj_in proj_out "
+                             "audio_proj_in audio_proj_out action_proj_in action_proj_out (one adapter per "
+                             "embodiment domain; not exportable to PEFT) (default: the generator's "
+                             "q_proj,k_proj,v_proj,o_proj)")
     parser.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (update scale alpha/R; default R)")
 
 

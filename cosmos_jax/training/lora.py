@@ -5,8 +5,12 @@ Flax module calls inside a model it rewrites, while this model applies each scan
 parameters (`layer.apply` inside `lax.scan`). Holding the adapters beside the base kernels (`LowRankUpdate`,
 materialized one layer at a time in the scan) keeps the stacks, the sharding and the model code unchanged.
 
-Adapters: {tower: {"layers": {<linear>: {"kernel": {"a": [L, in, r], "b": [L, r, out]}}}}} (MLP linears under
-"mlp"), fp32. kernel' = kernel + (alpha / r) * a @ b; b starts at zero, so training starts from the base model.
+Targets are the layer linears of either tower (stacked kernels [L, in, out]) and the generator's modality
+projections: proj_in/proj_out [in, out], audio_proj_in/out [in, out] and action_proj_in/out [domains, in, out]
+(one adapter pair per embodiment domain). Adapters: {tower: {"layers": {<linear>: {"kernel": {"a": [L, in, r],
+"b": [L, r, out]}}}}} (MLP linears under "mlp") and {"generator": {<projection>: {"kernel": {"a": [..., in, r],
+"b": [..., r, out]}}}}, fp32. kernel' = kernel + (alpha / r) * a @ b; b starts at zero, so training starts from
+the base model.
 Saved as a folder: adapter.safetensors (those leaves, keyed by their path) + adapter.json (rank, alpha, targets
 and the base weights' fingerprint), each written to a temporary name and renamed.
 """
@@ -31,6 +35,7 @@ from cosmos_jax.modeling.weights import LowRankUpdate, is_held
 
 TOWERS = ("generator", "reasoner")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ("proj_in", "proj_out", "audio_proj_in", "audio_proj_out", "action_proj_in", "action_proj_out")
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter.json"
@@ -60,15 +65,20 @@ class LoraConfig:
 
 
 def parse_targets(rules: str) -> tuple[LeafPath, ...]:
-    """'q_proj,v_proj,reasoner/up_proj' -> kernel paths; a name without a tower means the generator's."""
+    """'q_proj,v_proj,reasoner/up_proj,action_proj_in' -> kernel paths; a name without a tower means the
+    generator's. The modality projections (PROJECTIONS) are the generator's only."""
     paths = []
     for rule in (r.strip() for r in rules.split(",")):
         tower, _, name = rule.rpartition("/")
         tower = tower or "generator"
-        if tower not in TOWERS or name not in LAYER_LINEARS:
+        if name in PROJECTIONS and tower == "generator":
+            path: LeafPath = (tower, name, "kernel")
+        elif tower in TOWERS and name in LAYER_LINEARS:
+            path = (tower, "layers", "mlp", name, "kernel") if name in MLP_LINEARS else (tower, "layers", name, "kernel")
+        else:
             raise ValueError(f"--lora-targets {rule!r}: use [generator/|reasoner/]NAME with NAME one of "
-                             f"{', '.join(sorted(LAYER_LINEARS))}")
-        path = (tower, "layers", "mlp", name, "kernel") if name in MLP_LINEARS else (tower, "layers", name, "kernel")
+                             f"{', '.join(sorted(LAYER_LINEARS))}, or a generator projection: "
+                             f"{', '.join(PROJECTIONS)}")
         if path not in paths:
             paths.append(path)
     return tuple(paths)
@@ -80,20 +90,21 @@ def _targets_present(params: Params, targets: Iterable[LeafPath]) -> list[LeafPa
         try:
             get_path(params, path)
         except (KeyError, TypeError):
-            raise ValueError(f"--lora-targets: the model has no {'/'.join(path)} (e.g. gate_proj needs a silu MLP)") \
-                from None
+            raise ValueError(f"--lora-targets: the model has no {'/'.join(path)} (gate_proj needs a silu MLP, "
+                             "audio_* sound generation, action_* action generation)") from None
         present.append(path)
     return present
 
 
 def init_adapters(params: Params, config: LoraConfig, key: jax.Array) -> Params:
-    """Fresh fp32 adapters for `config.targets`: a ~ N(0, 1/in), b = 0."""
+    """Fresh fp32 adapters for `config.targets`: a ~ N(0, 1/in), b = 0, with the kernel's leading axes (layers or
+    domains; none for a plain projection)."""
     adapters: Params = {}
     paths = _targets_present(params, config.targets)
     for path, k in zip(paths, jax.random.split(key, len(paths))):
-        layers, n_in, n_out = get_path(params, path).shape
-        a = jax.random.normal(k, (layers, n_in, config.rank), jnp.float32) / np.sqrt(n_in)
-        set_path(adapters, path, {"a": a, "b": jnp.zeros((layers, config.rank, n_out), jnp.float32)})
+        *lead, n_in, n_out = get_path(params, path).shape
+        a = jax.random.normal(k, (*lead, n_in, config.rank), jnp.float32) / np.sqrt(n_in)
+        set_path(adapters, path, {"a": a, "b": jnp.zeros((*lead, config.rank, n_out), jnp.float32)})
     return adapters
 
 
@@ -186,9 +197,9 @@ def load_adapters(folder: str | os.PathLike) -> SavedAdapter:
     adapters: Params = {}
     for target in targets:
         a, b = tensors["/".join((*target, "a"))], tensors["/".join((*target, "b"))]
-        if a.ndim != 3 or b.ndim != 3 or a.shape[-1] != config.rank or b.shape[-2] != config.rank:
+        if a.ndim != b.ndim or a.ndim not in (2, 3) or a.shape[-1] != config.rank or b.shape[-2] != config.rank:
             raise ValueError(f"{tensor_path}: {'/'.join(target)} has shapes {a.shape}, {b.shape}, not rank "
-                             f"{config.rank} stacks")
+                             f"{config.rank} pairs")
         set_path(adapters, target, {"a": jnp.asarray(a), "b": jnp.asarray(b)})
     return SavedAdapter(adapters, config, str(meta.get("base_fingerprint", "")))
 
@@ -211,14 +222,15 @@ def check_base(saved: SavedAdapter, base_fingerprint: str, where: str) -> None:
 
 
 def check_shapes(params: Params, adapters: Params, where: str) -> None:
-    """Each adapter's stacks fit its kernel [L, in, out]."""
+    """Each adapter pair fits its kernel ([..., in, out]: a [..., in, r], b [..., r, out])."""
     for path in adapter_paths(adapters):
         try:
             kernel = get_path(params, path)
         except (KeyError, TypeError):
             raise ValueError(f"--lora {where}: the model has no {'/'.join(path)}") from None
         a, b = get_path(adapters, path)["a"], get_path(adapters, path)["b"]
-        if a.shape[:2] != tuple(kernel.shape[:2]) or (b.shape[0], b.shape[2]) != (kernel.shape[0], kernel.shape[2]):
+        shape = tuple(kernel.shape)
+        if a.shape[:-1] != shape[:-1] or (*b.shape[:-2], b.shape[-1]) != (*shape[:-2], shape[-1]):
             raise ValueError(f"--lora {where}: {'/'.join(path)} adapters {a.shape}, {b.shape} do not fit the kernel "
                              f"{tuple(kernel.shape)}")
 
