@@ -6,11 +6,14 @@ same dataset; a finished dataset is left alone; other jobs or another model are 
 --min-consistency; --merge after a stop. The subprocess tests (SIGKILL, --mesh data=4 on 4 fake CPU devices,
 two jax.distributed processes) are marked slow.
 
-"Identical datasets" across batch sizes and meshes: every file's structure, every record, task, index and
-every decoded video frame are equal; float columns (actions, their stats, the scores) are equal within 1e-6
-absolute, since XLA:CPU sums a matmul over another number of rows in another order (a few ulp; the frames,
-quantised to uint8, come out bitwise equal). Reruns of the same batch grouping (resume, two processes) are
-compared bitwise.
+"Identical datasets" across batch sizes and meshes: every file's structure, every record, task and index
+are equal; float columns (actions, their stats, the scores) are equal within 1e-6 absolute, since XLA:CPU sums
+a matmul over another number of rows in another order (a few ulp). A few ulp can move a pixel that sits on a
+rounding boundary by one uint8 level, so camera stats agree within one level (1/255: no min, max, mean,
+quantile or std of frames that differ by at most one level per value moves further), and the decoded videos
+within 40 dB PSNR (the AV1 encoder spreads a one-level change over its block: on a 32x32 clip, 5 flipped
+values change 17% of the decoded ones, mean 0.23 levels, max 6, PSNR about 50 dB; a wrong or shifted clip is
+below 25 dB). Reruns of the same batch grouping (resume, two processes) are compared bitwise.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import numpy as np
 import pytest
 
 FLOAT_ATOL = 1e-6
+CAMERA_ATOL = 1 / 255 + 1e-12
+MIN_VIDEO_PSNR_DB = 40.0
 pytestmark = pytest.mark.slow  # one shared reference run: about 2.5 min on a loaded 2-core CPU
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +111,11 @@ def assert_same_dataset(a: Path, b: Path, exact: bool) -> None:
     for key in ca:
         x, y = ca[key], cb[key]
         if isinstance(x, np.ndarray):
-            np.testing.assert_array_equal(x, y, err_msg=key)
+            if exact:
+                np.testing.assert_array_equal(x, y, err_msg=key)
+            else:
+                assert x.shape == y.shape, key
+                assert video_psnr(x, y) >= MIN_VIDEO_PSNR_DB, f"{key}: PSNR {video_psnr(x, y):.1f} dB"
         elif isinstance(x, str):
             if exact or key.endswith("run.json"):
                 assert x == y, key
@@ -122,9 +131,16 @@ def assert_same_dataset(a: Path, b: Path, exact: bool) -> None:
                 _same_json(x[column], y[column], f"{key} {column}")
 
 
+def video_psnr(x: np.ndarray, y: np.ndarray) -> float:
+    """PSNR in dB of two uint8 videos (inf when equal)."""
+    mse = float(np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
 def _same_json(x, y, where: str) -> None:
     if isinstance(x, float) or isinstance(y, float):
-        assert x == pytest.approx(y, abs=FLOAT_ATOL), where
+        atol = CAMERA_ATOL if "observation.images." in where else FLOAT_ATOL
+        assert x == pytest.approx(y, abs=atol), where
     elif isinstance(x, dict):
         assert sorted(x) == sorted(y), where
         for k in x:
@@ -178,6 +194,9 @@ def test_batch_size_four_gives_the_same_dataset(world, reference):
     out = world["root"] / "batch4"
     _run(world, out, batch_size=4)
     assert_same_dataset(reference, out, exact=False)
+    video = next(v for k, v in sorted(contents(reference).items()) if k.endswith(".mp4"))
+    others = [video_psnr(video[:5], video[5 * i:5 * i + 5]) for i in range(1, 5)]
+    assert max(others) < 25.0, others  # another episode's clip is far below the bound (15.8 ... 21.2 dB)
 
 
 def test_an_episode_is_what_generate_makes_alone_with_its_seed(world, reference):
