@@ -3,11 +3,17 @@ against loading full precision and quantizing (`load(quantize=...)`), on tools/b
 checkpoint (hidden 512, random finite bf16 values).
 
 The Hub folder is converted three times (bf16 as stored, --quantize int8, --quantize fp8). Each load then runs
-in a fresh child process that imports JAX and orbax, resets its peak-RSS counter (`/proc/self/clear_refs`),
-loads the transformer in bf16 on the CPU (device memory is host memory there) and reports its peak RSS above the
-RSS right before the load (`VmHWM - VmRSS`), the bytes the loaded tree holds, and the seconds it took.
+in a fresh child process (tools/memory_probe.py) that imports JAX and orbax, resets its peak-RSS counter
+(`/proc/self/clear_refs`), loads the transformer in bf16 on the CPU (device memory is host memory there) and
+reports its peak RSS above the RSS right before the load (`VmHWM - VmRSS`), the bytes the loaded tree holds, and
+the seconds it took.
 
-    python tools/bench_quantized_load.py [--layers 16] [--intermediate 4096] [--workdir /tmp] [--json out.json]
+    python tools/bench_quantized_load.py [--layers 16] [--intermediate 4096] [--step 8,30,52 [--text-tokens 300]]
+                                         [--workdir /tmp] [--json out.json]
+
+With --step T,H,W the children that load a folder as stored (bf16 converted, int8 converted, fp8 converted) then
+compile and run one joint forward (bf16, batch 1, a video latent of T,H,W and --text-tokens prompt tokens), and
+a second table gives XLA's predicted bytes for it beside the measured peak RSS of the step.
 
 Everything written is deleted afterwards.
 """
@@ -28,32 +34,7 @@ import bench_convert  # noqa: E402  (the synthetic checkpoint)
 
 from cosmos_jax.convert.converter import convert  # noqa: E402
 
-CHILD = r"""
-import json, sys, time
-
-import jax, jax.numpy as jnp, orbax.checkpoint.experimental.v1  # noqa: E401  (before the baseline)
-
-from cosmos_jax.convert.load import load
-from cosmos_jax.convert.quantize import tree_bytes
-
-
-def status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-
-
-jax.devices()
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # VmHWM := VmRSS
-baseline = status_bytes("VmRSS")
-start = time.perf_counter()
-params = load(sys.argv[1], dtype=jnp.bfloat16, components=("transformer",), quantize=sys.argv[2] or None).params
-jax.block_until_ready(params)
-seconds = time.perf_counter() - start
-print(json.dumps({"peak": status_bytes("VmHWM") - baseline, "held": tree_bytes(params), "seconds": seconds}))
-"""
+PROBE = Path(__file__).with_name("memory_probe.py")  # one load per fresh child process
 
 # (label, folder name, load's quantize)
 CASES = (
@@ -68,11 +49,11 @@ CASES = (
 )
 
 
-def measure_load(folder: Path, quantize: str | None) -> dict[str, Any]:
-    """{"peak": bytes above the pre-load RSS, "held": bytes of the loaded tree, "seconds"} of one load, run in a
-    fresh child process."""
-    child = subprocess.run([sys.executable, "-c", CHILD, str(folder), quantize or ""], capture_output=True,
-                           text=True, check=False)
+def measure_load(folder: Path, quantize: str | None, step: tuple[str, ...] = ()) -> dict[str, Any]:
+    """{"peak": bytes above the pre-load RSS, "held": bytes of the loaded tree, "seconds", ...} of one load, run
+    in a fresh child process; `step`: memory_probe's step arguments ("--step", "--latent", ...), if any."""
+    argv = [sys.executable, str(PROBE), str(folder), *step] + ([] if quantize is None else ["--quantize", quantize])
+    child = subprocess.run(argv, capture_output=True, text=True, check=False)
     if child.returncode != 0:
         raise RuntimeError(f"load of {folder} (quantize={quantize}) failed:\n{child.stderr[-4000:]}")
     return json.loads(child.stdout.strip().splitlines()[-1])
@@ -96,11 +77,16 @@ def main() -> int:
     parser.add_argument("--intermediate", type=int, default=4096)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--step", default=None, metavar="T,H,W",
+                        help="also run one joint forward with a latent of T,H,W after the as-stored loads")
+    parser.add_argument("--text-tokens", type=int, default=300, help="prompt tokens of that step (default 300)")
     args = parser.parse_args()
+    step = () if args.step is None else ("--step", "--latent", args.step, "--text-tokens", str(args.text_tokens))
     work = Path(tempfile.mkdtemp(prefix="bench_quantized_load_", dir=args.workdir))
     try:
         folders = write_folders(work, args.layers, args.intermediate)
-        rows = [{"case": label, "quantize": quantize, **measure_load(folders[name], quantize)}
+        rows = [{"case": label, "quantize": quantize,
+                 **measure_load(folders[name], quantize, step if name == (quantize or "bf16") else ())}
                 for label, name, quantize in CASES]
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -112,6 +98,16 @@ def main() -> int:
     for row in rows:
         print(f"| {row['case']} | {row['held'] / 2**20:,.0f} MiB | {row['peak'] / 2**20:,.0f} MiB | "
               f"{row['peak'] / full:.2f} | {row['seconds']:.1f} |")
+    if step:
+        print(f"\none joint forward after the load, bf16, batch 1, latent {args.step}, {args.text_tokens} text tokens")
+        print("| folder as stored | tree held | XLA predicted: total (arguments, temporaries) | "
+              "peak RSS of the step | peak RSS over load and step, above the pre-load baseline |")
+        print("|---|---:|---:|---:|---:|")
+        for row in (r for r in rows if "predicted" in r):
+            predicted = row["predicted"]
+            print(f"| {row['case']} | {row['held'] / 2**20:,.0f} MiB | {predicted['total'] / 2**20:,.0f} MiB "
+                  f"({predicted['argument'] / 2**20:,.0f}, {predicted['temp'] / 2**20:,.0f}) | "
+                  f"{row['step_peak'] / 2**20:,.0f} MiB | {max(row['peak'], row['step_total_peak']) / 2**20:,.0f} MiB |")
     if args.json is not None:
         args.json.write_text(json.dumps({"layers": args.layers, "intermediate": args.intermediate, "rows": rows},
                                         indent=1) + "\n")

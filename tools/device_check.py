@@ -12,7 +12,10 @@ Writes `<out>/device_check.json` and `<out>/device_check.md` (one Markdown table
   2. a Nano-width layer stack (a few of the 36 layers, bf16) for one cached denoising step at 44k tokens with
      both guidance branches, extrapolated to 36 layers x 35 steps, beside NVIDIA's published H100 times;
   3. bf16 kernel parity against the f32 XLA reference, and the tiny pipeline (the embedded demo checkpoint, f32)
-     run end to end on the device against the same run on the CPU.
+     run end to end on the device against the same run on the CPU;
+  4. memory: a synthetic transformer (tools/bench_convert.py's) converted as bf16, int8 and fp8 folders, each
+     loaded in a fresh child (tools/memory_probe.py) that then runs one joint forward: the tree's bytes, the
+     host and device peaks of the load, XLA's predicted bytes for the step and the device's measured peak.
 A Pallas kernel that does not lower or compile fails the script (non-zero exit); nothing is skipped silently.
 Baselines that cannot run (cudnn on a card without it, XLA logits that would not fit) are recorded with why.
 """
@@ -57,6 +60,10 @@ class CheckSizes:
     stack_text: int
     config: str
     repeats: int
+    memory_layers: int
+    memory_intermediate: int
+    memory_text: int
+    memory_latent: tuple[int, int, int]
 
 
 def full_sizes() -> CheckSizes:
@@ -68,6 +75,7 @@ def full_sizes() -> CheckSizes:
         ),
         parity_case=Case("parity: 2,048 generator + 300 reasoner", "generator", 1, 300, 2048, **heads),
         stack_layers=4, stack_latent=(48, 46, 80), stack_text=300, config="nano", repeats=5,
+        memory_layers=8, memory_intermediate=2048, memory_text=300, memory_latent=(16, 46, 80),
     )
 
 
@@ -77,6 +85,7 @@ def dry_sizes() -> CheckSizes:
         kernel_cases=(Case("dry run: 80 generator + 20 reasoner", "generator", 1, 20, 80, **heads),),
         parity_case=Case("dry run parity: 48 generator + 20 reasoner", "generator", 1, 20, 48, **heads),
         stack_layers=1, stack_latent=(2, 4, 4), stack_text=8, config="tiny", repeats=2,
+        memory_layers=2, memory_intermediate=512, memory_text=8, memory_latent=(2, 4, 4),
     )
 
 
@@ -220,6 +229,33 @@ def pipeline_row(dry_run: bool) -> dict[str, Any]:
                 tolerance=PIPELINE_TOLERANCE, holds=err <= PIPELINE_TOLERANCE)
 
 
+def memory_rows(sizes: CheckSizes) -> list[dict[str, Any]]:
+    """Section 4: per weight format, what tools/memory_probe.py measures of one load and one joint forward."""
+    import subprocess
+
+    from bench_quantized_load import PROBE, write_folders
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = write_folders(Path(tmp), sizes.memory_layers, sizes.memory_intermediate)
+        for weights in ("bf16", "int8", "fp8"):
+            argv = [sys.executable, str(PROBE), str(folders[weights]), "--step", "--text-tokens",
+                    str(sizes.memory_text), "--latent", ",".join(map(str, sizes.memory_latent))]
+            child = subprocess.run(argv + ([] if weights == "bf16" else ["--quantize", weights]),
+                                   capture_output=True, text=True, check=False)
+            if child.returncode != 0:
+                raise RuntimeError(f"memory probe of the {weights} folder failed:\n{child.stderr[-3000:]}")
+            probe = json.loads(child.stdout.strip().splitlines()[-1])
+            after_load, after_step = probe["device"]["after_load"], probe["device"]["after_step"]
+            rows.append(dict(
+                weights=weights, held=probe["held"], load_host_peak=probe["peak"],
+                load_device_peak=None if after_load is None else after_load.get("peak_bytes_in_use"),
+                predicted=probe["predicted"]["total"], predicted_temp=probe["predicted"]["temp"],
+                step_device_peak=None if after_step is None else after_step.get("peak_bytes_in_use"),
+                step_host_peak=probe["step_peak"]))
+    return rows
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -245,6 +281,19 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["parity"]:
         err = r.get("max_abs_err", r.get("max_rel_err"))
         lines.append(f"| {r['check']} | {err:.2e} | {r['tolerance']:.0e} | {'yes' if r['holds'] else 'NO'} |")
+    m = report["memory_shape"]
+    lines += ["", f"## Memory (synthetic transformer: {m['layers']} layers, hidden 512, intermediate "
+              f"{m['intermediate']}; one joint forward, bf16, batch 1, {m['text']} text tokens, latent "
+              f"{'x'.join(map(str, m['latent']))}; MiB)", "",
+              "| weights | tree held | load: host peak | load: device peak | step: XLA predicted (temp) | "
+              "step: device peak | step: host peak |", "|---|---:|---:|---:|---:|---:|---:|"]
+    mib = lambda b: _fmt(None if b is None else b / 2**20, ",.1f")  # noqa: E731
+    for r in report["memory"]:
+        lines.append(f"| {r['weights']} | {mib(r['held'])} | {mib(r['load_host_peak'])} | "
+                     f"{mib(r['load_device_peak'])} | {mib(r['predicted'])} ({mib(r['predicted_temp'])}) | "
+                     f"{mib(r['step_device_peak'])} | {mib(r['step_host_peak'])} |")
+    lines += ["", "Device peaks are `memory_stats()['peak_bytes_in_use']` of the probe's process (— where the "
+              "backend keeps none, as XLA:CPU); host peaks are RSS above the RSS before the load or the step."]
     return "\n".join(lines) + "\n"
 
 
@@ -273,12 +322,15 @@ def main(argv: list[str] | None = None) -> int:
                                   bf16_peak_tflops=peak)
     sections = {}
     for name, run in (("kernel", lambda: kernel_rows(sizes, args.dry_run, peak)), ("stack", lambda: stack_row(sizes)),
-                      ("parity", lambda: parity_rows(sizes)), ("pipeline", lambda: pipeline_row(args.dry_run))):
+                      ("parity", lambda: parity_rows(sizes)), ("pipeline", lambda: pipeline_row(args.dry_run)),
+                      ("memory", lambda: memory_rows(sizes))):
         section_start = time.perf_counter()
         report[name] = run()
         sections[name] = round(time.perf_counter() - section_start, 1)
         print(f"{name}: {sections[name]} s", flush=True)
     report["parity"].append(report.pop("pipeline"))
+    report["memory_shape"] = dict(layers=sizes.memory_layers, intermediate=sizes.memory_intermediate,
+                                  text=sizes.memory_text, latent=list(sizes.memory_latent))
     report["section_seconds"] = sections
     report["seconds"] = time.perf_counter() - start
     out = Path(args.out)
