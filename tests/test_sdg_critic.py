@@ -37,6 +37,11 @@ ANSWERS = [  # (a reasoner's answer, the score it must give)
     ("Score: 5.", 5),
     ("I'd rate it 3/5", 3),
     ("4 out of 5", 4),
+    ("4 (out of 5)", 4),
+    ("I give it a 3 (out of 5).", 3),
+    ("2 (/5)", 2),
+    ("4 (out of 5", None),  # an unclosed bracket is not a fraction: "4" and "5" are two numbers
+    ("4 (out of 50)", None),
     ("5/5", 5),
     ("Rating:\n2\n", 2),
     ("Score: 4. Final answer: 4", 4),

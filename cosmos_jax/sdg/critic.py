@@ -16,7 +16,8 @@ no penalty), at most `MAX_NEW_TOKENS` new tokens, one clip per call, so an answe
 weights only: not on which clips share a batch, on the process, or on a resume.
 
 `parse_score` reads the answer strictly, without guessing:
-1. a fraction "N/5" or "N out of 5" counts as the number N (its 5 is the scale, not a second number);
+1. a fraction "N/5", "N out of 5" or "N (out of 5)" counts as the number N (its 5 is the scale, not a second
+   number);
 2. the numbers of the answer are the runs of ASCII digits, with an optional leading "-" and an optional decimal
    part ".digits", that touch no letter, digit or underscore on either side ("4th", "v2" and "x3" are not
    numbers; the full stop after "5." is not a decimal part);
@@ -60,7 +61,8 @@ SCORES = (1, 2, 3, 4, 5)
 Answerer = Callable[[np.ndarray, float], str]  # (frames [F, H, W, 3] uint8, fps) -> the raw answer
 
 _EDGE = "0-9A-Za-z_"
-_FRACTION = re.compile(rf"(?<![{_EDGE}.])([0-9]+)\s*(?:/|out\s+of)\s*5(?![{_EDGE}]|\.[0-9])", re.IGNORECASE)
+_FRACTION = re.compile(rf"(?<![{_EDGE}.])([0-9]+)\s*(?:(?:/|out\s+of)\s*5|\(\s*(?:/|out\s+of)\s*5\s*\))"
+                       rf"(?![{_EDGE}]|\.[0-9])", re.IGNORECASE)
 _NUMBER = re.compile(rf"(?<![{_EDGE}.])-?[0-9]+(?:\.[0-9]+)?(?![{_EDGE}])")
 
 
