@@ -120,24 +120,25 @@ def _reference_w8a16(model, names, state):
     return ref
 
 
-def modelopt_fp8_gemm(x, weight_fp8, weight_amax, input_amax):
+def modelopt_fp8_gemm(x, weight_fp8, weight_amax, input_amax, bias=None):
     """ModelOpt's native W8A8 forward (`fp8_per_tensor_gemm`, nvidia-modelopt 0.47.0) on CPU, returning (output,
     x_fp8): scale_a = input amax / 448 (the input's own amax when the quantizer has none), scale_b = weight amax /
     448, its quantizer `(x / scale_a).clamp(-448, 448).to(float8_e4m3fn)` as written; `torch._scaled_mm` is
     CUDA-only, so it is emulated by its definition: both float8 operands upcast to float32, matmul, times
-    scale_a * scale_b, cast to x's dtype."""
+    scale_a * scale_b, plus the bias, cast to x's dtype."""
     amax = x.abs().max() if input_amax is None else input_amax
     scale_a, scale_b = amax.float() / 448.0, weight_amax.float() / 448.0
     x_fp8 = (x / scale_a).clamp(FP8_MIN, FP8_MAX).to(torch.float8_e4m3fn)
-    acc = x_fp8.reshape(-1, x.shape[-1]).float() @ weight_fp8.float().t()
-    return (acc * (scale_a * scale_b)).to(x.dtype).reshape(*x.shape[:-1], -1), x_fp8
+    acc = (x_fp8.reshape(-1, x.shape[-1]).float() @ weight_fp8.float().t()) * (scale_a * scale_b)
+    acc = acc if bias is None else acc + bias.float()
+    return acc.to(x.dtype).reshape(*x.shape[:-1], -1), x_fp8
 
 
 def _reference_mixed(model, names, state):
     """A copy of `model` whose quantized linears look like restored ModelOpt FP8 linears to diffusers' own
     mixed-precision runtime (`apply_cosmos3_mixed_precision_step` picks W8A16 = `_w8a16_linear` or the native
-    forward per step and group); the native forward is `modelopt_fp8_gemm`. The top-level projections, which that
-    runtime leaves alone, run `_w8a16_linear` (this project runs them W8A16 at every step)."""
+    forward per step and group); the native forward is `modelopt_fp8_gemm`. The modality projections, which that
+    runtime leaves alone, run the native forward at every step."""
     ref = copy.deepcopy(model)
     modules = dict(ref.named_modules())
     for name in names:
@@ -148,11 +149,8 @@ def _reference_mixed(model, names, state):
         layer.input_quantizer = types.SimpleNamespace(amax=state.get(f"{name}.input_quantizer._amax"),
                                                       is_enabled=True)
         layer._should_run_real_quant_gemm = True
-        if reference_mp._classify_cosmos3_linear(name) is None:
-            layer.forward = lambda x, _layer=layer, _name=name: reference_mp._w8a16_linear(_layer, x, _name)
-        else:
-            layer.forward = lambda x, _layer=layer: modelopt_fp8_gemm(
-                x, _layer.weight, _layer.weight_quantizer.amax, _layer.input_quantizer.amax)[0]
+        layer.forward = lambda x, _layer=layer: modelopt_fp8_gemm(
+            x, _layer.weight, _layer.weight_quantizer.amax, _layer.input_quantizer.amax, _layer.bias)[0]
     return ref
 
 
@@ -230,7 +228,10 @@ def test_fp8_revision_matches_the_reference_w8a16(revision, case):
     assert q.weight.qvalue.dtype == jnp.float8_e4m3fn and q.weight.scale.shape == (cfg.num_hidden_layers, 1, 1)
     assert q.weight_scale.dtype == jnp.float32 and np.all(np.asarray(q.input_scale) == np.float32(INPUT_AMAX / 448))
     assert loaded.params["generator"]["layers"]["q_proj"]["kernel"].group == "reasoner"  # add_q_proj
-    assert not is_quantized(loaded.params["generator"]["proj_in"]["kernel"])  # dequantized once at load
+    proj_in = loaded.params["generator"]["proj_in"]["kernel"]  # a modality projection: W8A8 at every step
+    assert isinstance(proj_in, Fp8Kernel) and proj_in.group == "native" and proj_in.weight.scale.shape == (1, 1)
+    assert proj_in.shape == (cfg.patch_latent_dim, cfg.hidden_size) and proj_in.input_scale.shape == (1, 1)
+    assert not is_quantized(loaded.params["generator"]["time_embedder"]["linear_1"]["kernel"])  # kept full precision
     for label, err in _relative_errors(got, want).items():
         assert err <= FP32_REL_TOL, f"{case} {label}: {err:.3g}"
     for label, err in _relative_errors(got, full).items():
@@ -256,10 +257,11 @@ def test_w8a8_step_matches_the_reference_mixed_runtime(revision, case, reasoner_
         reference_mp.apply_cosmos3_mixed_precision_step(reference, config, step, 8)
         runtime = getattr(reference, reference_mp._RUNTIME_ATTRIBUTE)
         runtime_groups.append(frozenset(g for g in ("generation", "reasoner") if not runtime.use_high_precision(g)))
-    assert tuple(runtime_groups) == step_w8a8_groups(policy, 8, fp8_matmul=True)
+    assert tuple(g | {"native"} for g in runtime_groups) == step_w8a8_groups(policy, 8, fp8_matmul=True)
     reference_mp.apply_cosmos3_mixed_precision_step(reference, config, 4, 8)
-    groups = policy.w8a8_groups(4, 8)
-    assert groups == ({"generation"} if reasoner_policy == "high_precision" else {"generation", "reasoner"})
+    groups = step_w8a8_groups(policy, 8, fp8_matmul=True)[4]
+    assert groups == ({"generation", "native"} if reasoner_policy == "high_precision"
+                      else {"generation", "reasoner", "native"})
     _, got, want, _ = _both_forwards(model, reference, folder, case, w8a8=groups)
     for label, err in _relative_errors(got, want).items():
         assert err <= W8A8_TOL, f"{case} {label}: {err:.3g}"
@@ -301,7 +303,10 @@ def test_cpu_says_it_runs_w8a8_steps_as_w8a16():
     assert fallback_note(StepPolicy(), 8, fp8_matmul=True) is None  # asked for: the W8A8 steps run W8A8
     assert not has_fp8_matmul()
     assert step_w8a8_groups(StepPolicy(), 8, fp8_matmul=False) == (frozenset(),) * 8
-    assert step_w8a8_groups(None, 2, fp8_matmul=True) == (frozenset({"generation", "reasoner"}),) * 2
+    assert step_w8a8_groups(None, 2, fp8_matmul=True) == (frozenset({"generation", "reasoner", "native"}),) * 2
+    assert step_w8a8_groups(StepPolicy(3, 3), 6, fp8_matmul=True) == (frozenset({"native"}),) * 6
+    note = fallback_note(StepPolicy(3, 3), 6, native=True)  # no W8A8 step, but W8A8 modality projections
+    assert "0 of 6 steps are W8A8" in note and "modality projections W8A8 at every step" in note
 
 
 @pytest.mark.parametrize("platform, capability, want", [
@@ -351,6 +356,13 @@ def test_w8a8_linear_matches_modelopt_fp8_gemm(static):
     if static:
         assert (np.abs(x) > 3.0).sum() > 4  # these clamp to ±448
     assert float(np.abs(got - want).max()) <= 1e-6 * float(np.abs(want).max())
+    bias = (rng.standard_normal(48) * 0.1).astype(np.float32)  # a modality projection's: Linear(use_bias=True)
+    want_b = np.concatenate([modelopt_fp8_gemm(torch.from_numpy(x[b : b + 1]), w_fp8, weight_amax, input_amax,
+                                               torch.from_numpy(bias))[0].numpy() for b in range(2)])
+    got_b = np.asarray(Linear(48, jnp.float32, jnp.float32, use_bias=True).apply(
+        {"params": {"kernel": kernel, "bias": jnp.asarray(bias)}}, jnp.asarray(x)))
+    assert float(np.abs(got_b - want_b).max()) <= 1e-6 * float(np.abs(want_b).max())
+    assert float(np.abs(got_b - got).max()) > 0.05  # the bias is there
 
 
 F8_DOT = re.compile(r"stablehlo\.dot_general[^\n]*\(tensor<[0-9x]*xf8E4M3FN>, tensor<[0-9x]*xf8E4M3FN>\) -> "
@@ -361,7 +373,8 @@ def test_w8a8_lowers_to_fp8_dots_for_cuda(revision):
     """Exported for the cuda platform from this CPU-only machine: the StableHLO XLA:GPU receives has one
     dot_general on two f8E4M3FN operands with an f32 result per W8A8 linear, none for the W8A16 ones (a
     generator layer runs its MLP's 3 linears in "generation", its 4 attention projections in "reasoner"; the
-    reasoner pass, its 4 attention projections in "generation"). Which cuBLASLt kernel XLA:GPU picks is decided
+    reasoner pass, its 4 attention projections in "generation"; a video step's proj_in and proj_out are
+    "native"). Which cuBLASLt kernel XLA:GPU picks is decided
     when compiling on a GPU, which this machine cannot do."""
     model, folder, *_ = revision
     cfg = jax_config(model)
@@ -374,7 +387,8 @@ def test_w8a8_lowers_to_fp8_dots_for_cuda(revision):
         return export.export(jax.jit(fn), platforms=["cuda"])(*structs).mlir_module()
 
     for groups, generator_dots, reasoner_dots in ((set(), 0, 0), ({"generation"}, 3, 4),
-                                                  ({"generation", "reasoner"}, 7, 7)):
+                                                  ({"generation", "reasoner"}, 7, 7),
+                                                  ({"native"}, 2, 0)):  # proj_in and proj_out
         jmodel = Cosmos3Transformer(cfg, dtype=jnp.bfloat16, attention="xla", w8a8=frozenset(groups))
         cache = jax.eval_shape(lambda p, t: jmodel.encode_reasoner(p, t)[0], params, text)
         assert len(F8_DOT.findall(lowered(jmodel.denoise_step, params, cache, gen))) == generator_dots
@@ -456,7 +470,8 @@ PIPELINE_W8A8_BOUND = 0.1
 
 @pytest.mark.slow
 def test_pipeline_runs_the_w8a8_middle_steps_when_asked(fp8_demo):
-    """8 policy steps (3 W8A16, 2 W8A8, 3 W8A16) on CPU with `fp8_matmul=True` against the default run, which does
+    """8 policy steps (layers: 3 W8A16, 2 W8A8, 3 W8A16; the modality projections W8A8 at every step) on CPU with
+    `fp8_matmul=True` against the default run, which does
     every step W8A16 and says so: finite, different, and within a relative L2 error of 0.1 of it (latents and
     actions, fp32); the offloaded run (one reasoner cache per step variant) equals the resident one within 1e-6."""
     request = GenerationRequest("Pick up the dark block.", image=demo_image(), action_mode="policy",
@@ -465,7 +480,8 @@ def test_pipeline_runs_the_w8a8_middle_steps_when_asked(fp8_demo):
     w8a16 = Cosmos3Pipeline.from_pretrained(fp8_demo, dtype=jnp.float32, attention="xla")
     w8a8 = Cosmos3Pipeline.from_pretrained(fp8_demo, dtype=jnp.float32, attention="xla", fp8_matmul=True)
     assert w8a16.step_w8a8(8) == (frozenset(),) * 8
-    assert w8a8.step_w8a8(8) == (frozenset(),) * 3 + (frozenset({"generation"}),) * 2 + (frozenset(),) * 3
+    native = frozenset({"native"})
+    assert w8a8.step_w8a8(8) == (native,) * 3 + (native | {"generation"},) * 2 + (native,) * 3
     with pytest.warns(UserWarning, match="2 of 8 steps are W8A8 .*the CPU backend has no fp8 matmuls"):
         base = w8a16(request, progress=False)
     with warnings.catch_warnings(record=True) as caught:

@@ -10,16 +10,18 @@ Layer linears stay quantized as `Fp8Kernel`s (cosmos_jax/modeling/weights.py: E4
 W8A16 scale `_scale` [L, 1, 1] in the activation dtype, and the float32 W8A8 scales weight amax / 448 and input
 amax / 448, as ModelOpt's FP8 GEMM computes them). A W8A16 step dequantizes them in the layer loop as
 `w.astype(x.dtype) * scale`; a W8A8 step quantizes the activations to E4M3 and multiplies the two float8 operands
-(cosmos_jax/modeling/linear.py). Other quantized linears (the modality projections, the time embedder) are
-dequantized once at load with the W8A16 formula, in their target dtype, and run W8A16 at every step (the
-reference runs them through ModelOpt's native forward).
+(cosmos_jax/modeling/linear.py). The generator's modality projections (`proj_in`, `proj_out`, `audio_proj_in`,
+`audio_proj_out`) stay `Fp8Kernel`s too, in group "native": the reference's runtime leaves them out of its groups,
+so they run ModelOpt's native forward, W8A8, at every step (W8A16 where the backend has no fp8 matmuls). Other
+quantized linears (the time embedder and the LM head, which ModelOpt's export keeps in full precision anyway) are
+dequantized once at load with the W8A16 formula, in their target dtype.
 
 The schedule: the first and last N denoising steps run W8A16, the rest W8A8. Linears fall into two groups by the
 reference's rule, which pairs them across the towers: "generation" = the reasoner tower's attention projections
 (`self_attn.to_q/to_k/to_v/to_out`) plus the generator's MLP (`mlp_moe_gen`); "reasoner" = the generator's
 attention projections (`add_*_proj`, `to_add_out`) plus the reasoner's MLP. The "generation" group follows the
 schedule; the "reasoner" group is W8A16 at every step under the reasoner policy "a16", else W8A8 at every step
-(`StepPolicy.w8a8_groups`). Running W8A8 needs fp8 matmuls (`has_fp8_matmul`: CUDA compute capability >= 8.9, or
+(`StepPolicy.w8a8_groups`); "native" is W8A8 at every step. Running W8A8 needs fp8 matmuls (`has_fp8_matmul`: CUDA compute capability >= 8.9, or
 TPU); where the backend has none (CPU), every step runs W8A16 and `fallback_note` says so, unless W8A8 is asked
 for explicitly (`fp8_matmul=True`), which XLA:CPU computes by upcasting the float8 operands.
 """
@@ -51,6 +53,9 @@ WEIGHT_SCALE = "weight_quantizer._scale"
 WEIGHT_AMAX = "weight_quantizer._amax"
 INPUT_AMAX = "input_quantizer._amax"
 GROUPS = ("generation", "reasoner")
+NATIVE = "native"  # FP8 linears outside the reference's groups: its runtime leaves them on the native W8A8 forward
+NATIVE_LINEARS = frozenset({("generator", name, "kernel")
+                            for name in ("proj_in", "proj_out", "audio_proj_in", "audio_proj_out")})
 QUANTIZER_SUFFIXES = ("weight_quantizer._scale", "weight_quantizer._amax", "input_quantizer._amax",
                       "input_quantizer._scale")
 W8A16, W8A8 = "W8A16", "W8A8"
@@ -165,6 +170,12 @@ def linear_group(torch_key: str) -> str | None:
     return None
 
 
+def has_native_kernels(params: Any) -> bool:
+    """Whether a loaded FP8 revision's trees hold FP8 modality projections (group "native")."""
+    return any(isinstance(leaf, Fp8Kernel) and leaf.group == NATIVE
+               for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Fp8Kernel)))
+
+
 def has_fp8_matmul(device: Any = None) -> bool:
     """Whether `device` (default: the first device) runs float8 x float8 matmuls natively: a CUDA GPU of compute
     capability >= 8.9 (Ada, Hopper and later) or a TPU; not a CPU, nor a GPU that reports no CUDA capability."""
@@ -182,20 +193,22 @@ def has_fp8_matmul(device: Any = None) -> bool:
 
 def step_w8a8_groups(policy: StepPolicy | None, num_steps: int, fp8_matmul: bool) -> tuple[frozenset[str], ...]:
     """Per denoising step, the linear groups that run W8A8: the policy's (no policy: both groups, native W8A8 at
-    every step), or none at all without fp8 matmuls."""
+    every step) and "native" at every step, or none at all without fp8 matmuls."""
     if not fp8_matmul:
         return (frozenset(),) * num_steps
     if policy is None:
-        return (frozenset(GROUPS),) * num_steps
-    return tuple(policy.w8a8_groups(i, num_steps) for i in range(num_steps))
+        return (frozenset(GROUPS) | {NATIVE},) * num_steps
+    return tuple(policy.w8a8_groups(i, num_steps) | {NATIVE} for i in range(num_steps))
 
 
-def fallback_note(policy: StepPolicy | None, num_steps: int, fp8_matmul: bool | None = None) -> str | None:
+def fallback_note(policy: StepPolicy | None, num_steps: int, fp8_matmul: bool | None = None,
+                  native: bool = False) -> str | None:
     """What the run does instead of the W8A8 steps (None when it runs them, or every step already is W8A16).
 
-    fp8_matmul: None = the backend decides (`has_fp8_matmul`); False = W8A8 turned off."""
+    fp8_matmul: None = the backend decides (`has_fp8_matmul`); False = W8A8 turned off.
+    native: the checkpoint has FP8 modality projections (group "native", W8A8 at every step)."""
     planned = policy.schedule(num_steps) if policy is not None else [W8A8] * num_steps
-    if W8A8 not in planned:
+    if W8A8 not in planned and not native:
         return None
     backend = has_fp8_matmul()
     if fp8_matmul or (fp8_matmul is None and backend):
@@ -204,8 +217,9 @@ def fallback_note(policy: StepPolicy | None, num_steps: int, fp8_matmul: bool | 
     reason = ("W8A8 is turned off (fp8_matmul=False)" if backend
               else "the CPU backend has no fp8 matmuls" if device.platform == "cpu"
               else f"{device.device_kind} has no fp8 matmuls")
-    return (f"FP8 revision: {planned.count(W8A8)} of {num_steps} steps are W8A8 in the checkpoint's schedule; "
-            f"this run does every step W8A16 (weights dequantized to the activation dtype): {reason}")
+    projections = ", and its modality projections W8A8 at every step" if native else ""
+    return (f"FP8 revision: {planned.count(W8A8)} of {num_steps} steps are W8A8 in the checkpoint's schedule"
+            f"{projections}; this run does every step W8A16 (weights dequantized to the activation dtype): {reason}")
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -253,8 +267,10 @@ def _optional_scale(index: CheckpointIndex, key: str) -> np.ndarray | None:
 
 def _fp8_kernel(index: CheckpointIndex, entry: Any, keys: list[str], values: np.ndarray, scales: np.ndarray,
                 target: np.dtype) -> Fp8Kernel:
-    """A stacked layer linear [L, in, out] with its W8A16 scale and its W8A8 weight/input scales [L, 1, 1]."""
-    group = linear_group(entry.torch_key.removesuffix(".weight"))
+    """An FP8 linear with its W8A16 scale and its W8A8 weight/input scales: a stacked layer linear [L, in, out]
+    (scales [L, 1, 1]), or a modality projection [1, in, out] (scales [1, 1, 1]) returned without the layer
+    axis."""
+    group = NATIVE if entry.path in NATIVE_LINEARS else linear_group(entry.torch_key.removesuffix(".weight"))
     if group is None:
         raise KeyMapError(f"{index.source}: {entry.torch_key} is float8 but belongs to no W8A8 linear group")
     prefixes = [k.removesuffix("weight") for k in keys]
@@ -265,11 +281,16 @@ def _fp8_kernel(index: CheckpointIndex, entry: Any, keys: list[str], values: np.
         missing = [p + INPUT_AMAX for p, x in zip(prefixes, inputs) if x is None]
         raise KeyMapError(f"{index.source}: {entry.torch_key}: some layers have a calibrated input amax, "
                           f"others not ({', '.join(missing)} missing)")
-    input_scale = None if inputs[0] is None else jax.numpy.asarray(np.stack(inputs).reshape(scales.shape))
+    input_scale = None if inputs[0] is None else np.stack(inputs).reshape(scales.shape)
+    weight_scale = weight_scale.reshape(scales.shape)
+    if not entry.per_layer:
+        values, scales, weight_scale = values[0], scales[0], weight_scale[0]
+        input_scale = None if input_scale is None else input_scale[0]
     return Fp8Kernel(
         weight=qwix.QArray(qvalue=jax.numpy.asarray(values), scale=jax.numpy.asarray(scales, target),
                            qtype=jax.numpy.float8_e4m3fn),
-        weight_scale=jax.numpy.asarray(weight_scale.reshape(scales.shape)), input_scale=input_scale, group=group)
+        weight_scale=jax.numpy.asarray(weight_scale),
+        input_scale=None if input_scale is None else jax.numpy.asarray(input_scale), group=group)
 
 
 def _check_keys(index: CheckpointIndex, config: Cosmos3Config, abstract: Any) -> None:
@@ -311,7 +332,7 @@ def load_transformer(folder: Path, config: Cosmos3Config, dtype: Any) -> dict[st
             else:
                 values = np.stack([read_fp8(k).T for k in keys])
                 scales = np.stack([_weight_scale(index, k) for k in keys]).reshape(len(keys), 1, 1)
-                if is_quantized_path(entry.path):
+                if is_quantized_path(entry.path) or entry.path in NATIVE_LINEARS:
                     value = _fp8_kernel(index, entry, keys, values, scales, target)
                 else:
                     if not entry.per_layer:

@@ -1,4 +1,4 @@
-"""The layer linears: `Linear` (nn.Dense's math and parameters, no bias) and the W8A8 matmul of an FP8 kernel.
+"""`Linear` (nn.Dense's math and parameters) and the W8A8 matmul of an FP8 kernel.
 
 W8A8 is ModelOpt's per-tensor FP8 GEMM (`fp8_per_tensor_gemm`, the native forward of the FP8 revision):
 
@@ -10,7 +10,9 @@ The reference runs the last line as `torch._scaled_mm(..., out_dtype=x.dtype)`; 
 two float8 operands with `preferred_element_type=float32`, which XLA:GPU lowers to a cuBLASLt FP8 GEMM on
 compute capability >= 8.9 (XLA:CPU upcasts the operands to float32 and computes the same numbers). The division
 runs in float32 whatever x's dtype (the reference's `torch.compile`d quantizer computes in float32 and rounds once,
-to float8). The layer linears have no bias.
+to float8). The layer linears have no bias; the generator's modality projections have one, which `w8a8_matmul`
+adds to the float32 product before the cast to x's dtype (the order of `torch._scaled_mm(..., bias=...)`; for
+float32 activations adding it after the cast gives the same numbers, for bf16 one rounding apart).
 """
 
 from __future__ import annotations
@@ -40,28 +42,35 @@ def quantize_activation(x: jax.Array, input_scale: jax.Array) -> jax.Array:
     return jnp.clip(x.astype(jnp.float32) / input_scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn)
 
 
-def w8a8_matmul(x: jax.Array, kernel: Fp8Kernel) -> jax.Array:
-    """x [B, ..., in] @ kernel [in, out] -> [B, ..., out] in x's dtype, both operands float8 (see the module)."""
+def w8a8_matmul(x: jax.Array, kernel: Fp8Kernel, bias: jax.Array | None = None) -> jax.Array:
+    """x [B, ..., in] @ kernel [in, out] (+ bias [out]) -> [B, ..., out] in x's dtype, both operands float8 (see
+    the module)."""
     input_scale = dynamic_input_scale(x) if kernel.input_scale is None else kernel.input_scale.reshape(())
     x_fp8 = quantize_activation(x, input_scale)
     acc = jax.lax.dot_general(x_fp8, kernel.weight.qvalue, (((x.ndim - 1,), (0,)), ((), ())),
                               preferred_element_type=jnp.float32)
-    return (acc * (input_scale * kernel.weight_scale.reshape(()))).astype(x.dtype)
+    out = acc * (input_scale * kernel.weight_scale.reshape(()))
+    return (out if bias is None else out + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 class Linear(nn.Module):
-    """y = x @ kernel, kernel [in, features], no bias, computed in `dtype` (as nn.Dense(use_bias=False)).
+    """y = x @ kernel (+ bias), kernel [in, features], bias [features], computed in `dtype`: nn.Dense's math,
+    parameters and initializers (a bias only with use_bias, as the layer linears have none).
 
-    The kernel may be an `Fp8Kernel` (left in place by the layer loop for a W8A8 step): then `w8a8_matmul`."""
+    The kernel may be an `Fp8Kernel` (left in place for a W8A8 step): then `w8a8_matmul`."""
 
     features: int
     dtype: Any
     param_dtype: Any
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype) \
+            if self.use_bias else None
         if isinstance(kernel, Fp8Kernel):
-            return w8a8_matmul(x.astype(self.dtype), kernel)
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+            return w8a8_matmul(x.astype(self.dtype), kernel, bias)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))

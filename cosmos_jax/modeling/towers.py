@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from cosmos_jax.config import Cosmos3Config
 from cosmos_jax.modeling.embeddings import DomainAwareLinear, TimestepEmbedding, timestep_sinusoid
 from cosmos_jax.modeling.inputs import GeneratorInputs, GeneratorOutputs
+from cosmos_jax.modeling.linear import Linear
 from cosmos_jax.modeling.norms import RMSNorm
 from cosmos_jax.modeling.patchify import frame_mask_to_tokens, patch_grid, patchify, unpatchify
 
@@ -52,8 +53,8 @@ class GeneratorIO(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        dense = lambda features, name: nn.Dense(  # noqa: E731
-            features, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+        dense = lambda features, name: Linear(  # noqa: E731  (an FP8 revision's kernel may stay float8: W8A8)
+            features, self.dtype, self.param_dtype, use_bias=True, name=name
         )
         self.proj_in = dense(cfg.hidden_size, "proj_in")
         self.proj_out = dense(cfg.patch_latent_dim, "proj_out")

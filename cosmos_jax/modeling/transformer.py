@@ -53,8 +53,9 @@ class Cosmos3Transformer:
     remat: rematerialise each scanned layer in the backward pass (training).
     sharding: None (no constraints) or a `cosmos_jax.sharding.ActivationSharding`: the hidden states are
     constrained by logical axis names, and the generator attention runs context-parallel on a `context` axis.
-    w8a8: the linear groups ("generation", "reasoner") whose FP8 kernels (`Fp8Kernel`, ModelOpt's FP8 revision)
-    run W8A8 (`cosmos_jax.modeling.linear`); the others, and every FP8 kernel when empty, run W8A16.
+    w8a8: the linear groups ("generation", "reasoner" in the layers, "native" for the generator's modality
+    projections) whose FP8 kernels (`Fp8Kernel`, ModelOpt's FP8 revision) run W8A8 (`cosmos_jax.modeling.linear`);
+    the others, and every FP8 kernel when empty, run W8A16.
     """
 
     config: Cosmos3Config
@@ -125,7 +126,8 @@ class Cosmos3Transformer:
         return reasoner_attention, generator_attention
 
     def _reasoner_embed(self, params: Params, text: TextInputs) -> jax.Array:
-        return self.reasoner_io.apply({"params": _io(params["reasoner"])}, text.input_ids, method=ReasonerIO.embed)
+        return self.reasoner_io.apply({"params": _io(params["reasoner"], self.w8a8)}, text.input_ids,
+                                      method=ReasonerIO.embed)
 
     # ---------------------------------------------------------------- entry points
 
@@ -154,7 +156,7 @@ class Cosmos3Transformer:
         """Run only the generator tower against a reasoner cache (one denoising step)."""
         _, generator_attention = self._attention_functions()
         g_io = self.generator_io
-        g_io_params = {"params": _io(params["generator"])}
+        g_io_params = {"params": _io(params["generator"], self.w8a8)}
         hidden = g_io.apply(g_io_params, gen, method=GeneratorIO.embed)
         rope = self._rotary(gen.position_ids)
         gen_len = jnp.full(cache.und_len.shape, hidden.shape[1], jnp.int32)
@@ -178,7 +180,7 @@ class Cosmos3Transformer:
         """The joint forward, also returning the reasoner's final hidden states [B, Lu, D] (before its norm)."""
         reasoner_attention, generator_attention = self._attention_functions()
         g_io = self.generator_io
-        g_io_params = {"params": _io(params["generator"])}
+        g_io_params = {"params": _io(params["generator"], self.w8a8)}
         gen_hidden = g_io.apply(g_io_params, gen, method=GeneratorIO.embed)
         und_rope, gen_rope = self._rotary(text.position_ids), self._rotary(gen.position_ids)
         gen_len = jnp.full(text.und_len.shape, gen_hidden.shape[1], jnp.int32)
@@ -203,12 +205,14 @@ class Cosmos3Transformer:
     def reasoner_logits(self, params: Params, text: TextInputs) -> jax.Array:
         """Next-token logits [B, Lu, V] of the reasoner language model over text."""
         _, hidden = self.encode_reasoner(params, text)
-        return self.reasoner_io.apply({"params": _io(params["reasoner"])}, hidden, method=ReasonerIO.logits)
+        return self.reasoner_io.apply({"params": _io(params["reasoner"], self.w8a8)}, hidden,
+                                      method=ReasonerIO.logits)
 
 
-def _io(tower: Params) -> Params:
-    """A tower's parameters without its layer stack (what the tower's IO module owns), materialized if held quantized or with a LoRA update."""
-    return materialize_tree({k: v for k, v in tower.items() if k != "layers"})
+def _io(tower: Params, w8a8: frozenset[str]) -> Params:
+    """A tower's parameters without its layer stack (what the tower's IO module owns), materialized if held
+    quantized or with a LoRA update, except the FP8 kernels whose group is in `w8a8` (they run W8A8)."""
+    return materialize_tree({k: v for k, v in tower.items() if k != "layers"}, w8a8)
 
 
 def _und_k_norm_params(generator_layers: Params) -> Params:

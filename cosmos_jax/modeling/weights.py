@@ -31,7 +31,8 @@ class Fp8Kernel:
     weight_scale: [..., 1, 1] float32, the weight's W8A8 scale (ModelOpt's weight amax / 448).
     input_scale: [..., 1, 1] float32, the calibrated (static) activation scale (input amax / 448); None: the
       activation's own amax / 448 at every call (dynamic).
-    group: "generation" or "reasoner", which steps of the FP8 step policy run it W8A8.
+    group: "generation" or "reasoner" (a layer linear: which steps of the FP8 step policy run it W8A8), or
+      "native" (a modality projection: W8A8 at every step).
     """
 
     weight: qwix.QArray

@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cosmos_jax import aot
 from cosmos_jax.config import Cosmos3Config
-from cosmos_jax.convert.modelopt_fp8 import fallback_note, has_fp8_matmul, step_w8a8_groups
+from cosmos_jax.convert.modelopt_fp8 import fallback_note, has_fp8_matmul, has_native_kernels, step_w8a8_groups
 from cosmos_jax.modeling.audio_tokenizer import AudioTokenizer, AudioTokenizerConfig
 from cosmos_jax.modeling.transformer import Cosmos3Transformer, Params
 from cosmos_jax.modeling.wan_vae import WanVAE
@@ -428,7 +428,8 @@ class Cosmos3Pipeline:
         if request.output_type == "video" and self.vae is None:
             raise ValueError("output_type='video' needs a VAE; this pipeline has none (use output_type='latent')")
         if self.fp8_revision:
-            note = fallback_note(self.fp8_policy, request.steps, self.fp8_matmul)
+            note = fallback_note(self.fp8_policy, request.steps, self.fp8_matmul,
+                                 native=has_native_kernels(self.params))
             if note is not None:
                 warnings.warn(note, stacklevel=2)
         prep = self.prepare(request)
