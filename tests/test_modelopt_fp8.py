@@ -44,6 +44,7 @@ from cosmos_jax.convert.modelopt_fp8 import (
     parse_policy,
     step_w8a8_groups,
 )
+from cosmos_jax.convert.converter import convert
 from cosmos_jax.convert.load import load
 from cosmos_jax.demo import build_demo_checkpoint, demo_image
 from cosmos_jax.modeling.inputs import GeneratorInputs
@@ -440,6 +441,14 @@ def test_other_quantization_methods_are_refused(small):
     _write_fp8_revision(model, folder, {"quant_method": "torchao", "quant_type": "int8wo"})
     with pytest.raises(ConfigError, match="only ModelOpt FP8 is supported, got quant_method='torchao'"):
         load(folder, dtype=jnp.float32, components=("transformer",))
+
+
+def test_convert_refuses_the_revision_and_says_to_load_it_as_it_is(small, tmp_path):
+    model, folder = small
+    _write_fp8_revision(model, folder)
+    with pytest.raises(ValueError, match="quantization_config.*load the folder as it is"):
+        convert(folder.parent, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_fp8_reasoner_is_not_loaded_for_reasoning(small):

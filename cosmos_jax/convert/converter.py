@@ -160,6 +160,8 @@ def convert(
     dtypes, so `export` gives back byte-identical tensors.
     quantize: None, "int8" or "fp8": the transformer's layer linears are stored quantized (from the weights in
     `dtype`, scales in that dtype); such a folder loads for generation only, with the same `quantize`.
+    A quantized source (a `quantization_config` in the transformer's config.json: ModelOpt's FP8 revision) is
+    refused with a ValueError saying to load it as it is.
     """
     start = time.perf_counter()
     check_mode(quantize, "quantize")
@@ -169,6 +171,11 @@ def convert(
     if Path(dst).exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     config = Cosmos3Config.from_json(layout.transformer_dir / "config.json")
+    if config.extra.get("quantization_config") is not None:
+        raise ValueError(f"{layout.transformer_dir} is a quantized checkpoint (its config.json has a "
+                         "quantization_config, as ModelOpt's FP8 revision does); convert does not store it: load "
+                         "the folder as it is (generate/sdg/serve --model), or convert the full-precision "
+                         "revision, with --quantize fp8 for stored fp8 weights")
     read = {"bytes": 0, "tensors": 0}
 
     def counted(key: str, nbytes: int) -> None:
