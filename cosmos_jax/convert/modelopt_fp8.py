@@ -21,9 +21,10 @@ reference's rule, which pairs them across the towers: "generation" = the reasone
 (`self_attn.to_q/to_k/to_v/to_out`) plus the generator's MLP (`mlp_moe_gen`); "reasoner" = the generator's
 attention projections (`add_*_proj`, `to_add_out`) plus the reasoner's MLP. The "generation" group follows the
 schedule; the "reasoner" group is W8A16 at every step under the reasoner policy "a16", else W8A8 at every step
-(`StepPolicy.w8a8_groups`); "native" is W8A8 at every step. Running W8A8 needs fp8 matmuls (`has_fp8_matmul`: CUDA compute capability >= 8.9, or
-TPU); where the backend has none (CPU), every step runs W8A16 and `fallback_note` says so, unless W8A8 is asked
-for explicitly (`fp8_matmul=True`), which XLA:CPU computes by upcasting the float8 operands.
+(`StepPolicy.w8a8_groups`); "native" is W8A8 at every step. Running W8A8 needs fp8 matmuls (`has_fp8_matmul`:
+CUDA compute capability >= 8.9, or TPU); where the backend has none (CPU), every step runs W8A16 and
+`fallback_note` says so, unless W8A8 is asked for explicitly (`fp8_matmul=True`), which XLA:CPU computes by
+upcasting the float8 operands.
 """
 
 from __future__ import annotations
